@@ -1,0 +1,271 @@
+"""Expandable layers: the parameter store of a Dynamically Expandable Network.
+
+Every output unit of an :class:`ExpandableLinear` carries the index of the task in which it was born
+(``birth`` buffer). Units are only ever appended, and only units born in the newest task are ever
+removed, so the units alive for task ``s`` are always a prefix of each layer. Timestamped inference
+for task ``s`` (Yoon et al., 2018, §3 "Timestamped inference") is then a slice ``W[:out(s), :in(s)]``:
+a view, no masks, at a cost proportional to the active width.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def uniform_init(rows: int, fan_in: int, generator: torch.Generator, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights and biases for ``rows`` new units, drawn as ``nn.Linear`` draws them.
+
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` from an explicit generator, so every process that uses the
+    same seed draws the same values (ranks of a DDP job take the same surgery).
+
+    Example:
+        >>> w, b = uniform_init(3, 4, torch.Generator().manual_seed(0), torch.zeros(1))
+        >>> tuple(w.shape), tuple(b.shape)
+        ((3, 4), (3,))
+    """
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    weight = torch.empty(rows, fan_in).uniform_(-bound, bound, generator=generator)
+    bias = torch.empty(rows).uniform_(-bound, bound, generator=generator)
+    return weight.to(like), bias.to(like)
+
+
+class ExpandableLinear(nn.Module):
+    """A linear layer whose units can be appended and whose newest units can be removed.
+
+    Args:
+        in_features: width of the input.
+        out_features: number of units at construction.
+        birth_task: task index recorded for the initial units.
+
+    Shapes:
+        ``weight``: ``[out_features, in_features]`` (``nn.Linear`` layout), ``bias``: ``[out_features]``,
+        ``birth``: ``[out_features]`` (int64 buffer, non-decreasing).
+
+    Example:
+        >>> layer = ExpandableLinear(4, 3)
+        >>> layer(torch.ones(2, 4)).shape
+        torch.Size([2, 3])
+        >>> layer(torch.ones(2, 4), out_width=2).shape
+        torch.Size([2, 2])
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter
+    birth: Tensor
+
+    def __init__(self, in_features: int, out_features: int, birth_task: int = 0) -> None:
+        super().__init__()
+        reference = nn.Linear(in_features, out_features)
+        self.weight = reference.weight
+        self.bias = reference.bias
+        self.register_buffer("birth", torch.full((out_features,), birth_task, dtype=torch.long))
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: Tensor, out_width: int | None = None) -> Tensor:
+        """``x @ W[:out_width, :x.shape[-1]].T + b[:out_width]``: the prefix slice, as a view."""
+        rows = self.out_features if out_width is None else out_width
+        return F.linear(x, self.weight[:rows, : x.shape[-1]], self.bias[:rows])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    # --- shape changes (each replaces the Parameters; optimizers must be rebuilt afterwards) ---
+
+    def _replace_(self, weight: Tensor, bias: Tensor, birth: Tensor) -> None:
+        requires_grad = self.weight.requires_grad
+        self.weight = nn.Parameter(weight, requires_grad=requires_grad)
+        self.bias = nn.Parameter(bias, requires_grad=requires_grad)
+        self.birth = birth
+
+    @torch.no_grad()
+    def append_units_(self, weight: Tensor, bias: Tensor, birth_task: int) -> None:
+        """Append units with the given incoming ``weight`` ``[n, in_features]`` and ``bias`` ``[n]``."""
+        if weight.ndim != 2 or weight.shape[1] != self.in_features or bias.shape != weight.shape[:1]:
+            raise ValueError(
+                f"new units need weight [n, {self.in_features}] and bias [n], "
+                f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
+            )
+        if self.birth.numel() and birth_task < int(self.birth[-1]):
+            raise ValueError(
+                f"cannot append units born in task {birth_task} after units born in task "
+                f"{int(self.birth[-1])}: units alive for a task must stay a prefix"
+            )
+        births = torch.full((weight.shape[0],), birth_task, dtype=torch.long, device=self.birth.device)
+        self._replace_(
+            torch.cat([self.weight, weight.to(self.weight)]),
+            torch.cat([self.bias, bias.to(self.bias)]),
+            torch.cat([self.birth, births]),
+        )
+
+    @torch.no_grad()
+    def append_inputs_(self, columns: Tensor) -> None:
+        """Append input columns ``[out_features, n]`` (the outgoing weights of new lower units)."""
+        if columns.ndim != 2 or columns.shape[0] != self.out_features:
+            raise ValueError(f"new input columns need shape [{self.out_features}, n], got {tuple(columns.shape)}")
+        self._replace_(torch.cat([self.weight, columns.to(self.weight)], dim=1), self.bias.clone(), self.birth)
+
+    @torch.no_grad()
+    def keep_units_(self, keep: Tensor) -> None:
+        """Keep the units where the boolean ``keep`` ``[out_features]`` is True; remove the others."""
+        self._replace_(self.weight[keep].clone(), self.bias[keep].clone(), self.birth[keep].clone())
+
+    @torch.no_grad()
+    def keep_inputs_(self, keep: Tensor) -> None:
+        """Keep the input columns where the boolean ``keep`` ``[in_features]`` is True."""
+        self._replace_(self.weight[:, keep].clone(), self.bias.clone(), self.birth)
+
+    @torch.no_grad()
+    def resize_(self, out_features: int, in_features: int) -> None:
+        """Give the layer these shapes (zeros where new), e.g. before loading a grown checkpoint."""
+        weight = self.weight.new_zeros(out_features, in_features)
+        rows, cols = min(out_features, self.out_features), min(in_features, self.in_features)
+        weight[:rows, :cols] = self.weight[:rows, :cols]
+        bias = self.bias.new_zeros(out_features)
+        bias[:rows] = self.bias[:rows]
+        birth = self.birth.new_zeros(out_features)
+        birth[:rows] = self.birth[:rows]
+        self._replace_(weight, bias, birth)
+
+
+class ExpandableMLP(nn.Module):
+    """A stack of :class:`ExpandableLinear` layers with ReLU and one output head per task.
+
+    ``forward(x, task=s)`` runs the network as it stood at the end of task ``s``: every hidden layer
+    is sliced to the units born at or before ``s`` and the head of task ``s`` reads that prefix.
+
+    Args:
+        in_features: width of the (flattened) input.
+        hidden_sizes: initial number of units per hidden layer (any number of layers).
+        head_classes: number of outputs of every task's head, or one number per task.
+
+    Example:
+        >>> mlp = ExpandableMLP(8, [6, 4], head_classes=2)
+        >>> mlp(torch.ones(5, 8), task=0).shape
+        torch.Size([5, 2])
+        >>> mlp.widths(0)
+        (6, 4)
+    """
+
+    def __init__(self, in_features: int, hidden_sizes: Sequence[int], head_classes: int | Sequence[int]) -> None:
+        super().__init__()
+        if in_features < 1:
+            raise ValueError(f"`in_features` must be a positive integer, got {in_features}")
+        if len(hidden_sizes) < 1 or any(int(h) < 1 for h in hidden_sizes):
+            raise ValueError(f"`hidden_sizes` must be one or more positive integers, got {list(hidden_sizes)}")
+        classes = [head_classes] if isinstance(head_classes, int) else list(head_classes)
+        if not classes or any(int(c) < 1 for c in classes):
+            raise ValueError(f"`head_classes` must be a positive integer or a list of them, got {head_classes}")
+        self.in_features = in_features
+        self.head_classes = head_classes if isinstance(head_classes, int) else tuple(classes)
+        sizes = [in_features, *map(int, hidden_sizes)]
+        self.hidden = nn.ModuleList(ExpandableLinear(a, b) for a, b in itertools.pairwise(sizes))
+        self.heads = nn.ModuleDict({"0": ExpandableLinear(sizes[-1], classes[0])})
+        self._width_cache: dict[int, tuple[int, ...]] = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module.structure_changed())
+
+    # --- tasks and widths ---
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of tasks that have a head (the newest one may still be in training)."""
+        return len(self.heads)
+
+    @property
+    def newest_task(self) -> int:
+        return self.num_tasks - 1
+
+    def classes_of(self, task: int) -> int:
+        """Number of outputs of the head of ``task`` (``head_classes`` as given at construction)."""
+        if isinstance(self.head_classes, int):
+            return self.head_classes
+        if task >= len(self.head_classes):
+            raise ValueError(
+                f"`head_classes` lists {len(self.head_classes)} tasks, so there is no head size for task "
+                f"{task}; give one number per task or a single number for all tasks"
+            )
+        return int(self.head_classes[task])
+
+    def check_task(self, task: int) -> None:
+        """Raise a ``ValueError`` naming the trained tasks if ``task`` has no head."""
+        if not isinstance(task, int) or isinstance(task, bool):
+            raise TypeError(f"`task` must be an int, got {type(task).__name__}")
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(
+                f"task {task} was never trained: this network has heads for tasks 0..{self.newest_task}. "
+                "Pass a task id in that range."
+            )
+
+    def widths(self, task: int) -> tuple[int, ...]:
+        """Number of units of each hidden layer alive for ``task`` (born at or before it)."""
+        self.check_task(task)
+        if task not in self._width_cache:
+            self._width_cache[task] = tuple(int((layer.birth <= task).sum()) for layer in self.hidden)
+        return self._width_cache[task]
+
+    def structure_changed(self) -> None:
+        """Forget cached widths; called by every operation that changes shapes or births."""
+        self._width_cache.clear()
+
+    def num_parameters(self, task: int | None = None) -> int:
+        """Parameters used by ``task``'s prefix network and head, or by the whole network if ``None``."""
+        if task is None:
+            return sum(p.numel() for p in self.parameters())
+        widths = (self.in_features, *self.widths(task))
+        hidden = sum(o * i + o for i, o in itertools.pairwise(widths))
+        head = self.heads[str(task)]
+        return hidden + head.weight.numel() + head.bias.numel()
+
+    def check_prefix_invariant(self) -> None:
+        """Raise ``AssertionError`` unless births are non-decreasing in every layer (internal invariant)."""
+        for index, layer in enumerate(self.hidden):
+            births = layer.birth
+            assert bool((births[1:] >= births[:-1]).all()), f"hidden layer {index}: births not sorted"
+            assert int(births.max()) <= self.newest_task, f"hidden layer {index}: unit born after newest task"
+
+    # --- forward ---
+
+    def features(self, x: Tensor, task: int) -> Tensor:
+        """Output of the last hidden layer for ``task``, ``[batch, widths(task)[-1]]``."""
+        if x.ndim != 2 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected inputs of shape [batch, {self.in_features}], got {tuple(x.shape)}; "
+                "flatten or resize the inputs to the width the network was built with"
+            )
+        h = x
+        for layer, width in zip(self.hidden, self.widths(task), strict=True):
+            h = F.relu(layer(h, width))
+        return h
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        """Logits of ``task``'s head, ``[batch, classes_of(task)]``, from ``x`` ``[batch, in_features]``."""
+        return self.heads[str(task)](self.features(x, task))
+
+    # --- heads ---
+
+    def add_head_(self) -> int:
+        """Add the head of the next task, reading all current top-layer units; return its task id."""
+        task = self.num_tasks
+        top = self.hidden[-1]
+        head = ExpandableLinear(top.out_features, self.classes_of(task), birth_task=task)
+        self.heads[str(task)] = head.to(device=top.weight.device, dtype=top.weight.dtype)
+        self.structure_changed()
+        return task
+
+    def consumer(self, layer: int) -> ExpandableLinear:
+        """The layer that reads hidden layer ``layer``: the next hidden layer, or the newest head."""
+        if layer + 1 < len(self.hidden):
+            return self.hidden[layer + 1]
+        return self.heads[str(self.newest_task)]

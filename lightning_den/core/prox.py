@@ -1,0 +1,77 @@
+"""Proximal steps and the pull toward the previous task's weights (Yoon et al., 2018, Eq. 2-6).
+
+The proximal steps run after ``optimizer.step()``, one after the other (the official code ran them
+concurrently on the same variables, bug B6), with thresholds scaled by the learning rate. They give
+exact zeros, which selection (BFS) and pruning rely on. All of them work on lists of tensors at once
+(``torch._foreach_*``), so their cost does not grow with the number of Python calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def l1_prox_(tensors: Sequence[Tensor], threshold: float) -> None:
+    """Soft-threshold in place: ``w <- sign(w) * max(|w| - threshold, 0)`` (the prox of ``threshold * |w|``).
+
+    Example:
+        >>> w = torch.tensor([0.5, -0.125, -2.0])
+        >>> l1_prox_([w], 0.25)
+        >>> w.tolist()
+        [0.25, -0.0, -1.75]
+    """
+    if not tensors or threshold <= 0:
+        return
+    tensors = list(tensors)
+    shrunk = torch._foreach_abs(tensors)
+    torch._foreach_sub_(shrunk, threshold)
+    torch._foreach_clamp_min_(shrunk, 0.0)
+    torch._foreach_mul_(shrunk, torch._foreach_sign(tensors))
+    torch._foreach_copy_(tensors, shrunk)
+
+
+@torch.no_grad()
+def group_lasso_prox_(rows: Sequence[Tensor], threshold: float) -> None:
+    """Group soft-threshold of each row (a unit's incoming weights): ``w_g <- w_g * max(1 - t / ||w_g||, 0)``.
+
+    Args:
+        rows: 2-D tensors (or views) whose rows are the groups, e.g. ``weight[first_new_unit:]``.
+        threshold: ``learning_rate * gamma``.
+
+    Example:
+        >>> w = torch.tensor([[3.0, 4.0], [0.03, 0.04]])
+        >>> group_lasso_prox_([w], 1.0)
+        >>> w.tolist()
+        [[2.4000000953674316, 3.200000047683716], [0.0, 0.0]]
+    """
+    rows = [r for r in rows if r.numel()]
+    if not rows or threshold <= 0:
+        return
+    for r in rows:
+        norm = torch.linalg.vector_norm(r, dim=1, keepdim=True)
+        r.mul_((1.0 - threshold / norm.clamp_min(torch.finfo(r.dtype).tiny)).clamp_min(0.0))
+
+
+@torch.no_grad()
+def add_drift_penalty_grad_(
+    grads: Sequence[Tensor], params: Sequence[Tensor], references: Sequence[Tensor], strength: float
+) -> None:
+    """Add the gradient of ``strength * ||W - W_ref||^2`` (Eq. 6) to ``grads``, in place.
+
+    ``params`` and ``grads`` are views of the entries that existed in the reference (same shapes as
+    ``references``).
+
+    Example:
+        >>> g, w, ref = torch.zeros(2), torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])
+        >>> add_drift_penalty_grad_([g], [w], [ref], 0.5)
+        >>> g.tolist()
+        [0.0, 1.0]
+    """
+    if not grads or strength <= 0:
+        return
+    difference = torch._foreach_sub(list(params), list(references))
+    torch._foreach_add_(list(grads), difference, alpha=2.0 * strength)

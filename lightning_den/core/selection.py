@@ -1,0 +1,94 @@
+"""Which units a new task uses (BFS, Alg. 2), how far old units moved (drift, Alg. 4), which new units died.
+
+These read weights and return plain lists of ints, so a plan computed on one rank can be broadcast
+to the others as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from lightning_den.core.layers import ExpandableMLP
+
+
+def select_subnetwork(mlp: ExpandableMLP, task: int) -> list[list[int]]:
+    """Breadth-first search from **all** outputs of ``task``'s head down the nonzero weights (Alg. 2).
+
+    The top layer keeps unit ``j`` if any output of the head has a nonzero weight from it; each lower
+    layer keeps unit ``i`` if it has a nonzero weight into a kept unit above. The official code looked
+    at output column 0 only (bug B2); here every output counts. Zeros are exact (proximal steps).
+
+    Returns:
+        ``selected[0]`` the input features, then ``selected[l + 1]`` the units of hidden layer ``l``,
+        each a sorted list of indices.
+
+    Example:
+        >>> mlp = ExpandableMLP(3, [2], head_classes=1)
+        >>> with torch.no_grad():
+        ...     _ = mlp.hidden[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))
+        ...     _ = mlp.heads["0"].weight.copy_(torch.tensor([[0.0, 3.0]]))
+        >>> select_subnetwork(mlp, 0)
+        [[2], [1]]
+    """
+    mlp.check_task(task)
+    widths = mlp.widths(task)
+    head = mlp.heads[str(task)].weight.detach()
+    above = (head[:, : widths[-1]] != 0).any(dim=0)
+    selected = [above]
+    for layer, width_below in zip(reversed(mlp.hidden), reversed((mlp.in_features, *widths[:-1])), strict=True):
+        rows = layer.weight.detach()[: above.numel(), :width_below]
+        above = (rows[above] != 0).any(dim=0)
+        selected.append(above)
+    return [torch.nonzero(mask).flatten().tolist() for mask in reversed(selected)]
+
+
+def unit_drift(mlp: ExpandableMLP, layer: int, reference: Mapping[str, Tensor]) -> Tensor:
+    """L2 distance of each old unit's incoming weights from the snapshot, ``rho`` in Alg. 4.
+
+    Only units and inputs that existed in ``reference`` count. Returns ``[units in the snapshot]``.
+
+    Example:
+        >>> from lightning_den.core.surgery import snapshot
+        >>> mlp = ExpandableMLP(2, [2], head_classes=1)
+        >>> ref = snapshot(mlp)
+        >>> with torch.no_grad():
+        ...     mlp.hidden[0].weight[1] += torch.tensor([3.0, 4.0])
+        >>> unit_drift(mlp, 0, ref).tolist()
+        [0.0, 5.0]
+    """
+    old = reference[f"hidden.{layer}.weight"]
+    current = mlp.hidden[layer].weight.detach()[: old.shape[0], : old.shape[1]]
+    return torch.linalg.vector_norm(current - old.to(current), dim=1)
+
+
+def units_to_split(drift: Tensor, threshold: float, limit: int | None = None) -> list[int]:
+    """Units whose drift exceeds ``threshold`` (sigma), most drifted first, at most ``limit`` of them.
+
+    The official code sorted ascending and so split the *least* drifted candidates (bug B4).
+
+    Example:
+        >>> units_to_split(torch.tensor([0.1, 0.9, 0.0, 0.5]), threshold=0.2)
+        [1, 3]
+    """
+    candidates = torch.nonzero(drift > threshold).flatten()
+    order = torch.argsort(drift[candidates], descending=True, stable=True)
+    chosen = candidates[order].tolist()
+    return chosen if limit is None else chosen[:limit]
+
+
+def dead_new_units(mlp: ExpandableMLP, layer: int) -> list[int]:
+    """Units of hidden layer ``layer`` born in the newest task whose incoming weights are all exactly zero.
+
+    Example:
+        >>> mlp = ExpandableMLP(2, [2], head_classes=1)
+        >>> with torch.no_grad():
+        ...     _ = mlp.hidden[0].weight[1].zero_()
+        >>> dead_new_units(mlp, 0)
+        [1]
+    """
+    hidden = mlp.hidden[layer]
+    dead = (hidden.weight.detach() == 0).all(dim=1) & (hidden.birth == mlp.newest_task)
+    return torch.nonzero(dead).flatten().tolist()
