@@ -39,7 +39,9 @@ class TaskBoundary:
         ended_task: the task that has just been completed, or ``None`` for a boundary between phases.
         widths: units per hidden layer after the boundary (all units, newest task included).
         loss: mean training loss of the last epoch of the phase that ended.
-        changes: what the surgery did, e.g. ``{"added": [10, 10], "pruned": [[...], [...]], "split": [...]}``.
+        changes: the surgery plan that was applied, as plain lists of ints: ``selection`` (BFS result,
+            inputs then units per hidden layer), ``added`` (units per layer), ``pruned`` and ``split``
+            (unit indices per layer).
     """
 
     task: int

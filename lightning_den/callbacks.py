@@ -385,7 +385,7 @@ class DENCallback(Callback):
             ended_task=ended,
             widths=tuple(layer.out_features for layer in self.mlp.hidden),
             loss=previous.last_loss,
-            changes={key: value for key, value in plan.items() if key != "selection"},
+            changes=dict(plan),
         )
         step = "end of stream" if target is None else f"task {target.task}, phase {target.phase}"
         rank_zero_info(

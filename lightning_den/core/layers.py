@@ -251,7 +251,8 @@ class ExpandableMLP(nn.Module):
 
     def forward(self, x: Tensor, task: int) -> Tensor:
         """Logits of ``task``'s head, ``[batch, classes_of(task)]``, from ``x`` ``[batch, in_features]``."""
-        return self.heads[str(task)](self.features(x, task))
+        features = self.features(x, task)
+        return self.heads[str(task)](features)
 
     # --- heads ---
 

@@ -1,0 +1,299 @@
+"""DENCallback inside Lightning's lifecycle: freezing, growth, optimizers, boundaries, errors."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_den import DENCallback, DENLightningModule, DENPhase, ExpandableMLP, TaskBoundary
+from lightning_den.core.den import trainable_entries
+from tests.conftest import HIDDEN, IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
+
+
+class RecordBoundaries(Callback):
+    """Keeps every TaskBoundary it is told about."""
+
+    def __init__(self) -> None:
+        self.boundaries: list[TaskBoundary] = []
+
+    def on_task_boundary(self, trainer, pl_module, boundary: TaskBoundary) -> None:
+        self.boundaries.append(boundary)
+
+
+class CheckFrozenEntries(Callback):
+    """After every optimizer step, every entry the phase does not train must equal its value at phase entry."""
+
+    def __init__(self) -> None:
+        self.reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.checked_steps = 0
+        self.phases_seen: set[str] = set()
+
+    def _record(self, pl_module, phase: DENPhase, selection) -> None:
+        entries = trainable_entries(pl_module.mlp, phase, selection)
+        self.reference = {}
+        for name, p in pl_module.mlp.named_parameters():
+            frozen = ~entries[name] if isinstance(entries[name], torch.Tensor) else torch.full_like(
+                p, not entries[name], dtype=torch.bool
+            )
+            self.reference[name] = (frozen, p.detach().clone())
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._record(pl_module, DENPhase.SPARSE, None)
+
+    def on_task_boundary(self, trainer, pl_module, boundary: TaskBoundary) -> None:
+        if boundary.phase is not None:
+            self._record(pl_module, DENPhase(boundary.phase), boundary.changes.get("selection"))
+            self.phases_seen.add(boundary.phase)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for name, p in pl_module.mlp.named_parameters():
+            frozen, before = self.reference[name]
+            assert torch.equal(p.detach()[frozen], before[frozen]), f"frozen entries of {name} moved"
+        self.checked_steps += 1
+
+
+def test_frozen_entries_stay_bit_identical_under_adamw_weight_decay(tmp_path):
+    checker = CheckFrozenEntries()
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.5)
+    model = tiny_model(optimizer=adamw)
+    den = DENCallback(**short_phases(loss_threshold=0.0))  # always expand: every phase runs
+    make_trainer(tmp_path, [den, checker]).fit(model, datamodule=tiny_stream(num_tasks=3))
+    assert checker.checked_steps > 0
+    assert {"head_fit", "selective", "expansion", "split"} <= checker.phases_seen
+
+
+class RecordNewUnitTraining(Callback):
+    """During each expansion phase, notes whether the new units' incoming weights and outgoing columns move."""
+
+    def __init__(self) -> None:
+        self.start: list[torch.Tensor] | None = None
+        self.moved: list[list[bool]] = []
+        self.optimizer_covers_trainable: list[bool] = []
+
+    def on_task_boundary(self, trainer, pl_module, boundary: TaskBoundary) -> None:
+        optimized = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        self.optimizer_covers_trainable.append(all(id(p) in optimized for p in trainable))
+        if boundary.phase == "expansion":
+            task = boundary.task
+            self.start = [layer.weight.detach()[layer.birth == task].clone() for layer in pl_module.mlp.hidden]
+            self.moved.append([False] * len(self.start))
+        else:
+            self.start = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.start is None:
+            return
+        task = pl_module.current_task
+        for index, layer in enumerate(pl_module.mlp.hidden):
+            rows = layer.weight.detach()[layer.birth == task]
+            if not torch.equal(rows, self.start[index]):
+                self.moved[-1][index] = True
+
+
+def test_new_units_are_trained_and_every_trainable_parameter_is_optimized(tmp_path):
+    recorder = RecordNewUnitTraining()
+    den = DENCallback(**short_phases(loss_threshold=0.0, group_sparsity=0.0))
+    model = tiny_model()
+    make_trainer(tmp_path, [den, recorder]).fit(model, datamodule=tiny_stream(num_tasks=3))
+    assert recorder.moved == [[True] * len(HIDDEN)] * 2  # tasks 1 and 2 expanded, every layer's new units moved
+    assert recorder.optimizer_covers_trainable and all(recorder.optimizer_covers_trainable)
+    assert all(layer.out_features > size for layer, size in zip(model.mlp.hidden, HIDDEN, strict=True))
+
+
+def test_whole_sequence_in_one_fit_with_timestamped_inference(tmp_path):
+    recorder = RecordBoundaries()
+    datamodule = tiny_stream(num_tasks=3)
+    model = tiny_model()
+    trainer = make_trainer(tmp_path, [DENCallback(**short_phases()), recorder])
+    trainer.fit(model, datamodule=datamodule)
+    ended = [b.ended_task for b in recorder.boundaries if b.ended_task is not None]
+    assert ended == [0, 1, 2]
+    assert recorder.boundaries[-1].finished
+    assert model.mlp.num_tasks == 3 and model.current_task == 2
+    x = torch.randn(7, IN_FEATURES)
+    for task in range(3):
+        assert model(x, task=task).shape == (7, 2)
+        assert len(model.mlp.widths(task)) == len(HIDDEN)
+    # old tasks read a prefix: their widths never exceed those of later tasks
+    assert all(a <= b for a, b in zip(model.mlp.widths(0), model.mlp.widths(2), strict=True))
+
+
+class RecordOldOutputs(Callback):
+    """Outputs of all finished tasks when a task ends, and again once the next task's head is fitted."""
+
+    def __init__(self, probe: torch.Tensor) -> None:
+        self.probe = probe
+        self.at_end: dict[int, torch.Tensor] = {}
+        self.mismatches: list[str] = []
+        self.checked = 0
+
+    @torch.no_grad()
+    def on_task_boundary(self, trainer, pl_module, boundary: TaskBoundary) -> None:
+        if boundary.ended_task is not None:
+            self.at_end = {t: pl_module(self.probe, task=t).clone() for t in range(boundary.ended_task + 1)}
+        if boundary.phase == "selective":  # the head-fit phase that just ended froze the whole trunk
+            for task, expected in self.at_end.items():
+                self.checked += 1
+                if not torch.equal(pl_module(self.probe, task=task), expected):
+                    self.mismatches.append(f"task {task} changed during head fit of task {boundary.task}")
+
+
+def test_head_fit_and_task_switch_leave_earlier_tasks_bit_identical(tmp_path):
+    recorder = RecordOldOutputs(torch.randn(9, IN_FEATURES))
+    make_trainer(tmp_path, [DENCallback(**short_phases()), recorder]).fit(
+        tiny_model(), datamodule=tiny_stream(num_tasks=3)
+    )
+    assert recorder.checked == 3  # task 0 at task 1; tasks 0 and 1 at task 2
+    assert recorder.mismatches == []
+
+
+def test_parameters_outside_the_block_learn_only_in_the_first_task(tmp_path):
+    class WithEncoder(DENLightningModule):
+        def __init__(self):
+            super().__init__(optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
+            self.encoder = nn.Linear(IN_FEATURES, IN_FEATURES)
+            self.mlp = ExpandableMLP(IN_FEATURES, HIDDEN, head_classes=2)
+
+        def forward(self, x, task=None):
+            return self.mlp(torch.tanh(self.encoder(x)), self.current_task if task is None else task)
+
+    class SnapshotEncoder(Callback):
+        def on_task_boundary(self, trainer, pl_module, boundary):
+            if boundary.ended_task == 0:
+                self.after_first = pl_module.encoder.weight.detach().clone()
+
+    model = WithEncoder()
+    initial = model.encoder.weight.detach().clone()
+    snap = SnapshotEncoder()
+    make_trainer(tmp_path, [DENCallback(**short_phases()), snap]).fit(model, datamodule=tiny_stream(num_tasks=2))
+    assert not torch.equal(snap.after_first, initial)
+    assert torch.equal(model.encoder.weight.detach(), snap.after_first)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sparsity_l1": -1.0}, "sparsity_l1"),
+        ({"drift_penalty": float("nan")}, "drift_penalty"),
+        ({"units_per_expansion": 0}, "units_per_expansion"),
+        ({"selective_epochs": 0}, "selective_epochs"),
+        ({"max_splits_per_layer": -2}, "max_splits_per_layer"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_at_construction(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        DENCallback(**kwargs)
+
+
+class PlainLinearModule(DENLightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(IN_FEATURES, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    def forward(self, x, task=None):
+        return self.net(x)
+
+
+class NoLinearModule(DENLightningModule):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(IN_FEATURES))
+
+    def forward(self, x, task=None):
+        return (x * self.scale)[:, :2]
+
+
+class TwoBlocks(DENLightningModule):
+    def __init__(self):
+        super().__init__()
+        self.a = ExpandableMLP(IN_FEATURES, [3], head_classes=2)
+        self.b = ExpandableMLP(IN_FEATURES, [3], head_classes=2)
+
+    def forward(self, x, task=None):
+        return self.a(x, 0) + self.b(x, self.current_task)
+
+
+@pytest.mark.parametrize(
+    ("module", "match"),
+    [
+        (PlainLinearModule, r"no ExpandableMLP block.*nn\.Linear layers at \['net\.0', 'net\.2'\]"),
+        (NoLinearModule, "no Linear layers at all"),
+        (TwoBlocks, r"several ExpandableMLP blocks \['a', 'b'\]"),
+    ],
+)
+def test_modules_without_a_single_expandable_block_are_refused(tmp_path, module, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        make_trainer(tmp_path, [DENCallback(**short_phases())]).fit(module(), datamodule=tiny_stream(2))
+
+
+def test_block_can_be_named(tmp_path):
+    model = TwoBlocks()
+    den = DENCallback(block="b", **short_phases())
+    make_trainer(tmp_path, [den]).fit(model, datamodule=tiny_stream(2))
+    assert model.b.num_tasks == 2 and model.a.num_tasks == 1
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "match"),
+    [
+        ({"reload_dataloaders_every_n_epochs": 0}, "reload_dataloaders_every_n_epochs=1"),
+        ({"max_epochs": 3}, r"max_epochs=3.*max_epochs=-1"),
+    ],
+)
+def test_trainer_settings_that_would_break_the_sequence_are_refused(tmp_path, trainer_kwargs, match):
+    trainer = make_trainer(tmp_path, [DENCallback(**short_phases())], **trainer_kwargs)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(tiny_model(), datamodule=tiny_stream(2))
+
+
+def test_model_copying_callbacks_are_refused(tmp_path):
+    trainer = make_trainer(tmp_path, [DENCallback(**short_phases()), StochasticWeightAveraging(swa_lrs=1e-2)])
+    with pytest.raises(MisconfigurationException, match="StochasticWeightAveraging"):
+        trainer.fit(tiny_model(), datamodule=tiny_stream(2))
+
+
+def test_a_module_that_is_not_a_den_module_is_refused(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    with pytest.raises(MisconfigurationException, match="needs a DENLightningModule"):
+        make_trainer(tmp_path, [DENCallback(**short_phases())]).fit(BoringModel(), datamodule=tiny_stream(2))
+
+
+def test_a_plain_dataloader_instead_of_a_task_stream_is_refused(tmp_path):
+    loader = tiny_stream(2).train_dataloader()
+    with pytest.raises(MisconfigurationException, match="task-sequence datamodule"):
+        make_trainer(tmp_path, [DENCallback(**short_phases())]).fit(tiny_model(), train_dataloaders=loader)
+
+
+def test_stale_optimizer_is_detected_after_growth(tmp_path):
+    model = tiny_model()
+    cached = torch.optim.Adam(model.parameters(), lr=1e-2)  # the CLI trap: one optimizer over the first parameters
+    model.configure_optimizers = lambda: cached
+    trainer = make_trainer(tmp_path, [DENCallback(**short_phases())])
+    with pytest.raises(MisconfigurationException, match="in no optimizer.*auto_configure_optimizers=False"):
+        trainer.fit(model, datamodule=tiny_stream(2))
+
+
+def test_nan_loss_stops_with_task_and_phase_named(tmp_path):
+    datamodule = tiny_stream(2)
+    inputs, labels = datamodule.train_tasks[0]
+    inputs[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"task 0 .* phase 'sparse'"):
+        make_trainer(tmp_path, [DENCallback(**short_phases())]).fit(tiny_model(), datamodule=datamodule)
+
+
+def test_wrong_input_width_and_untrained_task_give_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=f"shape \\[batch, {IN_FEATURES}\\]"):
+        model(torch.zeros(2, IN_FEATURES + 1), task=0)
+    with pytest.raises(ValueError, match=r"task 3 was never trained.*0\.\.0"):
+        model(torch.zeros(2, IN_FEATURES), task=3)
