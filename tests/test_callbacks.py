@@ -279,13 +279,13 @@ def test_stale_optimizer_is_detected_after_growth(tmp_path):
     cached = torch.optim.Adam(model.parameters(), lr=1e-2)  # the CLI trap: one optimizer over the first parameters
     model.configure_optimizers = lambda: cached
     trainer = make_trainer(tmp_path, [DENCallback(**short_phases())])
-    with pytest.raises(MisconfigurationException, match="in no optimizer.*auto_configure_optimizers=False"):
+    with pytest.raises(MisconfigurationException, match=r"in no optimizer.*auto_configure_optimizers=False"):
         trainer.fit(model, datamodule=tiny_stream(2))
 
 
 def test_nan_loss_stops_with_task_and_phase_named(tmp_path):
     datamodule = tiny_stream(2)
-    inputs, labels = datamodule.train_tasks[0]
+    inputs = datamodule.train_tasks[0][0]
     inputs[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"task 0 .* phase 'sparse'"):
         make_trainer(tmp_path, [DENCallback(**short_phases())]).fit(tiny_model(), datamodule=datamodule)
