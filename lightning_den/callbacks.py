@@ -40,7 +40,7 @@ from lightning_den.core.den import (
 )
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.layers import ExpandableMLP
-from lightning_den.core.prox import add_drift_penalty_grad_, group_lasso_prox_, l1_prox_
+from lightning_den.core.prox import add_drift_penalty_grad_, proximal_step_
 from lightning_den.core.selection import dead_new_units, select_subnetwork, unit_drift, units_to_split
 from lightning_den.core.surgery import Snapshot, add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
 from lightning_den.module import DENLightningModule, find_expandable_block
@@ -276,9 +276,12 @@ class DENCallback(Callback):
         group_rows = {id(p): start for p, start in self._group_rows}
         for group in optimizer.param_groups:
             lr = float(group["lr"])
-            l1_prox_([p for p in group["params"] if id(p) in sparse_ids], lr * self.sparsity_l1)
-            rows = [p.data[group_rows[id(p)] :] for p in group["params"] if id(p) in group_rows]
-            group_lasso_prox_(rows, lr * self.group_sparsity)
+            proximal_step_(
+                [p.data for p in group["params"] if id(p) in sparse_ids],
+                [p.data[group_rows[id(p)] :] for p in group["params"] if id(p) in group_rows],
+                l1=lr * self.sparsity_l1,
+                group=lr * self.group_sparsity,
+            )
         self._frozen.restore_()
 
     @override

@@ -3,7 +3,7 @@
 from lightning_den.core.den import DENPhase, PhaseEpochs, PhaseProgress, next_phase, phase_is_done, trainable_entries
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.layers import ExpandableLinear, ExpandableMLP
-from lightning_den.core.prox import add_drift_penalty_grad_, group_lasso_prox_, l1_prox_
+from lightning_den.core.prox import add_drift_penalty_grad_, group_lasso_prox_, l1_prox_, proximal_step_
 from lightning_den.core.selection import dead_new_units, select_subnetwork, unit_drift, units_to_split
 from lightning_den.core.surgery import add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
 
@@ -22,6 +22,7 @@ __all__ = [
     "l1_prox_",
     "next_phase",
     "phase_is_done",
+    "proximal_step_",
     "prune_units_",
     "restore_units_",
     "select_subnetwork",

@@ -127,18 +127,6 @@ class ExpandableLinear(nn.Module):
         """Keep the input columns where the boolean ``keep`` ``[in_features]`` is True."""
         self._replace_(self.weight[:, keep].clone(), self.bias.clone(), self.birth)
 
-    @torch.no_grad()
-    def resize_(self, out_features: int, in_features: int) -> None:
-        """Give the layer these shapes (zeros where new), e.g. before loading a grown checkpoint."""
-        weight = self.weight.new_zeros(out_features, in_features)
-        rows, cols = min(out_features, self.out_features), min(in_features, self.in_features)
-        weight[:rows, :cols] = self.weight[:rows, :cols]
-        bias = self.bias.new_zeros(out_features)
-        bias[:rows] = self.bias[:rows]
-        birth = self.birth.new_zeros(out_features)
-        birth[:rows] = self.birth[:rows]
-        self._replace_(weight, bias, birth)
-
 
 class ExpandableMLP(nn.Module):
     """A stack of :class:`ExpandableLinear` layers with ReLU and one output head per task.

@@ -75,3 +75,23 @@ def add_drift_penalty_grad_(
         return
     difference = torch._foreach_sub(list(params), list(references))
     torch._foreach_add_(list(grads), difference, alpha=2.0 * strength)
+
+
+def proximal_step_(weights: Sequence[Tensor], new_unit_rows: Sequence[Tensor], l1: float, group: float) -> None:
+    """DEN's step after the optimizer: L1 on ``weights``, *then* group lasso on ``new_unit_rows``.
+
+    The official code issued both assignments at once on the same variables, so whichever ran last
+    won (bug B6); here the group step always sees the L1 result.
+
+    Args:
+        weights: tensors to sparsify with threshold ``l1`` (``lr * mu``).
+        new_unit_rows: views whose rows are new units' incoming weights, threshold ``group`` (``lr * gamma``).
+
+    Example:
+        >>> w = torch.tensor([[0.5, 0.5], [0.3, 0.0]])
+        >>> proximal_step_([w], [w], l1=0.25, group=0.1)
+        >>> (w[1] == 0).all().item(), (w[0] != 0).all().item()
+        (True, True)
+    """
+    l1_prox_(weights, l1)
+    group_lasso_prox_(new_unit_rows, group)
