@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_den import DENCallback, DENMLP, TaskBoundary
+from lightning_den import DENMLP, DENCallback, TaskBoundary
 from lightning_den.core.prox import group_lasso_prox_, l1_prox_, proximal_step_
 from tests.conftest import IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
 
