@@ -15,7 +15,7 @@ and changes shapes only at boundaries, at the start of an epoch, through
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 from dataclasses import replace
 from typing import Any
@@ -45,7 +45,6 @@ from lightning_den.core.selection import dead_new_units, select_subnetwork, unit
 from lightning_den.core.surgery import Snapshot, add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
 from lightning_den.module import DENLightningModule, find_expandable_block
 
-log = logging.getLogger(__name__)
 
 _TASK_STREAM_API = ("num_tasks", "set_task", "current_task")
 
@@ -270,18 +269,11 @@ class DENCallback(Callback):
                 add_drift_penalty_grad_(grads, params, [ref for _, ref in pairs], self.drift_penalty)
         self._frozen.mask_gradients_()
 
-    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    def _after_optimizer_step(self, targets: list[tuple[dict, list[Tensor], list[Tensor]]], *_: Any) -> None:
         """Proximal steps one after the other (L1, then group lasso), then restore frozen entries."""
-        sparse_ids = {id(p) for p in self._sparse_params}
-        group_rows = {id(p): start for p, start in self._group_rows}
-        for group in optimizer.param_groups:
-            lr = float(group["lr"])
-            proximal_step_(
-                [p.data for p in group["params"] if id(p) in sparse_ids],
-                [p.data[group_rows[id(p)] :] for p in group["params"] if id(p) in group_rows],
-                l1=lr * self.sparsity_l1,
-                group=lr * self.group_sparsity,
-            )
+        for group, weights, rows in targets:
+            lr = float(group["lr"])  # read at every step: LR schedulers change it
+            proximal_step_(weights, rows, l1=lr * self.sparsity_l1, group=lr * self.group_sparsity)
         self._frozen.restore_()
 
     @override
@@ -427,9 +419,23 @@ class DENCallback(Callback):
                     self._drift_pairs.append((getattr(layer, name), self._snapshot[f"hidden.{index}.{name}"]))
 
     def _hook_optimizers(self, trainer: pl.Trainer) -> None:
+        """Register the post-step work on each optimizer, with its tensors resolved once per phase."""
         for handle in self._step_hooks:
             handle.remove()
-        self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+        sparse = {id(p) for p in self._sparse_params}
+        first_new_row = {id(p): start for p, start in self._group_rows}
+        self._step_hooks = []
+        for optimizer in trainer.optimizers:
+            targets = [
+                (
+                    group,
+                    [p.data for p in group["params"] if id(p) in sparse],
+                    [p.data[first_new_row[id(p)] :] for p in group["params"] if id(p) in first_new_row],
+                )
+                for group in optimizer.param_groups
+            ]
+            hook = functools.partial(self._after_optimizer_step, targets)
+            self._step_hooks.append(optimizer.register_step_post_hook(hook))
 
     # ------------------------------------------------------------------ state
 
