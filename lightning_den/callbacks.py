@@ -45,7 +45,6 @@ from lightning_den.core.selection import dead_new_units, select_subnetwork, unit
 from lightning_den.core.surgery import Snapshot, add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
 from lightning_den.module import DENLightningModule, find_expandable_block
 
-
 _TASK_STREAM_API = ("num_tasks", "set_task", "current_task")
 
 
