@@ -1,26 +1,35 @@
-"""lightning_den: Dynamically Expandable Networks (Yoon et al., ICLR 2018) as a PyTorch Lightning callback."""
+"""lightning_den: Dynamically Expandable Networks (Yoon et al., ICLR 2018) as a PyTorch Lightning callback.
 
-from lightning_den.boundary import TaskBoundary, cross_boundary
-from lightning_den.callbacks import DENCallback
+The pure-torch core (:mod:`lightning_den.core`) imports without Lightning; the Lightning-facing
+names below are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from lightning_den.core import DENPhase, ExpandableLinear, ExpandableMLP
-from lightning_den.data import TaskSequenceDataModule, split_digits
-from lightning_den.evaluation import TaskEvaluation, task_accuracy
-from lightning_den.module import DENMLP, DENLightningModule, find_expandable_block
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DENMLP",
-    "DENCallback",
-    "DENLightningModule",
-    "DENPhase",
-    "ExpandableLinear",
-    "ExpandableMLP",
-    "TaskBoundary",
-    "TaskEvaluation",
-    "TaskSequenceDataModule",
-    "cross_boundary",
-    "find_expandable_block",
-    "split_digits",
-    "task_accuracy",
-]
+_LAZY = {
+    "DENCallback": "lightning_den.callbacks",
+    "DENLightningModule": "lightning_den.module",
+    "DENMLP": "lightning_den.module",
+    "find_expandable_block": "lightning_den.module",
+    "TaskBoundary": "lightning_den.boundary",
+    "cross_boundary": "lightning_den.boundary",
+    "TaskSequenceDataModule": "lightning_den.data",
+    "split_digits": "lightning_den.data",
+    "TaskEvaluation": "lightning_den.evaluation",
+    "task_accuracy": "lightning_den.evaluation",
+}
+
+__all__ = ["DENPhase", "ExpandableLinear", "ExpandableMLP", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lightning_den' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

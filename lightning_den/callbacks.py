@@ -39,7 +39,7 @@ from lightning_den.core.den import (
     trainable_entries,
 )
 from lightning_den.core.freezing import FrozenEntries
-from lightning_den.core.layers import ExpandableMLP
+from lightning_den.core.layers import ExpandableLinear, ExpandableMLP
 from lightning_den.core.prox import add_drift_penalty_grad_, proximal_step_
 from lightning_den.core.selection import dead_new_units, select_subnetwork, unit_drift, units_to_split
 from lightning_den.core.surgery import Snapshot, add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
@@ -159,7 +159,7 @@ class DENCallback(Callback):
         self._snapshot: Snapshot = {}
         self._frozen = FrozenEntries({})
         self._sparse_params: list[nn.Parameter] = []
-        self._group_rows: list[tuple[nn.Parameter, int]] = []
+        self._group_layers: list[ExpandableLinear] = []
         self._drift_pairs: list[tuple[nn.Parameter, Tensor]] = []
         self._step_hooks: list[Any] = []
         self._loss_sum: Tensor | None = None
@@ -268,11 +268,15 @@ class DENCallback(Callback):
                 add_drift_penalty_grad_(grads, params, [ref for _, ref in pairs], self.drift_penalty)
         self._frozen.mask_gradients_()
 
-    def _after_optimizer_step(self, targets: list[tuple[dict, list[Tensor], list[Tensor]]], *_: Any) -> None:
+    def _after_optimizer_step(
+        self, targets: list[tuple[list[Tensor], list[Tensor], list[Tensor]]], optimizer: torch.optim.Optimizer, *_: Any
+    ) -> None:
         """Proximal steps one after the other (L1, then group lasso), then restore frozen entries."""
-        for group, weights, rows in targets:
-            lr = float(group["lr"])  # read at every step: LR schedulers change it
-            proximal_step_(weights, rows, l1=lr * self.sparsity_l1, group=lr * self.group_sparsity)
+        for group, (weights, rows, biases) in zip(optimizer.param_groups, targets, strict=True):
+            lr = float(group["lr"])  # read at every step: schedulers and checkpoint restores change it
+            proximal_step_(
+                weights, rows, l1=lr * self.sparsity_l1, group=lr * self.group_sparsity, new_unit_biases=biases
+            )
         self._frozen.restore_()
 
     @override
@@ -281,7 +285,8 @@ class DENCallback(Callback):
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor) and self._loss_sum is not None:
-            self._loss_sum += loss.detach()
+            # Lightning hands over the loss divided by `accumulate_grad_batches`; undo that for tau
+            self._loss_sum += loss.detach() * trainer.accumulate_grad_batches
             self._loss_count += 1
 
     @override
@@ -306,12 +311,8 @@ class DENCallback(Callback):
         self._pending = (target, plan)
 
     def _epoch_mean_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        if self._loss_sum is None or self._loss_count == 0:
-            count = torch.zeros((), device=pl_module.device)
-            total = count
-        else:
-            count = torch.tensor(float(self._loss_count), device=pl_module.device)
-            total = self._loss_sum.clone()
+        count = torch.tensor(float(self._loss_count), device=pl_module.device)
+        total = torch.zeros((), device=pl_module.device) if self._loss_sum is None else self._loss_sum.clone()
         total = trainer.strategy.reduce(total, reduce_op="sum")
         count = trainer.strategy.reduce(count, reduce_op="sum")
         if float(count) == 0:
@@ -355,11 +356,10 @@ class DENCallback(Callback):
         phase = DENPhase(target.phase)
         if target.task != previous.task:
             self._snapshot = snapshot(mlp)
-            mlp.add_head_()
+            mlp.add_head_(self._generator(target.task, stream=0))
             pl_module.current_task = target.task
         if phase is DENPhase.EXPANSION:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + target.task)
-            add_units_(mlp, plan["added"], generator)
+            add_units_(mlp, plan["added"], self._generator(target.task, stream=1))
         for layer, units in enumerate(plan.get("pruned", [])):
             prune_units_(mlp, layer, units)
         for layer, units in enumerate(plan.get("split", [])):
@@ -368,6 +368,10 @@ class DENCallback(Callback):
         self.progress = target
         self._enter_phase(pl_module, plan.get("selection"))
         return self._boundary(previous, target, plan)
+
+    def _generator(self, task: int, stream: int) -> torch.Generator:
+        """The same random numbers on every rank: seeded by ``seed``, the task and what they are for."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + task) * 7 + stream)
 
     def _boundary(self, previous: PhaseProgress, target: PhaseProgress | None, plan: dict[str, Any]) -> TaskBoundary:
         ended = previous.task if target is None or target.task != previous.task else None
@@ -405,12 +409,9 @@ class DENCallback(Callback):
                 masks[p] = trainable
         self._frozen = FrozenEntries(masks)
         self._sparse_params = [p for name, p in mlp.named_parameters() if name.endswith("weight") and p.requires_grad]
-        self._group_rows = []
-        if phase is DENPhase.EXPANSION:
-            for layer in mlp.hidden:
-                born_now = torch.nonzero(layer.birth == self.progress.task).flatten()
-                if born_now.numel():
-                    self._group_rows.append((layer.weight, int(born_now[0])))
+        self._group_layers = []
+        if phase is DENPhase.EXPANSION:  # group lasso on each new unit's weights and bias
+            self._group_layers = [layer for layer in mlp.hidden if bool((layer.birth == self.progress.task).any())]
         self._drift_pairs = []
         if phase in (DENPhase.SELECTIVE, DENPhase.SPLIT):
             for index, layer in enumerate(mlp.hidden):
@@ -422,17 +423,20 @@ class DENCallback(Callback):
         for handle in self._step_hooks:
             handle.remove()
         sparse = {id(p) for p in self._sparse_params}
-        first_new_row = {id(p): start for p, start in self._group_rows}
+        new_units = {id(layer.weight): layer for layer in self._group_layers}
         self._step_hooks = []
         for optimizer in trainer.optimizers:
-            targets = [
-                (
-                    group,
-                    [p.data for p in group["params"] if id(p) in sparse],
-                    [p.data[first_new_row[id(p)] :] for p in group["params"] if id(p) in first_new_row],
+            targets = []
+            for group in optimizer.param_groups:
+                layers = [new_units[id(p)] for p in group["params"] if id(p) in new_units]
+                first = [int(torch.nonzero(layer.birth == self.progress.task)[0]) for layer in layers]
+                targets.append(
+                    (
+                        [p.data for p in group["params"] if id(p) in sparse],
+                        [layer.weight.data[start:] for layer, start in zip(layers, first, strict=True)],
+                        [layer.bias.data[start:] for layer, start in zip(layers, first, strict=True)],
+                    )
                 )
-                for group in optimizer.param_groups
-            ]
             hook = functools.partial(self._after_optimizer_step, targets)
             self._step_hooks.append(optimizer.register_step_post_hook(hook))
 

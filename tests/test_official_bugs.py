@@ -5,6 +5,7 @@ B2-B5 and the multi-layer core (B10) are pinned in ``tests/core``; these need th
 
 from __future__ import annotations
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -92,3 +93,16 @@ def test_b6_group_lasso_acts_on_the_l1_result():
     group_lasso_prox_([other[3:]], 0.4)
     l1_prox_([other], 0.1)
     assert not torch.equal(other, expected)
+
+
+def test_tau_sees_the_same_mean_loss_with_gradient_accumulation(tmp_path):
+    losses = []
+    for accumulate in (1, 3):
+        recorder = PhaseLog(den := DENCallback(**short_phases(first_task_epochs=1)))
+        torch.manual_seed(0)
+        model = tiny_model(lr=0.0)  # nothing learns: every batch's loss is the same in both runs
+        make_trainer(tmp_path, [den, recorder], accumulate_grad_batches=accumulate).fit(
+            model, datamodule=tiny_stream(num_tasks=2)
+        )
+        losses.append(recorder.boundaries[0].loss)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

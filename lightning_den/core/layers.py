@@ -162,7 +162,7 @@ class ExpandableMLP(nn.Module):
         self.hidden = nn.ModuleList(ExpandableLinear(a, b) for a, b in itertools.pairwise(sizes))
         self.heads = nn.ModuleDict({"0": ExpandableLinear(sizes[-1], classes[0])})
         self._width_cache: dict[int, tuple[int, ...]] = {}
-        self.register_load_state_dict_post_hook(lambda module, keys: module.structure_changed())
+        self.register_load_state_dict_post_hook(_forget_widths)
 
     # --- tasks and widths ---
 
@@ -244,12 +244,21 @@ class ExpandableMLP(nn.Module):
 
     # --- heads ---
 
-    def add_head_(self) -> int:
-        """Add the head of the next task, reading all current top-layer units; return its task id."""
+    def add_head_(self, generator: torch.Generator | None = None) -> int:
+        """Add the head of the next task, reading all current top-layer units; return its task id.
+
+        ``generator`` draws its initial weights (``nn.Linear``'s distribution); the global RNG if ``None``.
+        """
         task = self.num_tasks
         top = self.hidden[-1]
         head = ExpandableLinear(top.out_features, self.classes_of(task), birth_task=task)
-        self.heads[str(task)] = head.to(device=top.weight.device, dtype=top.weight.dtype)
+        head = head.to(device=top.weight.device, dtype=top.weight.dtype)
+        if generator is not None:
+            weight, bias = uniform_init(head.out_features, head.in_features, generator, head.weight)
+            with torch.no_grad():
+                head.weight.copy_(weight)
+                head.bias.copy_(bias)
+        self.heads[str(task)] = head
         self.structure_changed()
         return task
 
@@ -258,3 +267,8 @@ class ExpandableMLP(nn.Module):
         if layer + 1 < len(self.hidden):
             return self.hidden[layer + 1]
         return self.heads[str(self.newest_task)]
+
+
+def _forget_widths(module: ExpandableMLP, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook: births may have changed, so cached widths are stale."""
+    module.structure_changed()

@@ -35,12 +35,14 @@ def l1_prox_(tensors: Sequence[Tensor], threshold: float) -> None:
 
 
 @torch.no_grad()
-def group_lasso_prox_(rows: Sequence[Tensor], threshold: float) -> None:
-    """Group soft-threshold of each row (a unit's incoming weights): ``w_g <- w_g * max(1 - t / ||w_g||, 0)``.
+def group_lasso_prox_(rows: Sequence[Tensor], threshold: float, biases: Sequence[Tensor] | None = None) -> None:
+    """Group soft-threshold of each unit: ``g <- g * max(1 - t / ||g||, 0)`` over its incoming weights.
 
     Args:
         rows: 2-D tensors (or views) whose rows are the groups, e.g. ``weight[first_new_unit:]``.
         threshold: ``learning_rate * gamma``.
+        biases: optional 1-D tensors, one per entry of ``rows``; each row's bias joins its group, so a
+            zeroed group is a unit that outputs exactly zero.
 
     Example:
         >>> w = torch.tensor([[3.0, 4.0], [0.03, 0.04]])
@@ -48,12 +50,18 @@ def group_lasso_prox_(rows: Sequence[Tensor], threshold: float) -> None:
         >>> w.tolist()
         [[2.4000000953674316, 3.200000047683716], [0.0, 0.0]]
     """
-    rows = [r for r in rows if r.numel()]
-    if not rows or threshold <= 0:
+    if threshold <= 0:
         return
-    for r in rows:
-        norm = torch.linalg.vector_norm(r, dim=1, keepdim=True)
-        r.mul_((1.0 - threshold / norm.clamp_min(torch.finfo(r.dtype).tiny)).clamp_min(0.0))
+    for index, r in enumerate(rows):
+        if not r.numel():
+            continue
+        squares = r.square().sum(dim=1)
+        if biases is not None:
+            squares = squares + biases[index].square()
+        scale = (1.0 - threshold / squares.sqrt().clamp_min(torch.finfo(r.dtype).tiny)).clamp_min(0.0)
+        r.mul_(scale[:, None])
+        if biases is not None:
+            biases[index].mul_(scale)
 
 
 @torch.no_grad()
@@ -77,7 +85,13 @@ def add_drift_penalty_grad_(
     torch._foreach_add_(list(grads), difference, alpha=2.0 * strength)
 
 
-def proximal_step_(weights: Sequence[Tensor], new_unit_rows: Sequence[Tensor], l1: float, group: float) -> None:
+def proximal_step_(
+    weights: Sequence[Tensor],
+    new_unit_rows: Sequence[Tensor],
+    l1: float,
+    group: float,
+    new_unit_biases: Sequence[Tensor] | None = None,
+) -> None:
     """DEN's step after the optimizer: L1 on ``weights``, *then* group lasso on ``new_unit_rows``.
 
     The official code issued both assignments at once on the same variables, so whichever ran last
@@ -86,6 +100,7 @@ def proximal_step_(weights: Sequence[Tensor], new_unit_rows: Sequence[Tensor], l
     Args:
         weights: tensors to sparsify with threshold ``l1`` (``lr * mu``).
         new_unit_rows: views whose rows are new units' incoming weights, threshold ``group`` (``lr * gamma``).
+        new_unit_biases: the matching bias views; see :func:`group_lasso_prox_`.
 
     Example:
         >>> w = torch.tensor([[0.5, 0.5], [0.3, 0.0]])
@@ -94,4 +109,4 @@ def proximal_step_(weights: Sequence[Tensor], new_unit_rows: Sequence[Tensor], l
         (True, True)
     """
     l1_prox_(weights, l1)
-    group_lasso_prox_(new_unit_rows, group)
+    group_lasso_prox_(new_unit_rows, group, new_unit_biases)

@@ -80,15 +80,19 @@ def units_to_split(drift: Tensor, threshold: float, limit: int | None = None) ->
 
 
 def dead_new_units(mlp: ExpandableMLP, layer: int) -> list[int]:
-    """Units of hidden layer ``layer`` born in the newest task whose incoming weights are all exactly zero.
+    """Units of hidden layer ``layer`` born in the newest task that output exactly zero for every input.
+
+    That is: all incoming weights exactly zero and ``relu(bias) == 0``. Removing such a unit leaves
+    the network's function unchanged (group lasso zeroes a new unit's weights and bias together).
 
     Example:
         >>> mlp = ExpandableMLP(2, [2], head_classes=1)
         >>> with torch.no_grad():
-        ...     _ = mlp.hidden[0].weight[1].zero_()
+        ...     _ = mlp.hidden[0].weight[1].zero_(), mlp.hidden[0].bias[1].fill_(-0.5)
         >>> dead_new_units(mlp, 0)
         [1]
     """
     hidden = mlp.hidden[layer]
-    dead = (hidden.weight.detach() == 0).all(dim=1) & (hidden.birth == mlp.newest_task)
+    silent = (hidden.weight.detach() == 0).all(dim=1) & (hidden.bias.detach() <= 0)
+    dead = silent & (hidden.birth == mlp.newest_task)
     return torch.nonzero(dead).flatten().tolist()

@@ -145,6 +145,10 @@ def prune_units_(mlp: ExpandableMLP, layer: int, units: Sequence[int]) -> None:
             f"cannot prune units {wrong} of hidden layer {layer}: only units born in the newest task "
             f"({mlp.newest_task}) can be removed without changing earlier tasks"
         )
+    if len(set(units)) >= hidden.out_features:
+        raise ValueError(
+            f"cannot prune all {hidden.out_features} units of hidden layer {layer}: a layer needs at least one unit"
+        )
     if not units:
         return
     keep = torch.ones(hidden.out_features, dtype=torch.bool, device=hidden.weight.device)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lightning_den.core.layers import ExpandableMLP
 from lightning_den.core.surgery import add_units_, duplicate_units_, prune_units_
 
-#: Most tasks a random history may create (a per-task ``head_classes`` list has this length).
+#: Most tasks a random history may create (a per-task ``head_classes`` list has one more, for a test to add).
 MAX_TASKS = 4
 
 #: Settings for the property tests: few, small examples, no example database written to disk.
@@ -31,7 +31,7 @@ def mlp_configs(draw: st.DrawFn, min_depth: int = 1, max_depth: int = 4) -> tupl
     in_features = draw(st.integers(1, 8), label="in_features")
     hidden = draw(st.lists(st.integers(1, 6), min_size=min_depth, max_size=max_depth), label="hidden_sizes")
     classes = draw(
-        st.one_of(st.integers(1, 3), st.lists(st.integers(1, 3), min_size=MAX_TASKS, max_size=MAX_TASKS)),
+        st.one_of(st.integers(1, 3), st.lists(st.integers(1, 3), min_size=MAX_TASKS + 1, max_size=MAX_TASKS + 1)),
         label="head_classes",
     )
     seed = draw(st.integers(0, 2**31 - 1), label="seed")
