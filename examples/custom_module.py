@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_den import DENCallback, DENLightningModule, ExpandableMLP, TaskEvaluation, split_digits
+from lightning_den import DENCallback, DENLightningModule, ExpandableMLP, SplitDigits, TaskEvaluation
 
 
 class ConvDEN(DENLightningModule):
@@ -29,7 +29,7 @@ class ConvDEN(DENLightningModule):
 
 def main() -> None:
     pl.seed_everything(0)
-    datamodule = split_digits(num_tasks=3)
+    datamodule = SplitDigits(num_tasks=3)
     model = ConvDEN(hidden_sizes=[32, 16])
     evaluation = TaskEvaluation()
     den = DENCallback(sparsity_l1=0.05, group_sparsity=0.5, drift_penalty=1.0, loss_threshold=0.05)

@@ -21,7 +21,9 @@ _LAZY = {
     "TaskBoundary": "lightning_den.boundary",
     "cross_boundary": "lightning_den.boundary",
     "TaskSequenceDataModule": "lightning_den.data",
-    "split_digits": "lightning_den.data",
+    "SplitDigits": "lightning_den.data",
+    "MNISTStream": "lightning_den.data",
+    "TensorFileStream": "lightning_den.data",
     "TaskEvaluation": "lightning_den.evaluation",
     "task_accuracy": "lightning_den.evaluation",
 }

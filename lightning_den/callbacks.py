@@ -84,9 +84,9 @@ class DENCallback(Callback):
     Example::
 
         from lightning.pytorch import Trainer
-        from lightning_den import DENCallback, DENMLP, split_digits
+        from lightning_den import DENCallback, DENMLP, SplitDigits
 
-        datamodule = split_digits()
+        datamodule = SplitDigits()
         model = DENMLP(in_features=64, hidden_sizes=[32, 32], num_classes=2)
         trainer = Trainer(max_epochs=-1, reload_dataloaders_every_n_epochs=1, callbacks=[DENCallback()])
         trainer.fit(model, datamodule=datamodule)   # trains all five tasks

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_den.boundary import TaskBoundary
 from lightning_den.callbacks import DENCallback
-from lightning_den.data import split_digits
+from lightning_den.data import SplitDigits
 from lightning_den.evaluation import TaskEvaluation
 from lightning_den.module import DENMLP
 
@@ -65,7 +65,7 @@ def single_task_parameters(in_features: int, hidden_sizes: Sequence[int], classe
 def run_split_digits(num_tasks: int = 5, seed: int = 0, verbose: bool = True) -> DemoResult:
     """Train DEN on the split-digits stream and return the measured table."""
     pl.seed_everything(seed, verbose=False)
-    datamodule = split_digits(num_tasks=num_tasks, seed=seed)
+    datamodule = SplitDigits(num_tasks=num_tasks, seed=seed)
     model = DENMLP(
         in_features=datamodule.in_features,
         hidden_sizes=list(HIDDEN_SIZES),

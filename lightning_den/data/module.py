@@ -1,4 +1,4 @@
-"""Task sequences as a LightningDataModule, and the embedded split-digits stream.
+"""Task sequences as a LightningDataModule.
 
 :class:`TaskSequenceDataModule` serves the current task's training data and one validation/test
 dataloader per task seen so far (``dataloader_idx == task``). ``DENCallback`` moves it from task to
@@ -138,38 +138,3 @@ class TaskSequenceDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.set_task(int(state_dict["current_task"]))
-
-
-def split_digits(
-    num_tasks: int = 5, test_fraction: float = 0.3, seed: int = 0, batch_size: int = 32
-) -> TaskSequenceDataModule:
-    """scikit-learn's 8x8 digits (1,797 images, shipped with the library) as tasks of class pairs.
-
-    Task ``t`` tells digit ``2t`` (label 0) from digit ``2t + 1`` (label 1); pixels are scaled to
-    ``[0, 1]``. Each task's examples are split into train and test with a fixed seed, stratified.
-
-    Example:
-        >>> dm = split_digits(num_tasks=2)
-        >>> dm.num_tasks, dm.in_features, dm.num_classes(0)
-        (2, 64, 2)
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if not 1 <= num_tasks <= 5:
-        raise ValueError(f"`num_tasks` must be between 1 and 5 (pairs of the 10 digits), got {num_tasks}")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction}")
-    digits = load_digits()
-    images = torch.as_tensor(digits.data, dtype=torch.float32) / 16.0
-    targets = torch.as_tensor(digits.target, dtype=torch.long)
-    train, test = [], []
-    for task in range(num_tasks):
-        chosen = (targets == 2 * task) | (targets == 2 * task + 1)
-        x, y = images[chosen], (targets[chosen] == 2 * task + 1).long()
-        x_train, x_test, y_train, y_test = train_test_split(
-            x.numpy(), y.numpy(), test_size=test_fraction, random_state=seed + task, stratify=y.numpy()
-        )
-        train.append((torch.as_tensor(x_train), torch.as_tensor(y_train)))
-        test.append((torch.as_tensor(x_test), torch.as_tensor(y_test)))
-    return TaskSequenceDataModule.from_tensors(train=train, test=test, batch_size=batch_size, seed=seed)
