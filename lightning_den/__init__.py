@@ -25,7 +25,7 @@ _LAZY = {
     "MNISTStream": "lightning_den.data",
     "TensorFileStream": "lightning_den.data",
     "TaskEvaluation": "lightning_den.evaluation",
-    "task_accuracy": "lightning_den.evaluation",
+    "task_scores": "lightning_den.evaluation",
 }
 
 __all__ = ["DENPhase", "ExpandableLinear", "ExpandableMLP", *sorted(_LAZY)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,14 +55,10 @@ class _PrintTaskEnds(Callback):
         print(f"{boundary.ended_task:>5} |{cells} | {widths:>9} | {self.evaluation.parameters[-1]:>7}", flush=True)
 
 
-def single_task_parameters(in_features: int, hidden_sizes: Sequence[int], classes: int, num_tasks: int) -> int:
-    """Parameters of ``num_tasks`` separate MLPs of the given widths, one per task."""
-    sizes = [in_features, *hidden_sizes, classes]
-    return num_tasks * sum(a * b + b for a, b in itertools.pairwise(sizes))
-
-
-def run_split_digits(num_tasks: int = 5, seed: int = 0, verbose: bool = True) -> DemoResult:
-    """Train DEN on the split-digits stream and return the measured table."""
+def run_split_digits(
+    num_tasks: int = 5, seed: int = 0, verbose: bool = True, output_dir: str = "den_demo"
+) -> DemoResult:
+    """Train DEN on the split-digits stream; ``continual_metrics.json`` and the plots go to ``output_dir``."""
     pl.seed_everything(seed, verbose=False)
     datamodule = SplitDigits(num_tasks=num_tasks, seed=seed)
     model = DENMLP(
@@ -72,7 +67,7 @@ def run_split_digits(num_tasks: int = 5, seed: int = 0, verbose: bool = True) ->
         num_classes=2,
         optimizer=functools.partial(torch.optim.Adam, lr=LEARNING_RATE),
     )
-    evaluation = TaskEvaluation()
+    evaluation = TaskEvaluation(output_dir=output_dir, print_report=False)
     callbacks: list[Callback] = [DENCallback(seed=seed, **DEN_SETTINGS), evaluation]
     if verbose:
         callbacks.append(_PrintTaskEnds(evaluation))
@@ -99,7 +94,7 @@ def run_split_digits(num_tasks: int = 5, seed: int = 0, verbose: bool = True) ->
         accuracy=evaluation.accuracy,
         widths=evaluation.widths,
         parameters=model.mlp.num_parameters(),
-        single_task_parameters=single_task_parameters(datamodule.in_features, HIDDEN_SIZES, 2, num_tasks),
+        single_task_parameters=evaluation.summary["capacity"]["single_task_parameters"],
         seconds=time.perf_counter() - start,
     )
 
@@ -108,9 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=5, help="number of digit-pair tasks (1-5)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="den_demo", help="where continual_metrics.json and the plots go")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    result = run_split_digits(num_tasks=args.tasks, seed=args.seed)
+    result = run_split_digits(num_tasks=args.tasks, seed=args.seed, output_dir=args.output_dir)
     final = result.accuracy[-1]
     print(f"\nfinal average accuracy over {len(final)} tasks: {sum(final) / len(final):.4f}")
     print(f"task 0 accuracy: {result.accuracy[0][0]:.4f} after task 0, {final[0]:.4f} after the last task")
@@ -118,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"parameters: DEN {result.parameters} vs one network per task {result.single_task_parameters} "
         f"({result.parameters / result.single_task_parameters:.1%})"
     )
-    print(f"wall time: {result.seconds:.1f} s")
+    print(f"wall time: {result.seconds:.1f} s; metrics and plots in {args.output_dir}/")
     return 0
 
 

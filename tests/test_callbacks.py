@@ -297,3 +297,26 @@ def test_wrong_input_width_and_untrained_task_give_clear_errors():
         model(torch.zeros(2, IN_FEATURES + 1), task=0)
     with pytest.raises(ValueError, match=r"task 3 was never trained.*0\.\.0"):
         model(torch.zeros(2, IN_FEATURES), task=3)
+
+
+def test_task_evaluation_logs_task_indexed_metrics_and_writes_the_report(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_den import TaskEvaluation
+
+    evaluation = TaskEvaluation(print_report=False)
+    logger = CSVLogger(tmp_path, name="run")
+    make_trainer(tmp_path, [DENCallback(**short_phases()), evaluation], logger=logger).fit(
+        tiny_model(), datamodule=tiny_stream(num_tasks=3)
+    )
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [row for row in rows if row.get("continual/acc/task_0")]
+    assert [int(row["step"]) for row in logged[:3]] == [0, 1, 2]
+    assert float(logged[2]["continual/acc/task_0"]) == pytest.approx(evaluation.accuracy[2][0])
+    assert any(row.get("continual/forgetting") for row in rows)
+    directory = tmp_path / "run" / "version_0"
+    assert (directory / "continual_metrics.json").exists() and (directory / "accuracy_matrix.png").exists()
+    assert evaluation.summary["widths"][0] == HIDDEN and len(evaluation.summary["auroc"]) == 3

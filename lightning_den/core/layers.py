@@ -35,6 +35,17 @@ def uniform_init(rows: int, fan_in: int, generator: torch.Generator, like: Tenso
     return weight.to(like), bias.to(like)
 
 
+def mlp_parameters(in_features: int, hidden_sizes: Sequence[int], classes: int) -> int:
+    """Parameters of a plain MLP (weights and biases) with one head of ``classes`` outputs.
+
+    Example:
+        >>> mlp_parameters(784, [312, 128], 1)   # the paper's MNIST-Variation network, one binary output
+        285113
+    """
+    sizes = [in_features, *hidden_sizes, classes]
+    return sum(a * b + b for a, b in itertools.pairwise(sizes))
+
+
 class ExpandableLinear(nn.Module):
     """A linear layer whose units can be appended and whose newest units can be removed.
 
@@ -211,10 +222,7 @@ class ExpandableMLP(nn.Module):
         """Parameters used by ``task``'s prefix network and head, or by the whole network if ``None``."""
         if task is None:
             return sum(p.numel() for p in self.parameters())
-        widths = (self.in_features, *self.widths(task))
-        hidden = sum(o * i + o for i, o in itertools.pairwise(widths))
-        head = self.heads[str(task)]
-        return hidden + head.weight.numel() + head.bias.numel()
+        return mlp_parameters(self.in_features, self.widths(task), self.heads[str(task)].out_features)
 
     def check_prefix_invariant(self) -> None:
         """Raise ``AssertionError`` unless births are non-decreasing in every layer (internal invariant)."""

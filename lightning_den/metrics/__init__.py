@@ -1,0 +1,21 @@
+"""Continual-learning metrics: pure functions over the task matrix ``R[i][j]``."""
+
+from lightning_den.metrics.functional import (
+    average_score,
+    backward_transfer,
+    capacity,
+    forgetting,
+    forward_transfer,
+    mlp_parameters,
+    task_matrix,
+)
+
+__all__ = [
+    "average_score",
+    "backward_transfer",
+    "capacity",
+    "forgetting",
+    "forward_transfer",
+    "mlp_parameters",
+    "task_matrix",
+]
