@@ -17,11 +17,11 @@ demo: $(STAMP)
 	$(BIN)/python -m lightning_den.demo
 
 test: $(STAMP)
-	$(BIN)/python -m ruff check lightning_den tests examples
+	$(BIN)/python -m ruff check lightning_den tests examples benchmarks
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check lightning_den tests examples
+	$(BIN)/python -m ruff check lightning_den tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache lightning_logs

@@ -294,8 +294,8 @@ class DENCallback(Callback):
         """Decide, on the epoch's mean loss (reduced over ranks), whether the phase ends and what follows."""
         mean_loss = self._epoch_mean_loss(trainer, pl_module)
         progress = replace(self.progress, epochs=self.progress.epochs + 1)
-        pl_module.log("den/task", float(progress.task), prog_bar=True)
-        pl_module.log("den/phase", float(self.phase.index), prog_bar=True)
+        pl_module.log("den/task", float(progress.task))
+        pl_module.log("den/phase", float(self.phase.index))
         if not phase_is_done(progress, self.epochs, mean_loss, self.convergence_tol):
             self.progress = replace(progress, last_loss=mean_loss)
             return

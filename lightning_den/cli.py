@@ -1,29 +1,61 @@
-"""The ``lightning-den`` console command.
+"""The ``lightning-den`` command: a LightningCLI for task sequences.
 
-The LightningCLI with ``fit``/``validate``/``test`` lands in a later release; until then the command
-prints how to run the embedded demo.
+``lightning-den fit --config examples/split_digits.yaml`` trains a whole task sequence; ``validate``
+and ``test`` evaluate every task seen so far (``--ckpt_path`` loads a grown network);
+``--print_config`` prints the full configuration. Optimizers are given as callables of the model
+(``model.init_args.optimizer``), never through ``--optimizer``: LightningCLI's automatic optimizer
+would keep optimising the parameters the model had before it grew.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_den.data.module import TaskSequenceDataModule
+from lightning_den.module import DENLightningModule
+from lightning_den.progress import TaskProgressBar
+
+TRAINER_DEFAULTS = {
+    "max_epochs": -1,  # the task-driving callback stops the fit after the last task
+    "reload_dataloaders_every_n_epochs": 1,  # the training data changes with the task
+}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lightning-den``; prints help."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-den",
-        description=(
-            "Dynamically Expandable Networks for PyTorch Lightning. The LightningCLI subcommands "
-            "(fit, validate, test) are not released yet; run the embedded demo with "
-            "`python -m lightning_den.demo` or use DENCallback from Python."
-        ),
-    )
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+class DENCLI(LightningCLI):
+    """LightningCLI over any :class:`DENLightningModule` and :class:`TaskSequenceDataModule` subclass."""
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
+        super().__init__(
+            DENLightningModule,
+            TaskSequenceDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            trainer_defaults=TRAINER_DEFAULTS,
+            args=args,
+            **kwargs,
+        )
+
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Add a :class:`TaskProgressBar` unless the progress bar is off or the user gave one."""
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        has_bar = any(isinstance(c, ProgressBar) for c in [*given, *callbacks])
+        if config.get("enable_progress_bar") is not False and not has_bar:
+            callbacks = [*callbacks, TaskProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of ``lightning-den``."""
+    DENCLI(args=args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

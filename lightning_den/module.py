@@ -115,6 +115,29 @@ class DENLightningModule(pl.LightningModule):
         self.log(f"test/loss/task_{dataloader_idx}", loss, add_dataloader_idx=False)
         self.log(f"test/acc/task_{dataloader_idx}", accuracy, add_dataloader_idx=False)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the current task and every ExpandableMLP's architecture as plain data under ``"den"``."""
+        checkpoint["den"] = {
+            "format": 1,
+            "current_task": self.current_task,
+            "blocks": {name: m.architecture() for name, m in self.named_modules() if isinstance(m, ExpandableMLP)},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Grow every ExpandableMLP to the saved architecture before Lightning loads the weights."""
+        saved = checkpoint.get("den")
+        if saved is None:
+            return
+        blocks = {name: m for name, m in self.named_modules() if isinstance(m, ExpandableMLP)}
+        if set(saved["blocks"]) != set(blocks):
+            raise MisconfigurationException(
+                f"the checkpoint holds ExpandableMLP blocks {sorted(saved['blocks'])} but "
+                f"{type(self).__name__} has {sorted(blocks)}: load it into the model class it was saved from"
+            )
+        for name, architecture in saved["blocks"].items():
+            blocks[name].rebuild_(architecture)
+        self.current_task = int(saved["current_task"])
+
     def configure_optimizers(self) -> Any:
         """The optimizer over the parameters the module has now (and the scheduler, if any)."""
         optimizer = self.optimizer_factory(self.parameters())

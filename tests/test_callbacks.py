@@ -320,3 +320,14 @@ def test_task_evaluation_logs_task_indexed_metrics_and_writes_the_report(tmp_pat
     directory = tmp_path / "run" / "version_0"
     assert (directory / "continual_metrics.json").exists() and (directory / "accuracy_matrix.png").exists()
     assert evaluation.summary["widths"][0] == HIDDEN and len(evaluation.summary["auroc"]) == 3
+
+
+def test_progress_bar_names_the_task_and_the_phase(tmp_path):
+    from lightning_den.progress import TaskProgressBar
+
+    bar = TaskProgressBar()
+    model = tiny_model()
+    trainer = make_trainer(tmp_path, [DENCallback(**short_phases()), bar], enable_progress_bar=True)
+    trainer.fit(model, datamodule=tiny_stream(num_tasks=2))
+    shown = bar.get_metrics(trainer, model)
+    assert shown["task"] == 1 and shown["phase"] == "split"

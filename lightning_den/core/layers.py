@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,22 @@ class ExpandableLinear(nn.Module):
         self._replace_(self.weight[:, keep].clone(), self.bias.clone(), self.birth)
 
 
+    @torch.no_grad()
+    def resize_(self, out_features: int, in_features: int, births: list[int]) -> None:
+        """Give the layer these shapes and births, keeping the overlapping values (zeros where new).
+
+        Used to rebuild a grown network before its weights are loaded from a checkpoint.
+        """
+        if len(births) != out_features:
+            raise ValueError(f"need one birth per unit ({out_features}), got {len(births)}")
+        weight = self.weight.new_zeros(out_features, in_features)
+        rows, cols = min(out_features, self.out_features), min(in_features, self.in_features)
+        weight[:rows, :cols] = self.weight[:rows, :cols]
+        bias = self.bias.new_zeros(out_features)
+        bias[:rows] = self.bias[:rows]
+        self._replace_(weight, bias, torch.as_tensor(births, dtype=torch.long, device=self.birth.device))
+
+
 class ExpandableMLP(nn.Module):
     """A stack of :class:`ExpandableLinear` layers with ReLU and one output head per task.
 
@@ -230,6 +247,45 @@ class ExpandableMLP(nn.Module):
             births = layer.birth
             assert bool((births[1:] >= births[:-1]).all()), f"hidden layer {index}: births not sorted"
             assert int(births.max()) <= self.newest_task, f"hidden layer {index}: unit born after newest task"
+
+    # --- architecture as plain data (checkpoints) ---
+
+    def architecture(self) -> dict[str, Any]:
+        """Everything needed to rebuild this network's shapes, as ints and lists (``weights_only``-safe).
+
+        Example:
+            >>> ExpandableMLP(4, [3], head_classes=2).architecture()
+            {'in_features': 4, 'births': [[0, 0, 0]], 'heads': [[2, 3]]}
+        """
+        return {
+            "in_features": self.in_features,
+            "births": [layer.birth.tolist() for layer in self.hidden],
+            "heads": [[self.heads[str(t)].out_features, self.heads[str(t)].in_features] for t in range(self.num_tasks)],
+        }
+
+    def rebuild_(self, architecture: dict[str, Any]) -> None:
+        """Resize layers and heads to ``architecture`` (from :meth:`architecture`); idempotent.
+
+        Raises:
+            ValueError: if the architecture belongs to a network of another input width or depth.
+        """
+        births, heads = architecture["births"], architecture["heads"]
+        if architecture["in_features"] != self.in_features or len(births) != len(self.hidden):
+            raise ValueError(
+                f"the saved network has input width {architecture['in_features']} and {len(births)} hidden layers, "
+                f"this one {self.in_features} and {len(self.hidden)}: build the model with the configuration "
+                "the checkpoint was trained with"
+            )
+        width_below = self.in_features
+        for layer, layer_births in zip(self.hidden, births, strict=True):
+            layer.resize_(len(layer_births), width_below, layer_births)
+            width_below = len(layer_births)
+        for task, (outputs, inputs) in enumerate(heads):
+            if str(task) not in self.heads:
+                self.add_head_()
+            head = self.heads[str(task)]
+            head.resize_(outputs, inputs, [task] * outputs)
+        self.structure_changed()
 
     # --- forward ---
 
