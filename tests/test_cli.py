@@ -73,13 +73,16 @@ def test_fit_writes_sane_metrics_and_plots(fitted):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_test_subcommand_loads_the_grown_checkpoint(fitted):
+@pytest.mark.parametrize("subcommand", ["test", "validate"])
+def test_evaluation_subcommands_load_the_grown_checkpoint(fitted, subcommand):
     folder, run = fitted
     checkpoint = next((run / "checkpoints").glob("*.ckpt"))
-    result = run_cli("test", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint), cwd=folder)
-    # one test dataloader per seen task, each through its own timestamped network
+    overrides = ["--trainer.limit_val_batches", "1.0"]  # the training config skips validation
+    result = run_cli(subcommand, "--config", "tiny.yaml", *overrides, "--ckpt_path", str(checkpoint), cwd=folder)
+    # one dataloader per seen task, each through its own timestamped network
+    prefix = "test" if subcommand == "test" else "val"
     for task in range(3):
-        assert f"test/acc/task_{task}" in result.stdout
+        assert f"{prefix}/acc/task_{task}" in result.stdout
 
 
 def test_print_config_round_trips(tmp_path):
