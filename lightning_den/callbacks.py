@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_den.boundary import TaskBoundary, check_optimizers_cover, cross_boundary
+from lightning_den.boundary import TaskBoundary, check_optimizers_cover, cross_boundary, rebuild_training_objects
 from lightning_den.core.den import (
     DENPhase,
     PhaseEpochs,
@@ -162,6 +162,8 @@ class DENCallback(Callback):
         self._group_layers: list[ExpandableLinear] = []
         self._drift_pairs: list[tuple[nn.Parameter, Tensor]] = []
         self._step_hooks: list[Any] = []
+        self._selection: list[list[int]] | None = None
+        self._resumed = False
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
 
@@ -220,18 +222,33 @@ class DENCallback(Callback):
                 f"can take up to {needed} epochs with these phase lengths. Set `Trainer(max_epochs=-1)`; "
                 "DENCallback stops the fit when the last task is done."
             )
+        if trainer.limit_train_batches == 0:
+            raise MisconfigurationException(
+                "`limit_train_batches=0` gives every task an empty training set, so DEN cannot move from task "
+                "to task; remove it or give it a positive value."
+            )
         if self.mlp.num_tasks != self.progress.task + 1:
             raise MisconfigurationException(
                 f"the block {self.block!r} has heads for {self.mlp.num_tasks} tasks but DENCallback is at task "
                 f"{self.progress.task}; start from a freshly built model"
             )
+        self._check_labels(datamodule, self.progress.task)
         datamodule.set_task(self.progress.task)
         pl_module.current_task = self.progress.task
         self._enter_phase(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Hook the proximal steps onto the optimizers Lightning just built, and check them."""
+        """Hook the proximal steps onto the optimizers Lightning just built, and check them.
+
+        When resuming, the saved phase is entered again on the rebuilt model and the training objects
+        are rebuilt; Lightning restores the optimizer state into them right after this hook.
+        """
+        if self._resumed:
+            self._resumed = False
+            self._snapshot = {name: t.to(pl_module.device) for name, t in self._snapshot.items()}
+            self._enter_phase(pl_module, self._selection)
+            rebuild_training_objects(trainer)
         check_optimizers_cover(trainer, pl_module)
         self._hook_optimizers(trainer)
         rank_zero_info(f"DEN: task {self.progress.task}, phase {self.progress.phase}, widths {self.mlp.widths(0)}")
@@ -305,10 +322,23 @@ class DENCallback(Callback):
             trainer.should_stop = True
             cross_boundary(trainer, pl_module, lambda: self._boundary(self.progress, None, {}), rebuild=False)
             return
+        if target.task != progress.task:
+            self._check_labels(trainer.datamodule, target.task)  # before anything changes
         plan = trainer.strategy.broadcast(self._plan(target), src=0)
         if target.task != progress.task:
             trainer.datamodule.set_task(target.task)
         self._pending = (target, plan)
+
+    def _check_labels(self, datamodule: Any, task: int) -> None:
+        """Raise if ``task``'s labels do not fit the head the block will give it."""
+        if not hasattr(datamodule, "num_classes"):
+            return
+        labels, outputs = datamodule.num_classes(task), self.mlp.classes_of(task)
+        if labels > outputs:
+            raise ValueError(
+                f"task {task} has labels up to {labels - 1} but its head will have {outputs} outputs: build the "
+                f"model with at least {labels} classes for task {task} (e.g. `num_classes={labels}`)"
+            )
 
     def _epoch_mean_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         count = torch.tensor(float(self._loss_count), device=pl_module.device)
@@ -397,6 +427,7 @@ class DENCallback(Callback):
         mlp = self.mlp
         phase = self.phase
         entries = trainable_entries(mlp, phase, selection)
+        self._selection = selection
         block_params = {id(p) for p in mlp.parameters()}
         for p in pl_module.parameters():  # parameters outside the block learn in the first task only
             if id(p) not in block_params:
@@ -444,11 +475,31 @@ class DENCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"progress": self.progress.state_dict()}
+        """Where the sequence stands, the surgery decided but not yet applied, W^{t-1} and the BFS selection.
+
+        Plain ints, floats, lists and tensors, so ``torch.load(..., weights_only=True)`` reads it.
+        """
+        pending = None
+        if self._pending is not None:
+            target, plan = self._pending
+            pending = {"target": target.state_dict(), "plan": plan}
+        return {
+            "format": 1,
+            "progress": self.progress.state_dict(),
+            "pending": pending,
+            "snapshot": {name: tensor.detach().cpu() for name, tensor in self._snapshot.items()},
+            "selection": self._selection,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the saved state; the phase is entered again in ``on_fit_start``, once the model is rebuilt."""
         self.progress = PhaseProgress(**state_dict["progress"])
+        pending = state_dict.get("pending")
+        self._pending = None if pending is None else (PhaseProgress(**pending["target"]), pending["plan"])
+        self._snapshot = dict(state_dict.get("snapshot", {}))
+        self._selection = state_dict.get("selection")
+        self._resumed = True
 
 
 def _leading(tensor: Tensor, reference: Tensor) -> Tensor:

@@ -56,7 +56,12 @@ class _PrintTaskEnds(Callback):
 
 
 def run_split_digits(
-    num_tasks: int = 5, seed: int = 0, verbose: bool = True, output_dir: str = "den_demo"
+    num_tasks: int = 5,
+    seed: int = 0,
+    verbose: bool = True,
+    output_dir: str = "den_demo",
+    accelerator: str = "cpu",
+    precision: str = "32-true",
 ) -> DemoResult:
     """Train DEN on the split-digits stream; ``continual_metrics.json`` and the plots go to ``output_dir``."""
     pl.seed_everything(seed, verbose=False)
@@ -78,8 +83,9 @@ def run_split_digits(
         max_epochs=-1,
         reload_dataloaders_every_n_epochs=1,
         callbacks=callbacks,
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

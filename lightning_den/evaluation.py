@@ -39,7 +39,7 @@ def task_scores(
     accuracy = float(multiclass_accuracy(scores, target, num_classes=classes, average="micro"))
     if classes != 2:
         return accuracy, None
-    auroc = float(binary_auroc(scores.softmax(dim=-1)[:, 1], target))
+    auroc = float(binary_auroc(scores.double().softmax(dim=-1)[:, 1], target))  # float64: no 1.0000001
     return accuracy, auroc
 
 

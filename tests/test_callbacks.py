@@ -331,3 +331,34 @@ def test_progress_bar_names_the_task_and_the_phase(tmp_path):
     trainer.fit(model, datamodule=tiny_stream(num_tasks=2))
     shown = bar.get_metrics(trainer, model)
     assert shown["task"] == 1 and shown["phase"] == "split"
+
+
+def test_labels_beyond_a_tasks_head_are_refused_before_the_task_starts(tmp_path):
+    datamodule = tiny_stream(num_tasks=2)
+    x, y = datamodule.train_tasks[1]
+    datamodule.train_tasks[1] = (x, y + 2)  # task 1 now has labels 2 and 3, the heads have 2 outputs
+    model = tiny_model()
+    recorder = RecordBoundaries()
+    with pytest.raises(ValueError, match=r"task 1 has labels up to 3 but its head will have 2 outputs"):
+        make_trainer(tmp_path, [DENCallback(**short_phases()), recorder]).fit(model, datamodule=datamodule)
+    assert model.mlp.num_tasks == 1  # nothing was changed for the task that could not start
+    assert [b.ended_task for b in recorder.boundaries] == []
+
+
+def test_weight_averaging_and_sharded_strategies_are_refused(tmp_path):
+    from lightning.pytorch.callbacks import WeightAveraging
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = make_trainer(tmp_path, [DENCallback(**short_phases()), WeightAveraging()])
+    with pytest.raises(MisconfigurationException, match="WeightAveraging"):
+        trainer.fit(tiny_model(), datamodule=tiny_stream(2))
+    den = DENCallback(**short_phases())
+    trainer = make_trainer(tmp_path, [den], strategy=ModelParallelStrategy())
+    with pytest.raises(MisconfigurationException, match="not ModelParallelStrategy"):
+        den.setup(trainer, tiny_model(), "fit")
+
+
+def test_an_empty_training_limit_is_refused(tmp_path):
+    trainer = make_trainer(tmp_path, [DENCallback(**short_phases())], limit_train_batches=0)
+    with pytest.raises(MisconfigurationException, match="limit_train_batches=0"):
+        trainer.fit(tiny_model(), datamodule=tiny_stream(2))

@@ -7,13 +7,13 @@ task with :meth:`TaskSequenceDataModule.set_task`; the current task is part of i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 TaskTensors = tuple[Tensor, Tensor]
 
@@ -34,8 +34,24 @@ def _check_split(name: str, split: Sequence[TaskTensors]) -> list[TaskTensors]:
             raise ValueError(f"`{name}[{task}]` is empty: every task needs at least one example")
         if labels.dtype != torch.long:
             raise TypeError(f"`{name}[{task}]` labels must be int64 class indices, got {labels.dtype}")
+        if int(labels.min()) < 0:
+            raise ValueError(f"`{name}[{task}]` has negative labels ({int(labels.min())}); use class indices 0..k-1")
         checked.append((inputs.float(), labels))
     return checked
+
+
+class SeededPermutation(Sampler[int]):
+    """The same random order of ``size`` indices every time it is iterated (it keeps no generator state)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class TaskSequenceDataModule(pl.LightningDataModule):
@@ -113,8 +129,13 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.current_task = task
 
     def _loader(self, pair: TaskTensors, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed + self.current_task) if shuffle else None
-        return DataLoader(TensorDataset(*pair), batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+        dataset = TensorDataset(*pair)
+        if not shuffle:
+            return DataLoader(dataset, batch_size=self.batch_size)
+        # a new order every epoch, the same one when a run is repeated or resumed from a checkpoint
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        order = SeededPermutation(len(dataset), self.seed + 100_003 * self.current_task + epoch)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=order)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_tasks[self.current_task], shuffle=True)

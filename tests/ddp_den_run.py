@@ -1,0 +1,89 @@
+"""A whole DEN sequence under real 2-process DDP on CPU (gloo); run by tests/test_ddp.py.
+
+Usage: python tests/ddp_den_run.py OUTPUT.json. Rank 1 computes deliberately wrong surgery plans:
+the run must still end with identical weights on both ranks, because the plan decided on rank 0 is
+broadcast and applied everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from lightning_den import DENCallback
+from tests.conftest import short_phases, tiny_model, tiny_stream
+
+
+class WrongPlansOnRankOne(DENCallback):
+    def _plan(self, target):
+        plan = super()._plan(target)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 1:
+            if "selection" in plan:
+                plan = {"selection": [[] for _ in plan["selection"]]}
+            if "split" in plan:
+                plan = {**plan, "split": [list(range(len(layer.birth) // 2)) for layer in self.mlp.hidden]}
+        return plan
+
+
+def digest(values: bytes) -> torch.Tensor:
+    return torch.tensor(list(hashlib.sha256(values).digest()), dtype=torch.int64)
+
+
+class CompareRanks(Callback):
+    def __init__(self) -> None:
+        self.records = []
+
+    def on_task_boundary(self, trainer, pl_module, boundary) -> None:
+        weights = b"".join(p.detach().cpu().numpy().tobytes() for p in pl_module.parameters())
+        plan = json.dumps(boundary.changes, sort_keys=True).encode()
+        gathered = pl_module.all_gather(torch.stack([digest(weights), digest(plan)]))
+        self.records.append(
+            {
+                "phase": boundary.phase,
+                "task": boundary.task,
+                "widths": list(boundary.widths),
+                "changes": boundary.changes,
+                "same_weights": bool(torch.equal(gathered[0, 0], gathered[1, 0])),
+                "same_plan": bool(torch.equal(gathered[0, 1], gathered[1, 1])),
+            }
+        )
+
+
+def main() -> None:
+    pl.seed_everything(int(os.environ.get("LOCAL_RANK", "0")))  # different seeds: DDP must reconcile them
+    torch.set_num_threads(1)
+    compare = CompareRanks()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=-1,
+        reload_dataloaders_every_n_epochs=1,
+        callbacks=[WrongPlansOnRankOne(**short_phases(loss_threshold=0.0, split_threshold=0.0)), compare],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    model = tiny_model()
+    trainer.fit(model, datamodule=tiny_stream(num_tasks=3))
+    if trainer.is_global_zero:
+        Path(sys.argv[1]).write_text(json.dumps(compare.records))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""DEN under real 2-process DDP on CPU (gloo): every rank holds the same network after every boundary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def test_two_process_ddp_takes_the_same_surgery_on_every_rank(tmp_path):
+    out = tmp_path / "ranks.json"
+    script = Path(__file__).with_name("ddp_den_run.py")
+    result = subprocess.run(
+        [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    records = json.loads(out.read_text())
+    assert [r["phase"] for r in records] == ["head_fit", "selective", "expansion", "split"] * 2 + [None]
+    # rank 1 computed wrong plans on purpose; the broadcast plan from rank 0 won everywhere
+    assert all(r["same_plan"] for r in records)
+    assert all(r["same_weights"] for r in records)
+    assert any(sum(map(len, r["changes"].get("split", []))) for r in records)  # splits really happened
+    assert records[-1]["widths"][0] > 5  # and the network grew

@@ -1,0 +1,80 @@
+"""Crash and resume: a run stopped mid-task and resumed from its last checkpoint ends exactly where an
+uninterrupted run with the same seed ends, and loses nothing it had learned."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_den import DENMLP, DENCallback, TaskEvaluation
+from tests.conftest import IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
+
+# short_phases: task 0 = epochs 0-2; task 1: head_fit 3-4, selective 5-6, expansion 7-8, split 9-10; task 2 ...
+SETTINGS = short_phases(loss_threshold=0.0, split_threshold=0.0)
+PROBE = torch.randn(13, IN_FEATURES, generator=torch.Generator().manual_seed(1))
+
+
+class CrashAt(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+class OutputsAtStart(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        with torch.no_grad():
+            self.outputs = {t: pl_module(PROBE, task=t).clone() for t in range(pl_module.mlp.num_tasks)}
+
+
+def run(folder, extra=(), ckpt_path=None):
+    pl.seed_everything(0)
+    model = tiny_model()
+    evaluation = TaskEvaluation(print_report=False, plots=False, output_dir=str(folder))
+    checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True)
+    callbacks = [*extra, DENCallback(**SETTINGS), evaluation, checkpoint]
+    trainer = make_trainer(folder, callbacks, enable_checkpointing=True)
+    trainer.fit(model, datamodule=tiny_stream(num_tasks=3), ckpt_path=ckpt_path)
+    return model, evaluation
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("whole"))
+
+
+@pytest.mark.parametrize(
+    "crash_epoch",
+    [
+        6,  # checkpoint after the first selective epoch: in the middle of a phase
+        7,  # checkpoint after the last selective epoch: the expansion is decided but not yet applied
+        11,  # checkpoint at the end of task 1: the next task's head is not added yet
+    ],
+)
+def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, crash_epoch):
+    whole_model, whole_evaluation = uninterrupted
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, extra=[CrashAt(crash_epoch)])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    crashed = torch.load(last, weights_only=True)  # the checkpoint is plain data
+    assert crashed["epoch"] == crash_epoch - 1
+    before = DENMLP.load_from_checkpoint(last, optimizer=torch.optim.Adam)
+    with torch.no_grad():
+        expected = {t: before(PROBE, task=t) for t in range(before.mlp.num_tasks)}
+
+    start = OutputsAtStart()
+    resumed_model, resumed_evaluation = run(tmp_path, extra=[start], ckpt_path=str(last))
+
+    # nothing learned before the crash is lost: every task's outputs at the restart equal the crashed model's
+    assert start.outputs.keys() == expected.keys()
+    for task, outputs in start.outputs.items():
+        assert torch.equal(outputs, expected[task])
+    # same architecture, same weights, same final metrics as the uninterrupted run
+    assert resumed_model.mlp.architecture() == whole_model.mlp.architecture()
+    for (name, a), (_, b) in zip(whole_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed_evaluation.accuracy[-1] == whole_evaluation.accuracy[-1]
