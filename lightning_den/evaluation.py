@@ -10,13 +10,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc, multiclass_accuracy
 
 from lightning_den.boundary import TaskBoundary
 from lightning_den.metrics import functional as M
-from lightning_den.module import find_expandable_block
+from lightning_den.module import continual_blocks
 from lightning_den.report import format_report, plot_report
 
 
@@ -110,7 +111,7 @@ class TaskEvaluation(Callback):
         ]
         self.accuracy.append([accuracy for accuracy, _ in row])
         self.auroc.append([auroc for _, auroc in row])
-        _, mlp = find_expandable_block(pl_module, self.block)
+        mlp = self._block(pl_module)
         self.widths.append(mlp.widths(ended))
         self.parameters.append(mlp.num_parameters())
         metrics = {f"continual/acc/task_{j}": accuracy for j, (accuracy, _) in enumerate(row)}
@@ -121,8 +122,22 @@ class TaskEvaluation(Callback):
         if boundary.finished:
             self._finish(trainer, pl_module)
 
+    def _block(self, pl_module: pl.LightningModule) -> Any:
+        blocks = continual_blocks(pl_module)
+        if self.block is not None:
+            if self.block not in blocks:
+                raise MisconfigurationException(
+                    f"`block={self.block!r}` is not a block of the module; its blocks are {sorted(blocks)}"
+                )
+            return blocks[self.block]
+        if len(blocks) != 1:
+            raise MisconfigurationException(
+                f"TaskEvaluation found {len(blocks)} blocks {sorted(blocks)}; name the one to report with `block=...`"
+            )
+        return next(iter(blocks.values()))
+
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _, mlp = find_expandable_block(pl_module, self.block)
+        mlp = self._block(pl_module)
         self.summary = self.summarise(mlp, trainer.datamodule)
         for logger in trainer.loggers:
             logger.log_metrics(
@@ -154,7 +169,7 @@ class TaskEvaluation(Callback):
             summary["forgetting_auroc"] = M.forgetting(auroc)
         if self.reference_scores is not None:
             summary["forward_transfer"] = M.forward_transfer(self.accuracy, self.reference_scores[:tasks])
-        births = [layer.birth.tolist() for layer in mlp.hidden]
+        births = mlp.births()
         return {
             "tasks": tasks,
             "accuracy": self.accuracy,

@@ -20,38 +20,43 @@ from torch import Tensor, nn
 from lightning_den.core.layers import ExpandableMLP
 
 
-def find_expandable_block(module: nn.Module, name: str | None = None) -> tuple[str, ExpandableMLP]:
-    """The :class:`ExpandableMLP` of ``module``: the one named ``name``, or the only one there is.
+def find_block(module: nn.Module, block_type: type[nn.Module], name: str | None = None) -> tuple[str, Any]:
+    """The ``block_type`` submodule of ``module``: the one named ``name``, or the only one there is.
 
     Raises:
-        MisconfigurationException: no block, several blocks and no ``name``, or ``name`` is not a block.
+        MisconfigurationException: no such block, several and no ``name``, or ``name`` is not one.
 
     Example:
-        >>> find_expandable_block(nn.Sequential(ExpandableMLP(4, [3], head_classes=2)))[0]
+        >>> find_block(nn.Sequential(ExpandableMLP(4, [3], head_classes=2)), ExpandableMLP)[0]
         '0'
     """
-    blocks = {n: m for n, m in module.named_modules() if isinstance(m, ExpandableMLP)}
+    kind = block_type.__name__
+    blocks = {n: m for n, m in module.named_modules() if isinstance(m, block_type)}
     if name is not None:
         if name not in blocks:
             raise MisconfigurationException(
-                f"`block={name!r}` is not an ExpandableMLP of {type(module).__name__}; "
-                f"its ExpandableMLP blocks are: {sorted(blocks) or 'none'}"
+                f"`block={name!r}` is not a {kind} of {type(module).__name__}; its {kind} blocks are: "
+                f"{sorted(blocks) or 'none'}"
             )
         return name, blocks[name]
     if len(blocks) == 1:
         return next(iter(blocks.items()))
     if blocks:
         raise MisconfigurationException(
-            f"{type(module).__name__} has several ExpandableMLP blocks {sorted(blocks)}; "
-            "name the one to grow with `DENCallback(block=...)`"
+            f"{type(module).__name__} has several {kind} blocks {sorted(blocks)}; name the one to train with "
+            "the callback's `block=...` argument"
         )
     linear = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     found = f"it has nn.Linear layers at {linear}, " if linear else "it has no Linear layers at all, "
     raise MisconfigurationException(
-        f"{type(module).__name__} has no ExpandableMLP block to grow: {found}"
-        "so there is nothing DEN can expand. Build the MLP part of the model as "
-        "`lightning_den.ExpandableMLP(in_features, hidden_sizes, head_classes)`."
+        f"{type(module).__name__} has no {kind} block to train: {found}so there is nothing the method can "
+        f"grow or mask. Build that part of the model as a `lightning_den.{kind}`."
     )
+
+
+def continual_blocks(module: nn.Module) -> dict[str, Any]:
+    """Every submodule that can describe and rebuild its architecture (``architecture()``/``rebuild_()``)."""
+    return {n: m for n, m in module.named_modules() if hasattr(m, "architecture") and hasattr(m, "rebuild_")}
 
 
 class DENLightningModule(pl.LightningModule):
@@ -116,22 +121,22 @@ class DENLightningModule(pl.LightningModule):
         self.log(f"test/acc/task_{dataloader_idx}", accuracy, add_dataloader_idx=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the current task and every ExpandableMLP's architecture as plain data under ``"den"``."""
+        """Store the current task and every block's architecture as plain data under ``"den"``."""
         checkpoint["den"] = {
             "format": 1,
             "current_task": self.current_task,
-            "blocks": {name: m.architecture() for name, m in self.named_modules() if isinstance(m, ExpandableMLP)},
+            "blocks": {name: block.architecture() for name, block in continual_blocks(self).items()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Grow every ExpandableMLP to the saved architecture before Lightning loads the weights."""
+        """Grow every block to the saved architecture before Lightning loads the weights."""
         saved = checkpoint.get("den")
         if saved is None:
             return
-        blocks = {name: m for name, m in self.named_modules() if isinstance(m, ExpandableMLP)}
+        blocks = continual_blocks(self)
         if set(saved["blocks"]) != set(blocks):
             raise MisconfigurationException(
-                f"the checkpoint holds ExpandableMLP blocks {sorted(saved['blocks'])} but "
+                f"the checkpoint holds blocks {sorted(saved['blocks'])} but "
                 f"{type(self).__name__} has {sorted(blocks)}: load it into the model class it was saved from"
             )
         for name, architecture in saved["blocks"].items():

@@ -81,20 +81,19 @@ class PhaseEpochs:
         return self.sparse + (num_tasks - 1) * per_task
 
 
-def phase_is_done(progress: PhaseProgress, epochs: PhaseEpochs, mean_loss: float, tolerance: float) -> bool:
+def phase_is_done(progress: PhaseProgress, epochs: int, mean_loss: float, tolerance: float) -> bool:
     """True when the phase has used its epochs, or its mean loss has levelled off.
 
     Levelled off: this epoch's mean training loss differs from the previous epoch's by less than
     ``tolerance`` times the previous one, in either direction.
 
     Example:
-        >>> budget = PhaseEpochs(sparse=5, head_fit=5, selective=5, expansion=5, split=5)
-        >>> phase_is_done(PhaseProgress(epochs=5), budget, 1.0, 0.0)
+        >>> phase_is_done(PhaseProgress(epochs=5), 5, 1.0, 0.0)
         True
-        >>> phase_is_done(PhaseProgress(epochs=2, last_loss=1.0), budget, 0.9995, 1e-3)
+        >>> phase_is_done(PhaseProgress(epochs=2, last_loss=1.0), 5, 0.9995, 1e-3)
         True
     """
-    if progress.epochs >= epochs.of(DENPhase(progress.phase)):
+    if progress.epochs >= epochs:
         return True
     if tolerance <= 0 or not math.isfinite(progress.last_loss):
         return False

@@ -231,6 +231,10 @@ class ExpandableMLP(nn.Module):
             self._width_cache[task] = tuple(int((layer.birth <= task).sum()) for layer in self.hidden)
         return self._width_cache[task]
 
+    def births(self) -> list[list[int]]:
+        """The birth task of every unit, per hidden layer."""
+        return [layer.birth.tolist() for layer in self.hidden]
+
     def structure_changed(self) -> None:
         """Forget cached widths; called by every operation that changes shapes or births."""
         self._width_cache.clear()

@@ -141,9 +141,9 @@ def test_walking_the_phases_visits_every_task_in_order():
 def test_phase_is_done_when_its_epoch_budget_is_used(phase):
     budget = BUDGET.of(DENPhase(phase))
     # loss still moving a lot, so only the budget can end the phase
-    assert not phase_is_done(PhaseProgress(phase=phase, epochs=budget - 1, last_loss=10.0), BUDGET, 1.0, 1e-3)
-    assert phase_is_done(PhaseProgress(phase=phase, epochs=budget, last_loss=10.0), BUDGET, 1.0, 1e-3)
-    assert phase_is_done(PhaseProgress(phase=phase, epochs=budget + 1), BUDGET, 1.0, 0.0)
+    assert not phase_is_done(PhaseProgress(phase=phase, epochs=budget - 1, last_loss=10.0), budget, 1.0, 1e-3)
+    assert phase_is_done(PhaseProgress(phase=phase, epochs=budget, last_loss=10.0), budget, 1.0, 1e-3)
+    assert phase_is_done(PhaseProgress(phase=phase, epochs=budget + 1), budget, 1.0, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -160,7 +160,7 @@ def test_phase_is_done_when_its_epoch_budget_is_used(phase):
 )
 def test_phase_is_done_when_the_loss_levels_off(last_loss, mean_loss, tolerance, done):
     progress = PhaseProgress(task=1, phase="selective", epochs=1, last_loss=last_loss)
-    assert phase_is_done(progress, BUDGET, mean_loss, tolerance) is done
+    assert phase_is_done(progress, BUDGET.of(DENPhase(progress.phase)), mean_loss, tolerance) is done
 
 
 def test_phase_epochs_total():

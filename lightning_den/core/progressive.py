@@ -1,0 +1,352 @@
+"""Progressive Networks (Rusu et al., 2016): one column per task, earlier columns frozen.
+
+Column ``k`` is an MLP of its own. With lateral connections, each of its hidden layers ``l >= 1`` and
+its head also read the layer-``(l - 1)`` outputs of the earlier columns ``0..k-1`` through a non-linear
+adapter ``alpha * U(relu(V(a)))`` (the paper's "reduce, act, project" adapter with a learned scale).
+The first hidden layer reads only the raw input: lateral connections over copies of the input would
+only add parameters.
+
+``forward(x, task=s)`` runs columns ``0..s`` and the head of column ``s``; nothing of a later column
+is ever run. Adding a column freezes every earlier one, so the outputs of a task never change once
+later columns exist (zero forgetting), and the parameters grow roughly quadratically with tasks.
+``lateral=False`` gives independent columns: one separate network per task.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Initial value of every adapter's learned scale ``alpha``: laterals start as a small perturbation.
+ALPHA_INIT = 0.01
+
+
+@torch.no_grad()
+def _draw_linear_(linear: nn.Linear, generator: torch.Generator) -> None:
+    """Redraw ``linear``'s weight (then bias) from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as ``nn.Linear`` does."""
+    bound = 1.0 / math.sqrt(linear.in_features)
+    weight = torch.empty(linear.out_features, linear.in_features).uniform_(-bound, bound, generator=generator)
+    linear.weight.copy_(weight)
+    if linear.bias is not None:
+        bias = torch.empty(linear.out_features).uniform_(-bound, bound, generator=generator)
+        linear.bias.copy_(bias)
+
+
+class LateralAdapter(nn.Module):
+    """Non-linear lateral adapter ``alpha * U(relu(V(a)))`` from earlier columns into one layer.
+
+    ``U`` has no bias: the layer the adapter feeds already has one.
+
+    Args:
+        in_features: width of the concatenated earlier-column outputs ``a``.
+        reduced: width of ``V``'s output (the width of one earlier column's layer).
+        out_features: width of the layer the adapter feeds.
+
+    Example:
+        >>> adapter = LateralAdapter(6, 3, 2)
+        >>> adapter(torch.ones(4, 6)).shape
+        torch.Size([4, 2])
+        >>> round(adapter.alpha.item(), 6)
+        0.01
+    """
+
+    def __init__(self, in_features: int, reduced: int, out_features: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(ALPHA_INIT))
+        self.V = nn.Linear(in_features, reduced)
+        self.U = nn.Linear(reduced, out_features, bias=False)
+
+    def forward(self, a: Tensor) -> Tensor:
+        return self.alpha * self.U(F.relu(self.V(a)))
+
+    def draw_(self, generator: torch.Generator) -> None:
+        """Redraw ``V`` and ``U`` from ``generator`` (``nn.Linear``'s distribution); ``alpha`` is reset."""
+        with torch.no_grad():
+            self.alpha.fill_(ALPHA_INIT)
+        _draw_linear_(self.V, generator)
+        _draw_linear_(self.U, generator)
+
+
+class ProgressiveColumn(nn.Module):
+    """The column of task ``task``: hidden layers, head and (if lateral and ``task > 0``) adapters.
+
+    ``laterals[l - 1]`` feeds hidden layer ``l`` (``1 <= l < depth``) and ``laterals[depth - 1]`` feeds
+    the head; the first hidden layer has no adapter.
+
+    Args:
+        in_features: width of the input.
+        hidden_sizes: number of units of each hidden layer.
+        classes: number of outputs of the head.
+        task: index of the column; it reads the ``task`` earlier columns.
+        lateral: whether to build the lateral adapters.
+
+    Example:
+        >>> column = ProgressiveColumn(5, [4, 3], classes=2, task=2, lateral=True)
+        >>> [adapter.V.in_features for adapter in column.laterals]   # 2 earlier columns × 4, then × 3
+        [8, 6]
+    """
+
+    def __init__(self, in_features: int, hidden_sizes: Sequence[int], classes: int, task: int, lateral: bool) -> None:
+        super().__init__()
+        sizes = [in_features, *hidden_sizes]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.head = nn.Linear(sizes[-1], classes)
+        outputs = [*hidden_sizes[1:], classes]
+        self.laterals = nn.ModuleList()
+        if lateral and task > 0:
+            for below, out in zip(hidden_sizes, outputs, strict=True):
+                self.laterals.append(LateralAdapter(task * below, below, out))
+
+    def draw_(self, generator: torch.Generator) -> None:
+        """Redraw every layer from ``generator``: hidden layers bottom-up, head, then adapters."""
+        for linear in [*self.hidden, self.head]:
+            _draw_linear_(linear, generator)
+        for adapter in self.laterals:
+            adapter.draw_(generator)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters used only by this column's head: the head and the adapter feeding it."""
+        parameters = list(self.head.parameters())
+        if len(self.laterals):
+            parameters += list(self.laterals[-1].parameters())
+        return parameters
+
+
+class ProgressiveMLP(nn.Module):
+    """A Progressive Network of MLP columns, one per task; column 0 (task 0) exists after construction.
+
+    Args:
+        in_features: width of the (flattened) input.
+        hidden_sizes: number of units per hidden layer of every column (one or more layers).
+        head_classes: number of outputs of every task's head, or one number per task.
+        lateral: lateral adapters from earlier columns (Progressive Networks); ``False`` gives
+            independent columns, i.e. one separate network per task.
+
+    Example:
+        >>> pnn = ProgressiveMLP(8, [6, 4], head_classes=2)
+        >>> pnn.add_column_(torch.Generator().manual_seed(0))
+        1
+        >>> pnn(torch.ones(5, 8), task=1).shape
+        torch.Size([5, 2])
+        >>> [p.requires_grad for p in pnn.column_parameters(0)][:2]
+        [False, False]
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_sizes: Sequence[int],
+        head_classes: int | Sequence[int],
+        lateral: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"`in_features` must be a positive integer, got {in_features}")
+        if len(hidden_sizes) < 1 or any(int(h) < 1 for h in hidden_sizes):
+            raise ValueError(f"`hidden_sizes` must be one or more positive integers, got {list(hidden_sizes)}")
+        classes = [head_classes] if isinstance(head_classes, int) else list(head_classes)
+        if not classes or any(int(c) < 1 for c in classes):
+            raise ValueError(f"`head_classes` must be a positive integer or a list of them, got {head_classes}")
+        if not isinstance(lateral, bool):
+            raise TypeError(f"`lateral` must be a bool, got {type(lateral).__name__}")
+        self.in_features = in_features
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        self.head_classes = head_classes if isinstance(head_classes, int) else tuple(int(c) for c in classes)
+        self.lateral = lateral
+        self.columns = nn.ModuleList([self._new_column(0)])
+
+    # --- tasks ---
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of tasks that have a column (the newest one may still be in training)."""
+        return len(self.columns)
+
+    @property
+    def newest_task(self) -> int:
+        return self.num_tasks - 1
+
+    def classes_of(self, task: int) -> int:
+        """Number of outputs of the head of ``task`` (``head_classes`` as given at construction)."""
+        if isinstance(self.head_classes, int):
+            return self.head_classes
+        if task >= len(self.head_classes):
+            raise ValueError(
+                f"`head_classes` lists {len(self.head_classes)} tasks, so there is no head size for task "
+                f"{task}; give one number per task or a single number for all tasks"
+            )
+        return self.head_classes[task]
+
+    def check_task(self, task: int) -> None:
+        """Raise a ``ValueError`` naming the trained tasks if ``task`` has no column."""
+        if not isinstance(task, int) or isinstance(task, bool):
+            raise TypeError(f"`task` must be an int, got {type(task).__name__}")
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(
+                f"task {task} was never trained: this network has columns for tasks 0..{self.newest_task}. "
+                "Pass a task id in that range."
+            )
+
+    # --- columns ---
+
+    def _new_column(self, task: int) -> ProgressiveColumn:
+        return ProgressiveColumn(self.in_features, self.hidden_sizes, self.classes_of(task), task, self.lateral)
+
+    def add_column_(self, generator: torch.Generator | None = None) -> int:
+        """Add the column of the next task, freeze every earlier column, and return the new task id.
+
+        ``generator`` draws the new column's weights (``nn.Linear``'s distribution), so every process with
+        the same seed draws the same values; the global RNG if ``None``. The new parameters take the
+        device and dtype of the existing ones. The earlier columns get ``requires_grad=False`` and their
+        gradients are dropped (set to ``None``), so optimizers skip them. Optimizers must be rebuilt (or be
+        given the new parameters).
+        """
+        task = self.num_tasks
+        column = self._new_column(task)
+        if generator is not None:
+            column.draw_(generator)
+        reference = self.columns[0].head.weight
+        column = column.to(device=reference.device, dtype=reference.dtype)
+        for earlier in self.columns:
+            earlier.requires_grad_(False)
+            for parameter in earlier.parameters():
+                parameter.grad = None  # so that no optimizer (momentum, weight decay) can step a frozen column
+        self.columns.append(column)
+        return task
+
+    def column_parameters(self, task: int) -> list[nn.Parameter]:
+        """The parameters of column ``task``: its hidden layers, head and lateral adapters."""
+        self.check_task(task)
+        return list(self.columns[task].parameters())
+
+    def num_parameters(self, task: int | None = None) -> int:
+        """Parameters used to compute ``task``, or all parameters if ``None``.
+
+        For a task: every parameter of :meth:`columns_used` except the heads of the other columns (a
+        column's head includes the lateral adapter feeding it, which only that head uses). With
+        ``lateral=False`` this is the column of ``task`` alone: one plain MLP.
+
+        Example:
+            >>> pnn = ProgressiveMLP(3, [4], head_classes=2, lateral=False)
+            >>> pnn.num_parameters(0)   # 3·4 + 4 + 4·2 + 2
+            26
+        """
+        if task is None:
+            return sum(p.numel() for p in self.parameters())
+        columns = [self.columns[k] for k in self.columns_used(task)]
+        used = sum(p.numel() for column in columns for p in column.parameters())
+        other_heads = sum(p.numel() for column in columns[:-1] for p in column.head_parameters())
+        return used - other_heads
+
+    # --- architecture as plain data (checkpoints) ---
+
+    def architecture(self) -> dict[str, Any]:
+        """Everything needed to rebuild this network's shapes, as ints, lists and bools (``weights_only``-safe).
+
+        Example:
+            >>> ProgressiveMLP(4, [3], head_classes=2).architecture()
+            {'in_features': 4, 'hidden_sizes': [3], 'lateral': True, 'columns': 1, 'heads': [2]}
+        """
+        return {
+            "in_features": self.in_features,
+            "hidden_sizes": list(self.hidden_sizes),
+            "lateral": self.lateral,
+            "columns": self.num_tasks,
+            "heads": [column.head.out_features for column in self.columns],
+        }
+
+    def rebuild_(self, architecture: dict[str, Any]) -> None:
+        """Add columns until there are as many as in ``architecture`` (from :meth:`architecture`); idempotent.
+
+        Used before loading a checkpoint's weights; the columns added here are drawn from the global RNG
+        and meant to be overwritten by ``load_state_dict``.
+
+        Raises:
+            ValueError: if the architecture belongs to a network of another input width, hidden sizes,
+                lateral setting or head sizes, or has fewer columns than this one.
+        """
+        mine = self.architecture()
+        for key in ("in_features", "hidden_sizes", "lateral"):
+            saved = architecture.get(key)
+            if saved != mine[key]:
+                raise ValueError(
+                    f"the saved network has {key}={saved}, this one {key}={mine[key]}: build the model with "
+                    "the configuration the checkpoint was trained with"
+                )
+        columns = architecture.get("columns")
+        if not isinstance(columns, int) or columns < self.num_tasks:
+            raise ValueError(
+                f"the saved network has {columns} columns, this one already {self.num_tasks}: columns cannot be "
+                "removed; rebuild a freshly constructed model"
+            )
+        heads = list(architecture.get("heads", []))
+        if len(heads) != columns:
+            raise ValueError(f"the saved architecture lists {len(heads)} head sizes for {columns} columns")
+        for task, classes in enumerate(heads):
+            if classes != self.classes_of(task):
+                raise ValueError(
+                    f"the saved head of task {task} has {classes} outputs, this network gives it "
+                    f"{self.classes_of(task)}: build the model with the `head_classes` of the checkpoint"
+                )
+        while self.num_tasks < columns:
+            self.add_column_()
+
+    # --- forward ---
+
+    def columns_used(self, task: int) -> range:
+        """The columns that ``task``'s output is computed from: ``0..task`` if lateral, else ``task`` alone."""
+        self.check_task(task)
+        return range(task + 1) if self.lateral else range(task, task + 1)
+
+    def _states(self, x: Tensor, columns: range) -> dict[int, list[Tensor]]:
+        if x.ndim != 2 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected inputs of shape [batch, {self.in_features}], got {tuple(x.shape)}; "
+                "flatten or resize the inputs to the width the network was built with"
+            )
+        states: dict[int, list[Tensor]] = {}
+        for k in columns:
+            column = self.columns[k]
+            h = x
+            own: list[Tensor] = []
+            for layer, linear in enumerate(column.hidden):
+                z = linear(h)
+                if layer >= 1 and len(column.laterals):
+                    z = z + column.laterals[layer - 1](torch.cat([states[j][layer - 1] for j in range(k)], dim=-1))
+                h = F.relu(z)
+                own.append(h)
+            states[k] = own
+        return states
+
+    def hidden_states(self, x: Tensor, task: int) -> list[list[Tensor]]:
+        """Hidden-layer outputs (after ReLU) of columns ``0..task``: ``states[column][layer]``.
+
+        Only columns ``0..task`` are run, so no state of a column depends on a later one.
+
+        Example:
+            >>> pnn = ProgressiveMLP(3, [4, 2], head_classes=1)
+            >>> _ = pnn.add_column_()
+            >>> [[tuple(h.shape) for h in column] for column in pnn.hidden_states(torch.ones(5, 3), task=1)]
+            [[(5, 4), (5, 2)], [(5, 4), (5, 2)]]
+        """
+        self.check_task(task)
+        states = self._states(x, range(task + 1))
+        return [states[k] for k in range(task + 1)]
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        """Logits of ``task``'s head, ``[batch, classes_of(task)]``, from ``x`` ``[batch, in_features]``.
+
+        Runs only :meth:`columns_used` (never a column after ``task``).
+        """
+        states = self._states(x, self.columns_used(task))
+        column = self.columns[task]
+        logits = column.head(states[task][-1])
+        if len(column.laterals):
+            logits = logits + column.laterals[-1](torch.cat([states[j][-1] for j in range(task)], dim=-1))
+        return logits

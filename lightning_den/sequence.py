@@ -1,0 +1,365 @@
+r"""
+Task-sequence callbacks
+^^^^^^^^^^^^^^^^^^^^^^^
+
+The machinery every architecture method shares (DEN, Progressive Networks, PackNet and the
+baselines): one ``trainer.fit`` runs the whole task sequence, phase by phase and epoch by epoch.
+At the end of an epoch the callback decides, on the epoch's mean training loss reduced over ranks,
+whether the phase ends and what follows; the surgery for the next phase is computed as plain data,
+broadcast from rank 0, and applied at the start of the next epoch through
+:func:`~lightning_den.boundary.cross_boundary`, which rebuilds DDP, optimizers and schedulers.
+Entries a phase does not train are masked before each optimizer step and written back after it.
+
+A method subclasses :class:`TaskSequenceCallback` and fills in its phases
+(:meth:`~TaskSequenceCallback.first_phase`, :meth:`~TaskSequenceCallback.phase_epochs`,
+:meth:`~TaskSequenceCallback.following_phase`), its surgery (:meth:`~TaskSequenceCallback.plan`,
+:meth:`~TaskSequenceCallback.apply`) and what each phase trains
+(:meth:`~TaskSequenceCallback.trainable`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_den.boundary import TaskBoundary, check_optimizers_cover, cross_boundary, rebuild_training_objects
+from lightning_den.core.den import PhaseProgress, phase_is_done
+from lightning_den.core.freezing import FrozenEntries
+from lightning_den.module import DENLightningModule, find_block
+
+_TASK_STREAM_API = ("num_tasks", "set_task", "current_task")
+
+
+class TaskSequenceCallback(Callback):
+    """Base class: trains a :class:`~lightning_den.DENLightningModule` on a whole task stream in one fit.
+
+    Args:
+        block: name of the module's block to train (found automatically when there is exactly one
+            block of :attr:`block_type`).
+        convergence_tol: a phase ends early once its mean training loss changes by less than this
+            fraction from one epoch to the next; ``0`` runs every phase for its full epochs.
+        seed: seed of every random initialisation the callback makes (the same on every rank).
+    """
+
+    #: the kind of block this method trains (set by subclasses)
+    block_type: type[nn.Module] = nn.Module
+    #: name used in messages and logs
+    method = "task sequence"
+
+    def __init__(self, block: str | None = None, convergence_tol: float = 1e-3, seed: int = 0) -> None:
+        if not isinstance(convergence_tol, int | float) or not math.isfinite(convergence_tol) or convergence_tol < 0:
+            raise MisconfigurationException(f"`convergence_tol` must be a finite number >= 0, got {convergence_tol!r}")
+        self.block = block
+        self.convergence_tol = float(convergence_tol)
+        self.seed = seed
+        self.progress = PhaseProgress(phase=self.first_phase())
+        self._pending: tuple[PhaseProgress, dict[str, Any]] | None = None
+        self._block: nn.Module | None = None
+        self._frozen = FrozenEntries({})
+        self._step_hooks: list[Any] = []
+        self._resumed = False
+        self._loss_sum: Tensor | None = None
+        self._loss_count = 0
+
+    # ------------------------------------------------------------------ what a method defines
+
+    def first_phase(self) -> str:
+        """The phase of the first task."""
+        return "train"
+
+    def phase_epochs(self, phase: str) -> int:
+        """Most epochs ``phase`` may run."""
+        raise NotImplementedError
+
+    def max_epochs(self, num_tasks: int) -> int:
+        """Most epochs a sequence of ``num_tasks`` tasks can take."""
+        raise NotImplementedError
+
+    def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
+        """The phase after ``progress``'s, or ``None`` after the last task's last phase."""
+        raise NotImplementedError
+
+    def plan(self, target: PhaseProgress) -> dict[str, Any]:
+        """The surgery for entering ``target``, as plain data (computed on rank 0 and broadcast)."""
+        return {}
+
+    def apply(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> None:
+        """Carry out ``plan`` before ``target`` is entered (a new task's head or column, growth, pruning)."""
+
+    def trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
+        """What the current phase trains: per parameter of the module, True, False or a boolean mask."""
+        raise NotImplementedError
+
+    def on_phase_entered(self, pl_module: pl.LightningModule) -> None:
+        """Set up the current phase's regularisers (after :meth:`trainable` has been applied)."""
+
+    def widths(self) -> tuple[int, ...]:
+        """Units per hidden layer of the block now (for logs and boundaries)."""
+        return tuple(self.model_block.widths(self.model_block.newest_task))
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Work after each optimizer step, before frozen entries are written back (e.g. proximal steps)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """The method's own state for checkpoints (plain data and tensors)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`extra_state` saved."""
+
+    # ------------------------------------------------------------------ shared machinery
+
+    @property
+    def model_block(self) -> Any:
+        if self._block is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached: call `trainer.fit` first")
+        return self._block
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check that the method can run here, find the block, enter the first phase (before optimizers)."""
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        if not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+            raise MisconfigurationException(
+                f"{name} supports single-device and DDP training, not {type(trainer.strategy).__name__}: "
+                "the network changes shape or trainable parts between phases, which sharded strategies "
+                "(FSDP, DeepSpeed, ModelParallel) cannot follow."
+            )
+        averaging = [type(cb).__name__ for cb in trainer.callbacks if _copies_model(cb)]
+        if averaging:
+            raise MisconfigurationException(
+                f"{name} cannot run beside {averaging}: they keep a copy of the model's parameters, which goes "
+                "stale when the network changes. Remove them from the Trainer's callbacks."
+            )
+        if not isinstance(pl_module, DENLightningModule):
+            raise MisconfigurationException(
+                f"{name} needs a DENLightningModule (it sets `current_task` at task boundaries), got "
+                f"{type(pl_module).__name__}. Subclass `lightning_den.DENLightningModule` or use a ready model."
+            )
+        self.block, self._block = find_block(pl_module, self.block_type, self.block)
+        datamodule = trainer.datamodule
+        missing = [attr for attr in _TASK_STREAM_API if not hasattr(datamodule, attr)]
+        if datamodule is None or missing:
+            raise MisconfigurationException(
+                f"{name} needs a task-sequence datamodule with `num_tasks`, `current_task` and "
+                f"`set_task(task)`; {'no datamodule was given' if datamodule is None else f'it lacks {missing}'}. "
+                "Pass `trainer.fit(model, datamodule=TaskSequenceDataModule(...))`."
+            )
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise MisconfigurationException(
+                f"{name} switches tasks between epochs, so the training dataloader must be rebuilt every epoch: "
+                f"set `Trainer(reload_dataloaders_every_n_epochs=1)` (got {trainer.reload_dataloaders_every_n_epochs})."
+            )
+        needed = self.max_epochs(datamodule.num_tasks)
+        if trainer.max_epochs not in (-1, None) and trainer.max_epochs < needed:
+            raise MisconfigurationException(
+                f"`max_epochs={trainer.max_epochs}` may stop before the last task: {datamodule.num_tasks} tasks "
+                f"can take up to {needed} epochs with these phase lengths. Set `Trainer(max_epochs=-1)`; "
+                f"{name} stops the fit when the last task is done."
+            )
+        if trainer.limit_train_batches == 0:
+            raise MisconfigurationException(
+                "`limit_train_batches=0` gives every task an empty training set, so the sequence cannot move "
+                "from task to task; remove it or give it a positive value."
+            )
+        if self.model_block.num_tasks != self.progress.task + 1:
+            raise MisconfigurationException(
+                f"the block {self.block!r} has heads for {self.model_block.num_tasks} tasks but {name} is at task "
+                f"{self.progress.task}; start from a freshly built model"
+            )
+        self._check_labels(datamodule, self.progress.task)
+        datamodule.set_task(self.progress.task)
+        pl_module.current_task = self.progress.task
+        self._enter_phase(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hook the post-step work onto the optimizers Lightning just built, and check them.
+
+        When resuming, the saved phase is entered again on the rebuilt model and the training objects
+        are rebuilt; Lightning restores the optimizer state into them right after this hook.
+        """
+        if self._resumed:
+            self._resumed = False
+            self._enter_phase(pl_module)
+            rebuild_training_objects(trainer)
+        check_optimizers_cover(trainer, pl_module)
+        self._hook_optimizers(trainer)
+        rank_zero_info(f"{self.method}: task {self.progress.task}, phase {self.progress.phase}, widths {self.widths()}")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Cross the boundary decided at the end of the previous epoch (surgery + rebuild)."""
+        if self._pending is not None:
+            target, plan = self._pending
+            self._pending = None
+            cross_boundary(trainer, pl_module, lambda: self._cross(pl_module, target, plan))
+            self._hook_optimizers(trainer)
+        self._loss_sum = torch.zeros((), device=pl_module.device)
+        self._loss_count = 0
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Zero the gradients of the entries the phase does not train."""
+        self._frozen.mask_gradients_()
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        self.after_optimizer_step(optimizer)
+        self._frozen.restore_()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor) and self._loss_sum is not None:
+            # Lightning hands over the loss divided by `accumulate_grad_batches`; undo that
+            self._loss_sum += loss.detach() * trainer.accumulate_grad_batches
+            self._loss_count += 1
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Decide, on the epoch's mean loss (reduced over ranks), whether the phase ends and what follows."""
+        mean_loss = self._epoch_mean_loss(trainer, pl_module)
+        progress = replace(self.progress, epochs=self.progress.epochs + 1)
+        pl_module.log("sequence/task", float(progress.task))
+        done = phase_is_done(progress, self.phase_epochs(progress.phase), mean_loss, self.convergence_tol)
+        self.progress = replace(progress, last_loss=mean_loss)
+        if not done:
+            return
+        target = self.following_phase(progress, mean_loss, trainer.datamodule.num_tasks)
+        if target is None:
+            trainer.should_stop = True
+            cross_boundary(trainer, pl_module, lambda: self._boundary(self.progress, None, {}), rebuild=False)
+            return
+        if target.task != progress.task:
+            self._check_labels(trainer.datamodule, target.task)  # before anything changes
+        plan = trainer.strategy.broadcast(self.plan(target), src=0)
+        if target.task != progress.task:
+            trainer.datamodule.set_task(target.task)
+        self._pending = (target, plan)
+
+    def _cross(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> TaskBoundary:
+        previous = self.progress
+        self.apply(pl_module, target, plan)
+        if target.task != previous.task:
+            pl_module.current_task = target.task
+        self.progress = target
+        self._enter_phase(pl_module)
+        return self._boundary(previous, target, plan)
+
+    def _enter_phase(self, pl_module: pl.LightningModule) -> None:
+        masks: dict[nn.Parameter, Tensor] = {}
+        for p, trainable in self.trainable(pl_module).items():
+            p.requires_grad_(trainable is not False)
+            if isinstance(trainable, Tensor):
+                masks[p] = trainable
+        self._frozen = FrozenEntries(masks)
+        self.on_phase_entered(pl_module)
+
+    def _hook_optimizers(self, trainer: pl.Trainer) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+
+    def _check_labels(self, datamodule: Any, task: int) -> None:
+        """Raise if ``task``'s labels do not fit the head the block will give it."""
+        if not hasattr(datamodule, "num_classes"):
+            return
+        labels, outputs = datamodule.num_classes(task), self.model_block.classes_of(task)
+        if labels > outputs:
+            raise ValueError(
+                f"task {task} has labels up to {labels - 1} but its head will have {outputs} outputs: build the "
+                f"model with at least {labels} classes for task {task} (e.g. `num_classes={labels}`)"
+            )
+
+    def _epoch_mean_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        count = torch.tensor(float(self._loss_count), device=pl_module.device)
+        total = torch.zeros((), device=pl_module.device) if self._loss_sum is None else self._loss_sum.clone()
+        total = trainer.strategy.reduce(total, reduce_op="sum")
+        count = trainer.strategy.reduce(count, reduce_op="sum")
+        if float(count) == 0:
+            raise ValueError(
+                f"task {self.progress.task} produced no training batches in phase {self.progress.phase!r}: "
+                "its training set is empty or `limit_train_batches` is 0. Give every task training data."
+            )
+        mean_loss = float(total) / float(count)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"the training loss of task {self.progress.task} became {mean_loss} in {self.method} phase "
+                f"{self.progress.phase!r} (epoch {self.progress.epochs + 1} of the phase). Lower the learning "
+                "rate or the regularisation strengths; the last checkpoint holds the last good state."
+            )
+        return mean_loss
+
+    def _boundary(self, previous: PhaseProgress, target: PhaseProgress | None, plan: dict[str, Any]) -> TaskBoundary:
+        ended = previous.task if target is None or target.task != previous.task else None
+        boundary = TaskBoundary(
+            task=previous.task if target is None else target.task,
+            phase=None if target is None else target.phase,
+            previous_task=previous.task,
+            previous_phase=previous.phase,
+            ended_task=ended,
+            widths=self.widths(),
+            loss=previous.last_loss,
+            changes=dict(plan),
+        )
+        step = "end of stream" if target is None else f"task {target.task}, phase {target.phase}"
+        rank_zero_info(
+            f"{self.method}: task {previous.task} {previous.phase} (loss {previous.last_loss:.4f}) -> {step}; "
+            f"widths {list(boundary.widths)}"
+        )
+        return boundary
+
+    def generator(self, task: int, stream: int) -> torch.Generator:
+        """The same random numbers on every rank: seeded by ``seed``, the task and what they are for."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + task) * 7 + stream)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Where the sequence stands and the surgery decided but not yet applied, plus the method's state.
+
+        Plain ints, floats, lists and tensors, so ``torch.load(..., weights_only=True)`` reads it.
+        """
+        pending = None
+        if self._pending is not None:
+            target, plan = self._pending
+            pending = {"target": target.state_dict(), "plan": plan}
+        return {"format": 1, "progress": self.progress.state_dict(), "pending": pending, **self.extra_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the saved state; the phase is entered again in ``on_fit_start``, once the model is rebuilt."""
+        self.progress = PhaseProgress(**state_dict["progress"])
+        pending = state_dict.get("pending")
+        self._pending = None if pending is None else (PhaseProgress(**pending["target"]), pending["plan"])
+        self.load_extra_state(state_dict)
+        self._resumed = True
+
+
+def _copies_model(callback: Callback) -> bool:
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:  # Lightning < 2.6
+        return isinstance(callback, StochasticWeightAveraging)
+    return isinstance(callback, StochasticWeightAveraging | WeightAveraging)
