@@ -220,6 +220,15 @@ class ProgressiveMLP(nn.Module):
         self.columns.append(column)
         return task
 
+    def widths(self, task: int) -> tuple[int, ...]:
+        """Units per hidden layer that ``task`` computes with (its column and, with laterals, all earlier ones)."""
+        self.check_task(task)
+        return tuple(len(self.columns_used(task)) * size for size in self.hidden_sizes)
+
+    def births(self) -> list[list[int]]:
+        """The task of every unit, per hidden layer (column ``k``'s units were born in task ``k``)."""
+        return [[k for k in range(self.num_tasks) for _ in range(size)] for size in self.hidden_sizes]
+
     def column_parameters(self, task: int) -> list[nn.Parameter]:
         """The parameters of column ``task``: its hidden layers, head and lateral adapters."""
         self.check_task(task)
