@@ -65,7 +65,7 @@ class TaskEvaluation(Callback):
         accuracy: ``accuracy[i][j]``, accuracy on task ``j`` after training task ``i``.
         auroc: the same for AUROC (``None`` for tasks that are not binary).
         widths: ``widths[i]``, units per hidden layer used by task ``i``.
-        parameters: ``parameters[i]``, parameters in the whole network after task ``i``.
+        parameters: ``parameters[i]``, parameters the network held when task ``i`` ended.
         summary: the dict written to ``continual_metrics.json`` (after the last task).
 
     Example::
@@ -113,7 +113,7 @@ class TaskEvaluation(Callback):
         self.auroc.append([auroc for _, auroc in row])
         mlp = self._block(pl_module)
         self.widths.append(mlp.widths(ended))
-        self.parameters.append(mlp.num_parameters())
+        self.parameters.append(mlp.num_parameters_through(ended))
         metrics = {f"continual/acc/task_{j}": accuracy for j, (accuracy, _) in enumerate(row)}
         metrics.update({f"continual/auroc/task_{j}": auroc for j, (_, auroc) in enumerate(row) if auroc is not None})
         metrics["continual/parameters"] = float(self.parameters[-1])

@@ -79,3 +79,33 @@ def test_baseline_arguments_are_checked():
         ProgressiveCallback(epochs_per_task=0)
     with pytest.raises(MisconfigurationException, match="ewc_lambda"):
         EWCCallback(ewc_lambda=-1.0)
+
+
+def test_packnet_never_forgets_bit_for_bit_and_shares_out_disjoint_weights(tmp_path):
+    from lightning_den.baselines import PackNetCallback, PackNetModel
+
+    outputs = OutputsAtTaskEnd()
+    model = PackNetModel(
+        IN_FEATURES, HIDDEN, 2, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    )
+    callback = PackNetCallback(prune_fraction=0.5, train_epochs=3, retrain_epochs=2)
+    make_trainer(tmp_path, [callback, outputs]).fit(model, datamodule=tiny_stream(3))
+    for task, before in outputs.at_end.items():
+        assert torch.equal(outputs.final[task], before), f"task {task} changed"
+    for owner in model.net.owners():
+        assert set(owner.unique().tolist()) <= {0, 1, 2, 3}
+        assert int((owner == 3).sum()) > 0  # the last task claimed what was left
+        assert int((owner == 0).sum()) == 0
+    # each task's output is computed from exactly the weights it and earlier tasks own
+    with torch.no_grad():
+        for task in reversed(range(3)):  # each step spoils only weights of tasks after `task`
+            for layer, owner in zip(model.net.hidden, model.net.owners(), strict=True):
+                layer.weight[owner > task + 1] = 1e3  # later tasks' weights must not matter
+            assert torch.equal(model(PROBE, task=task), outputs.final[task])
+
+
+def test_packnet_refuses_a_bad_fraction():
+    from lightning_den.baselines import PackNetCallback
+
+    with pytest.raises(MisconfigurationException, match="prune_fraction"):
+        PackNetCallback(prune_fraction=1.0)

@@ -245,6 +245,11 @@ class ExpandableMLP(nn.Module):
             return sum(p.numel() for p in self.parameters())
         return mlp_parameters(self.in_features, self.widths(task), self.heads[str(task)].out_features)
 
+    def num_parameters_through(self, task: int) -> int:
+        """Parameters the network held when ``task`` ended: the prefix of ``task`` and heads ``0..task``."""
+        heads = sum(p.numel() for t in range(task + 1) for p in self.heads[str(t)].parameters())
+        return mlp_parameters(self.in_features, self.widths(task), 0) + heads
+
     def check_prefix_invariant(self) -> None:
         """Raise ``AssertionError`` unless births are non-decreasing in every layer (internal invariant)."""
         for index, layer in enumerate(self.hidden):

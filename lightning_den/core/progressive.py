@@ -225,6 +225,11 @@ class ProgressiveMLP(nn.Module):
         self.check_task(task)
         return tuple(len(self.columns_used(task)) * size for size in self.hidden_sizes)
 
+    def num_parameters_through(self, task: int) -> int:
+        """Parameters the network held when ``task`` ended: columns ``0..task``."""
+        self.check_task(task)
+        return sum(p.numel() for k in range(task + 1) for p in self.columns[k].parameters())
+
     def births(self) -> list[list[int]]:
         """The task of every unit, per hidden layer (column ``k``'s units were born in task ``k``)."""
         return [[k for k in range(self.num_tasks) for _ in range(size)] for size in self.hidden_sizes]

@@ -157,3 +157,16 @@ def test_a_grown_network_pickles_and_seeded_heads_are_reproducible():
     clone = pickle.loads(pickle.dumps(first))
     x = torch.randn(2, 3)
     assert torch.equal(clone(x, task=1), first(x, task=1))
+
+
+def test_parameters_through_a_task_equal_what_the_network_held_when_it_ended():
+    from lightning_den.core.surgery import add_units_, duplicate_units_
+
+    mlp = ExpandableMLP(5, [4, 3], head_classes=2)
+    held = [mlp.num_parameters()]
+    for task in (1, 2):
+        mlp.add_head_()
+        add_units_(mlp, [2, 1], torch.Generator().manual_seed(task))
+        duplicate_units_(mlp, 0, [0])
+        held.append(mlp.num_parameters())
+    assert [mlp.num_parameters_through(t) for t in range(3)] == held
