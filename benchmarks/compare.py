@@ -142,6 +142,7 @@ def markdown(rows: list[dict[str, Any]], title: str, binary: bool) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path, binary: bool) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -152,6 +153,7 @@ def plot(rows: list[dict[str, Any]], path: Path, binary: bool) -> None:
         ax.scatter(row["parameters_after_task"][-1], row[key])
         ax.annotate(row["method"], (row["parameters_after_task"][-1], row[key]), fontsize=7)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("parameters after the last task")
     ax.set_ylabel("final average " + ("AUROC" if binary else "accuracy"))
     fig.savefig(path, dpi=100, bbox_inches="tight")

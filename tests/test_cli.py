@@ -99,3 +99,12 @@ def test_print_config_round_trips(tmp_path):
 def test_help_lists_the_subcommands(tmp_path):
     out = run_cli("--help", cwd=tmp_path).stdout
     assert all(word in out for word in ("fit", "validate", "test"))
+
+
+@pytest.mark.parametrize("config", ["progressive_digits.yaml", "packnet_digits.yaml"])
+def test_other_methods_run_from_their_configs_without_forgetting(tmp_path, config):
+    path = Path(__file__).resolve().parents[1] / "examples" / config
+    run_cli("fit", "--config", str(path), "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    saved = json.loads((tmp_path / "lightning_logs" / "version_0" / "continual_metrics.json").read_text())
+    assert saved["tasks"] == 5 and saved["summary"]["average_accuracy"] > 0.9
+    assert saved["summary"]["backward_transfer"] == 0.0 and saved["summary"]["forgetting"] == 0.0
