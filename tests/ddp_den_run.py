@@ -25,13 +25,20 @@ from tests.conftest import short_phases, tiny_model, tiny_stream
 
 
 class WrongPlansOnRankOne(DENCallback):
-    def _plan(self, target):
-        plan = super()._plan(target)
+    """Rank 1 computes deliberately different surgery plans; counts how often its plan differed."""
+
+    wrong_plans = 0
+
+    def plan(self, target):
+        plan = super().plan(target)
         if int(os.environ.get("LOCAL_RANK", "0")) == 1:
+            wrong = dict(plan)
             if "selection" in plan:
-                plan = {"selection": [[] for _ in plan["selection"]]}
+                wrong["selection"] = [[] for _ in plan["selection"]]
             if "split" in plan:
-                plan = {**plan, "split": [list(range(len(layer.birth) // 2)) for layer in self.mlp.hidden]}
+                wrong["split"] = [list(range(len(layer.birth) // 2)) for layer in self.mlp.hidden]
+            self.wrong_plans += wrong != plan
+            plan = wrong
         return plan
 
 
@@ -63,13 +70,14 @@ def main() -> None:
     pl.seed_everything(int(os.environ.get("LOCAL_RANK", "0")))  # different seeds: DDP must reconcile them
     torch.set_num_threads(1)
     compare = CompareRanks()
+    den = WrongPlansOnRankOne(**short_phases(loss_threshold=0.0, split_threshold=0.0))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         max_epochs=-1,
         reload_dataloaders_every_n_epochs=1,
-        callbacks=[WrongPlansOnRankOne(**short_phases(loss_threshold=0.0, split_threshold=0.0)), compare],
+        callbacks=[den, compare],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -79,8 +87,9 @@ def main() -> None:
     )
     model = tiny_model()
     trainer.fit(model, datamodule=tiny_stream(num_tasks=3))
+    wrong = trainer.strategy.reduce(torch.tensor(float(den.wrong_plans)), reduce_op="sum")
     if trainer.is_global_zero:
-        Path(sys.argv[1]).write_text(json.dumps(compare.records))
+        Path(sys.argv[1]).write_text(json.dumps({"boundaries": compare.records, "wrong_plans_on_rank_1": float(wrong)}))
     dist.barrier()
     dist.destroy_process_group()
 

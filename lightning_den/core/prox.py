@@ -18,20 +18,21 @@ from torch import Tensor
 def l1_prox_(tensors: Sequence[Tensor], threshold: float) -> None:
     """Soft-threshold in place: ``w <- sign(w) * max(|w| - threshold, 0)`` (the prox of ``threshold * |w|``).
 
+    Computed as ``w - clamp(w, -threshold, threshold)``: two passes over the weights, and an exact zero
+    wherever ``|w| <= threshold`` (``w - w``).
+
     Example:
         >>> w = torch.tensor([0.5, -0.125, -2.0])
         >>> l1_prox_([w], 0.25)
         >>> w.tolist()
-        [0.25, -0.0, -1.75]
+        [0.25, 0.0, -1.75]
     """
     if not tensors or threshold <= 0:
         return
     tensors = list(tensors)
-    shrunk = torch._foreach_abs(tensors)
-    torch._foreach_sub_(shrunk, threshold)
-    torch._foreach_clamp_min_(shrunk, 0.0)
-    torch._foreach_mul_(shrunk, torch._foreach_sign(tensors))
-    torch._foreach_copy_(tensors, shrunk)
+    inside = torch._foreach_clamp_max(tensors, threshold)
+    torch._foreach_clamp_min_(inside, -threshold)
+    torch._foreach_sub_(tensors, inside)
 
 
 @torch.no_grad()
