@@ -58,7 +58,7 @@ class DENCallback(TaskSequenceCallback):
         selective_epochs: most epochs of selective retraining (Eq. 4).
         expansion_epochs: most epochs training new units (Eq. 5).
         split_epochs: most epochs of retraining after the split (Eq. 6).
-        convergence_tol: a phase ends early once its mean training loss improves by less than this
+        convergence_tol: a phase ends early once its mean training loss changes by less than this
             fraction from one epoch to the next; ``0`` runs every phase for its full epochs.
         seed: seed of new units' initial weights (the same on every rank).
 
@@ -207,7 +207,7 @@ class DENCallback(TaskSequenceCallback):
     def trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
         """The phase's entries of the block; parameters outside it learn in the first task only."""
         entries = trainable_entries(self.mlp, self.phase, self._selection)
-        result: dict[nn.Parameter, bool | Tensor] = {p: self.progress.task == 0 for p in pl_module.parameters()}
+        result = self.first_task_only(pl_module)
         result.update({p: entries[name] for name, p in self.mlp.named_parameters()})
         return result
 

@@ -55,7 +55,7 @@ class TaskEvaluation(Callback):
 
     Args:
         split: which split of each task to evaluate (``"test"`` or ``"val"``).
-        block: name of the ExpandableMLP whose widths to record (found automatically if there is one).
+        block: name of the block whose widths and parameters to record (found automatically if there is one).
         reference_scores: score of a same-width network trained on each task alone, for forward transfer.
         output_dir: where to write the JSON and the plots; the Trainer's log directory if ``None``.
         plots: write the PNG plots at the end.
@@ -121,6 +121,21 @@ class TaskEvaluation(Callback):
             logger.log_metrics(metrics, step=ended)
         if boundary.finished:
             self._finish(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rows measured so far, so that a resumed run reports the whole sequence."""
+        return {
+            "accuracy": self.accuracy,
+            "auroc": self.auroc,
+            "widths": [list(w) for w in self.widths],
+            "parameters": self.parameters,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.accuracy = [list(row) for row in state_dict["accuracy"]]
+        self.auroc = [list(row) for row in state_dict["auroc"]]
+        self.widths = [tuple(w) for w in state_dict["widths"]]
+        self.parameters = list(state_dict["parameters"])
 
     def _block(self, pl_module: pl.LightningModule) -> Any:
         blocks = continual_blocks(pl_module)

@@ -68,6 +68,7 @@ class TaskSequenceCallback(Callback):
         self._frozen = FrozenEntries({})
         self._step_hooks: list[Any] = []
         self._resumed = False
+        self._finished = False
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
 
@@ -102,6 +103,11 @@ class TaskSequenceCallback(Callback):
 
     def on_phase_entered(self, pl_module: pl.LightningModule) -> None:
         """Set up the current phase's regularisers (after :meth:`trainable` has been applied)."""
+
+    def first_task_only(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
+        """Every parameter of the module trainable in the first task only (the rule for parameters outside
+        the block, e.g. a feature extractor: later tasks keep the features earlier tasks were trained on)."""
+        return {p: self.progress.task == 0 for p in pl_module.parameters()}
 
     def widths(self) -> tuple[int, ...]:
         """Units per hidden layer of the block now (for logs and boundaries)."""
@@ -174,10 +180,15 @@ class TaskSequenceCallback(Callback):
                 "`limit_train_batches=0` gives every task an empty training set, so the sequence cannot move "
                 "from task to task; remove it or give it a positive value."
             )
-        if self.model_block.num_tasks != self.progress.task + 1:
+        if self._finished or self.progress.task > 0 or self.progress.epochs > 0:
             raise MisconfigurationException(
-                f"the block {self.block!r} has heads for {self.model_block.num_tasks} tasks but {name} is at task "
-                f"{self.progress.task}; start from a freshly built model"
+                f"this {name} has already trained a task sequence (it is at task {self.progress.task}); a callback "
+                "trains one sequence: create a new callback (and model) for a new fit, or pass `ckpt_path` to resume"
+            )
+        if self.model_block.num_tasks != 1:
+            raise MisconfigurationException(
+                f"the block {self.block!r} already has heads for {self.model_block.num_tasks} tasks; {name} starts "
+                "from a freshly built model (to continue a sequence, resume it with `fit(..., ckpt_path=...)`)"
             )
         self._check_labels(datamodule, self.progress.task)
         datamodule.set_task(self.progress.task)
@@ -193,6 +204,8 @@ class TaskSequenceCallback(Callback):
         """
         if self._resumed:
             self._resumed = False
+            if self._finished:  # the checkpoint was taken after the last task: nothing left to train
+                trainer.should_stop = True
             self._enter_phase(pl_module)
             rebuild_training_objects(trainer)
         check_optimizers_cover(trainer, pl_module)
@@ -250,6 +263,7 @@ class TaskSequenceCallback(Callback):
         target = self.following_phase(progress, mean_loss, trainer.datamodule.num_tasks)
         if target is None:
             trainer.should_stop = True
+            self._finished = True
             cross_boundary(trainer, pl_module, lambda: self._boundary(self.progress, None, {}), rebuild=False)
             return
         if target.task != progress.task:
@@ -345,7 +359,13 @@ class TaskSequenceCallback(Callback):
         if self._pending is not None:
             target, plan = self._pending
             pending = {"target": target.state_dict(), "plan": plan}
-        return {"format": 1, "progress": self.progress.state_dict(), "pending": pending, **self.extra_state()}
+        return {
+            "format": 1,
+            "progress": self.progress.state_dict(),
+            "pending": pending,
+            "finished": self._finished,
+            "method": self.extra_state(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -353,7 +373,8 @@ class TaskSequenceCallback(Callback):
         self.progress = PhaseProgress(**state_dict["progress"])
         pending = state_dict.get("pending")
         self._pending = None if pending is None else (PhaseProgress(**pending["target"]), pending["plan"])
-        self.load_extra_state(state_dict)
+        self._finished = bool(state_dict.get("finished", False))
+        self.load_extra_state(state_dict.get("method", {}))
         self._resumed = True
 
 
@@ -363,3 +384,32 @@ def _copies_model(callback: Callback) -> bool:
     except ImportError:  # Lightning < 2.6
         return isinstance(callback, StochasticWeightAveraging)
     return isinstance(callback, StochasticWeightAveraging | WeightAveraging)
+
+
+class EpochsPerTaskCallback(TaskSequenceCallback):
+    """A task-sequence method with one ``train`` phase of ``epochs_per_task`` epochs per task.
+
+    Args:
+        epochs_per_task: most epochs of each task (fewer once the loss levels off, see ``convergence_tol``).
+        block: name of the block to train (found automatically if there is one).
+        convergence_tol: see :class:`TaskSequenceCallback`.
+        seed: seed of every random initialisation the callback makes.
+    """
+
+    def __init__(
+        self, epochs_per_task: int = 20, block: str | None = None, convergence_tol: float = 0.0, seed: int = 0
+    ) -> None:
+        if not isinstance(epochs_per_task, int) or isinstance(epochs_per_task, bool) or epochs_per_task < 1:
+            raise MisconfigurationException(f"`epochs_per_task` must be a positive integer, got {epochs_per_task!r}")
+        self.epochs_per_task = epochs_per_task
+        super().__init__(block=block, convergence_tol=convergence_tol, seed=seed)
+
+    def phase_epochs(self, phase: str) -> int:
+        return self.epochs_per_task
+
+    def max_epochs(self, num_tasks: int) -> int:
+        return num_tasks * self.epochs_per_task
+
+    def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
+        return PhaseProgress(task=progress.task + 1, phase="train") if progress.task + 1 < num_tasks else None
+

@@ -109,3 +109,55 @@ def test_packnet_refuses_a_bad_fraction():
 
     with pytest.raises(MisconfigurationException, match="prune_fraction"):
         PackNetCallback(prune_fraction=1.0)
+
+
+def test_ewc_fisher_is_the_mean_squared_per_example_gradient(tmp_path):
+    callback = EWCCallback(epochs_per_task=1)
+    model = tiny_model()
+    datamodule = tiny_stream(2)
+    make_trainer(tmp_path, [callback]).fit(model, datamodule=datamodule)
+    fisher = callback.task_fisher(model, 0)
+    x, y = datamodule.train_tasks[0]
+    expected = {name: torch.zeros_like(p) for name, p in model.mlp.hidden.named_parameters()}
+    for i in range(len(y)):  # one example at a time, by plain autograd
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i : i + 1], task=0), y[i : i + 1]).backward()
+        for name, p in model.mlp.hidden.named_parameters():
+            expected[name] += p.grad**2 / len(y)
+    for name, value in expected.items():
+        torch.testing.assert_close(fisher[f"mlp.hidden.{name}"], value, rtol=1e-4, atol=1e-7)
+    assert not any(name.startswith("mlp.heads") for name in fisher)
+
+
+def test_packnet_refuses_a_network_too_small_for_the_stream_before_training(tmp_path):
+    from lightning_den.baselines import PackNetCallback, PackNetModel
+
+    model = PackNetModel(IN_FEATURES, [1], 2)  # 6 weights in the first layer
+    trainer = make_trainer(tmp_path, [PackNetCallback(prune_fraction=0.1, train_epochs=1, retrain_epochs=1)])
+    with pytest.raises(MisconfigurationException, match=r"hidden layer \d .* no free weight left for task"):
+        trainer.fit(model, datamodule=tiny_stream(3))
+    assert model.net.num_tasks == 1  # refused before anything trained
+
+
+def test_a_callback_trains_one_sequence_and_a_finished_checkpoint_resumes_to_nothing(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callback = ProgressiveCallback(epochs_per_task=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [callback, checkpoint], enable_checkpointing=True).fit(
+        progressive(), datamodule=tiny_stream(2)
+    )
+    with pytest.raises(MisconfigurationException, match="already trained a task sequence"):
+        make_trainer(tmp_path, [callback]).fit(progressive(), datamodule=tiny_stream(2))
+    boundaries = []
+
+    class Count(Callback):
+        def on_task_boundary(self, trainer, pl_module, boundary):
+            boundaries.append(boundary)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            boundaries.append("epoch")
+
+    resumed = make_trainer(tmp_path, [ProgressiveCallback(epochs_per_task=2), Count()], enable_checkpointing=True)
+    resumed.fit(progressive(), datamodule=tiny_stream(2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert boundaries == []  # the sequence was over: no epoch, no second end-of-stream boundary

@@ -27,6 +27,7 @@ def test_compare_writes_every_row_and_column(tmp_path):
         "largest drop",
         "forward transfer",
         "final avg accuracy",
+        "epochs",
         "wall time",
     ):
         assert column in header

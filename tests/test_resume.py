@@ -77,4 +77,5 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, 
     assert resumed_model.mlp.architecture() == whole_model.mlp.architecture()
     for (name, a), (_, b) in zip(whole_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    assert resumed_evaluation.accuracy[-1] == whole_evaluation.accuracy[-1]
+    # the evaluation resumed too: the whole report equals the uninterrupted run's
+    assert resumed_evaluation.summary == whole_evaluation.summary

@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 from typing_extensions import override
 
 from lightning_den.core.den import PhaseProgress
 from lightning_den.core.layers import ExpandableMLP
-from lightning_den.sequence import TaskSequenceCallback
+from lightning_den.sequence import EpochsPerTaskCallback
 
 
-class FineTuningCallback(TaskSequenceCallback):
+class FineTuningCallback(EpochsPerTaskCallback):
     """Fine-tunes one shared network task after task, with a new head per task (the forgetting baseline).
 
     Args:
@@ -40,23 +41,6 @@ class FineTuningCallback(TaskSequenceCallback):
 
     block_type = ExpandableMLP
     method = "fine-tuning"
-
-    def __init__(
-        self, epochs_per_task: int = 20, block: str | None = None, convergence_tol: float = 0.0, seed: int = 0
-    ) -> None:
-        if not isinstance(epochs_per_task, int) or isinstance(epochs_per_task, bool) or epochs_per_task < 1:
-            raise MisconfigurationException(f"`epochs_per_task` must be a positive integer, got {epochs_per_task!r}")
-        self.epochs_per_task = epochs_per_task
-        super().__init__(block=block, convergence_tol=convergence_tol, seed=seed)
-
-    def phase_epochs(self, phase: str) -> int:
-        return self.epochs_per_task
-
-    def max_epochs(self, num_tasks: int) -> int:
-        return num_tasks * self.epochs_per_task
-
-    def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
-        return PhaseProgress(task=progress.task + 1, phase="train") if progress.task + 1 < num_tasks else None
 
     def apply(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> None:
         """The new task's head."""
@@ -81,8 +65,8 @@ class EWCCallback(FineTuningCallback):
         convergence_tol: see :class:`~lightning_den.sequence.TaskSequenceCallback`.
         seed: seed of the new heads' initial weights.
 
-    The diagonal Fisher of a task is the mean over its training batches of the squared gradient of the
-    batch's mean log-likelihood (a batch-level estimate), for every parameter outside the heads.
+    The diagonal Fisher of a task is the mean over its training examples of the squared gradient of each
+    example's log-likelihood, for every parameter outside the heads (:meth:`task_fisher`).
     """
 
     method = "EWC"
@@ -112,32 +96,35 @@ class EWCCallback(FineTuningCallback):
     def apply(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> None:
         """Accumulate the finished task's Fisher and anchor, then add the new head."""
         finished = self.progress.task
-        fisher = self._task_fisher(pl_module, finished)
+        fisher = self.task_fisher(pl_module, finished)
         for name, value in fisher.items():
             self._fisher[name] = self.gamma * self._fisher.get(name, torch.zeros_like(value)) + value
         self._anchor = {name: p.detach().clone() for name, p in self._shared(pl_module).items()}
         super().apply(pl_module, target, plan)
 
-    def _task_fisher(self, pl_module: pl.LightningModule, task: int) -> dict[str, Tensor]:
-        shared = self._shared(pl_module)
+    def task_fisher(self, pl_module: pl.LightningModule, task: int) -> dict[str, Tensor]:
+        """Diagonal Fisher of ``task`` on its training data: the mean over examples of the squared gradient of
+        each example's log-likelihood, for every parameter outside the heads (per-example gradients by
+        ``torch.func.vmap``)."""
+        shared = {name: p.detach() for name, p in self._shared(pl_module).items()}
+        buffers = dict(pl_module.named_buffers())
+
+        def example_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            logits = functional_call(pl_module, (params, buffers), (x.unsqueeze(0),), {"task": task})
+            return F.cross_entropy(logits, y.unsqueeze(0))
+
+        per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
         totals = {name: torch.zeros_like(p) for name, p in shared.items()}
-        loader = pl_module.trainer.datamodule.task_dataloader(task, "train")
+        examples = 0
         was_training = pl_module.training
         pl_module.eval()
-        batches = 0
-        for inputs, labels in loader:
-            pl_module.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                log_likelihood = -F.cross_entropy(
-                    pl_module(inputs.to(pl_module.device), task=task), labels.to(pl_module.device)
-                )
-                grads = torch.autograd.grad(log_likelihood, list(shared.values()), allow_unused=True)
-            for (name, _), grad in zip(shared.items(), grads, strict=True):
-                if grad is not None:
-                    totals[name] += grad.detach() ** 2
-            batches += 1
+        for inputs, labels in pl_module.trainer.datamodule.task_dataloader(task, "train"):
+            grads = per_example(shared, inputs.to(pl_module.device), labels.to(pl_module.device))
+            for name, value in grads.items():
+                totals[name] += value.pow(2).sum(dim=0)
+            examples += len(labels)
         pl_module.train(was_training)
-        return {name: total / max(batches, 1) for name, total in totals.items()}
+        return {name: total / max(examples, 1) for name, total in totals.items()}
 
     @override
     def on_before_optimizer_step(

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_den.core.den import PhaseProgress
 from lightning_den.core.packnet import PackNetMLP
@@ -67,6 +68,24 @@ class PackNetCallback(TaskSequenceCallback):
         self.retrain_epochs = retrain_epochs
         super().__init__(block=block, convergence_tol=convergence_tol, seed=seed)
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Also check, before training starts, that every task will find free weights in every layer."""
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        tasks = trainer.datamodule.num_tasks
+        for index, layer in enumerate(self.model_block.hidden):
+            free = layer.weight.numel()
+            for task in range(tasks - 1):  # each task keeps round((1 - fraction) * free) of the free weights
+                free -= round((1 - self.prune_fraction) * free)
+                if free == 0:
+                    raise MisconfigurationException(
+                        f"with `prune_fraction={self.prune_fraction}` hidden layer {index} "
+                        f"({layer.weight.numel()} weights) has no free weight left for task {task + 1} of {tasks}: "
+                        "raise `prune_fraction` or widen the layer"
+                    )
+
     def phase_epochs(self, phase: str) -> int:
         return self.train_epochs if phase == "train" else self.retrain_epochs
 
@@ -92,7 +111,7 @@ class PackNetCallback(TaskSequenceCallback):
     def trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
         """Training: the free weights; retraining: the task's own. Biases and outside parameters: task 0."""
         block, task = self.model_block, self.progress.task
-        result: dict[nn.Parameter, bool | Tensor] = {p: task == 0 for p in pl_module.parameters()}
+        result = self.first_task_only(pl_module)
         for layer, owner in zip(block.hidden, block.owners(), strict=True):
             result[layer.weight] = owner == 0 if self.progress.phase == "train" else owner == task + 1
         for head_task, head in block.heads.items():

@@ -13,16 +13,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_den.core.den import PhaseProgress
 from lightning_den.core.progressive import ProgressiveMLP
 from lightning_den.module import DENLightningModule
-from lightning_den.sequence import TaskSequenceCallback
+from lightning_den.sequence import EpochsPerTaskCallback
 
 
-class ProgressiveCallback(TaskSequenceCallback):
+class ProgressiveCallback(EpochsPerTaskCallback):
     """Trains a :class:`~lightning_den.core.progressive.ProgressiveMLP` task after task, one column each.
 
     Args:
@@ -41,30 +40,13 @@ class ProgressiveCallback(TaskSequenceCallback):
     block_type = ProgressiveMLP
     method = "PNN"
 
-    def __init__(
-        self, epochs_per_task: int = 20, block: str | None = None, convergence_tol: float = 0.0, seed: int = 0
-    ) -> None:
-        if not isinstance(epochs_per_task, int) or isinstance(epochs_per_task, bool) or epochs_per_task < 1:
-            raise MisconfigurationException(f"`epochs_per_task` must be a positive integer, got {epochs_per_task!r}")
-        self.epochs_per_task = epochs_per_task
-        super().__init__(block=block, convergence_tol=convergence_tol, seed=seed)
-
-    def phase_epochs(self, phase: str) -> int:
-        return self.epochs_per_task
-
-    def max_epochs(self, num_tasks: int) -> int:
-        return num_tasks * self.epochs_per_task
-
-    def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
-        return PhaseProgress(task=progress.task + 1, phase="train") if progress.task + 1 < num_tasks else None
-
     def apply(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> None:
         """A new column for the new task (earlier columns are frozen by the block)."""
         self.model_block.add_column_(self.generator(target.task, stream=0))
 
     def trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
         """The newest column only; parameters outside the block learn in the first task only."""
-        result: dict[nn.Parameter, bool | Tensor] = {p: self.progress.task == 0 for p in pl_module.parameters()}
+        result = self.first_task_only(pl_module)
         result.update({p: False for p in self.model_block.parameters()})
         result.update({p: True for p in self.model_block.column_parameters(self.progress.task)})
         return result

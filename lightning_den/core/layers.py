@@ -291,7 +291,8 @@ class ExpandableMLP(nn.Module):
             width_below = len(layer_births)
         for task, (outputs, inputs) in enumerate(heads):
             if str(task) not in self.heads:
-                self.add_head_()
+                with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten when the checkpoint loads
+                    self.add_head_()
             head = self.heads[str(task)]
             head.resize_(outputs, inputs, [task] * outputs)
         self.structure_changed()

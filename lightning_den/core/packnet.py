@@ -364,7 +364,8 @@ class PackNetMLP(nn.Module):
                     "configuration the checkpoint was trained with"
                 )
         for task in range(self.num_tasks, len(heads)):
-            self.heads[str(task)] = self._new_head(heads[task][0], None)
+            with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten when the checkpoint loads
+                self.heads[str(task)] = self._new_head(heads[task][0], None)
         self.owners_changed()
 
     # --- forward ---

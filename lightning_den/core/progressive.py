@@ -308,8 +308,9 @@ class ProgressiveMLP(nn.Module):
                     f"the saved head of task {task} has {classes} outputs, this network gives it "
                     f"{self.classes_of(task)}: build the model with the `head_classes` of the checkpoint"
                 )
-        while self.num_tasks < columns:
-            self.add_column_()
+        with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten when the checkpoint loads
+            while self.num_tasks < columns:
+                self.add_column_()
 
     # --- forward ---
 
