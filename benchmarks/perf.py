@@ -103,7 +103,7 @@ def trainer(callbacks, accelerator: str, **kwargs) -> pl.Trainer:
 
 
 def den_settings(epochs: int, split_threshold: float) -> dict:
-    """Every phase runs its epochs; expansion always happens (k = 10 units per layer)."""
+    """Every phase runs its epochs; expansion always happens (k = 10 units per layer), at most 10 splits."""
     return dict(
         first_task_epochs=epochs,
         head_fit_epochs=epochs,
@@ -113,6 +113,7 @@ def den_settings(epochs: int, split_threshold: float) -> dict:
         convergence_tol=0.0,
         loss_threshold=0.0,
         split_threshold=split_threshold,
+        max_splits_per_layer=10,
     )
 
 
@@ -121,53 +122,67 @@ def model(width: int, hidden: list[int]) -> DENMLP:
 
 
 def training_steps(args) -> dict:
-    """Median step time: DEN per phase, plain Lightning, plain PyTorch."""
+    """Median step time: DEN per phase, plain Lightning, plain PyTorch; each measured ``--rounds`` times in
+    alternation, keeping the fastest median of each (so a burst of load on the machine hits no one side)."""
     sync = args.accelerator == "cuda"
     stream = synthetic_stream(2, args.width_in, args.examples, args.batch)
-    torch.manual_seed(0)
-    den_timer = StepTimer(sync)
-    # no split here, so DEN's network stays within k units of the plain one: the ratio is the callback's cost
-    den = DENCallback(**den_settings(args.epochs, split_threshold=1e9))
-    den_timer.phase = lambda: den.progress.phase
-    trainer([den, den_timer], args.accelerator, max_epochs=-1, reload_dataloaders_every_n_epochs=1).fit(
-        model(args.width_in, args.hidden), datamodule=stream
-    )
-
-    torch.manual_seed(0)
-    plain_timer = StepTimer(sync)
-    stream.set_task(0)
-    plain_model = model(args.width_in, args.hidden)
-    trainer([plain_timer], args.accelerator, max_epochs=args.epochs * 2).fit(
-        plain_model, train_dataloaders=stream.train_dataloader()
-    )
-
-    torch.manual_seed(0)
     device = torch.device("cuda" if sync else "cpu")
-    loop_model = model(args.width_in, args.hidden).to(device)
-    optimizer = torch.optim.Adam(loop_model.parameters(), lr=1e-3)
-    loop_times = []
-    for _ in range(args.epochs * 2):
-        for x, y in stream.train_dataloader():
-            start = den_timer._now()
-            x, y = x.to(device), y.to(device)
-            loss = nn.functional.cross_entropy(loop_model(x, task=0), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            float(loss)  # Lightning reads the loss too
-            loop_times.append(den_timer._now() - start)
 
     def median(values: list[float]) -> float:
         return statistics.median(values[2:] if len(values) > 4 else values)  # skip warm-up steps
 
-    plain = median(plain_timer.times["plain"])
-    rows = {phase: median(values) for phase, values in den_timer.times.items()}
+    def den_round() -> dict[str, float]:
+        torch.manual_seed(0)
+        timer = StepTimer(sync)
+        # no split here, so DEN's network stays within k units of the plain one: the ratio is the callback's cost
+        den = DENCallback(**den_settings(args.epochs, split_threshold=1e9))
+        timer.phase = lambda: den.progress.phase
+        stream.set_task(0)
+        trainer([den, timer], args.accelerator, max_epochs=-1, reload_dataloaders_every_n_epochs=1).fit(
+            model(args.width_in, args.hidden), datamodule=stream
+        )
+        return {phase: median(values) for phase, values in timer.times.items()}
+
+    def lightning_round() -> float:
+        torch.manual_seed(0)
+        timer = StepTimer(sync)
+        stream.set_task(0)
+        trainer([timer], args.accelerator, max_epochs=args.epochs * 2).fit(
+            model(args.width_in, args.hidden), train_dataloaders=stream.train_dataloader()
+        )
+        return median(timer.times["plain"])
+
+    def pytorch_round() -> float:
+        torch.manual_seed(0)
+        loop_model = model(args.width_in, args.hidden).to(device)
+        optimizer = torch.optim.Adam(loop_model.parameters(), lr=1e-3)
+        clock = StepTimer(sync)
+        times = []
+        for _ in range(args.epochs * 2):
+            for x, y in stream.train_dataloader():
+                start = clock._now()
+                x, y = x.to(device), y.to(device)
+                loss = nn.functional.cross_entropy(loop_model(x, task=0), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                loss.item()  # Lightning reads the loss too
+                times.append(clock._now() - start)
+        return median(times)
+
+    den_rows: dict[str, float] = {}
+    plain = loop = float("inf")
+    for _ in range(args.rounds):
+        for phase, value in den_round().items():
+            den_rows[phase] = min(value, den_rows.get(phase, float("inf")))
+        plain = min(plain, lightning_round())
+        loop = min(loop, pytorch_round())
     return {
-        "plain_pytorch_s": median(loop_times),
+        "plain_pytorch_s": loop,
         "plain_lightning_s": plain,
-        "den_per_phase_s": rows,
-        "den_vs_lightning": {phase: value / plain for phase, value in rows.items()},
-        "lightning_vs_pytorch": plain / median(loop_times),
+        "den_per_phase_s": den_rows,
+        "den_vs_lightning": {phase: value / plain for phase, value in den_rows.items()},
+        "lightning_vs_pytorch": plain / loop,
     }
 
 
@@ -276,6 +291,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per DEN phase")
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of each training setup")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--only-sequence", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-scaling", action="store_true")

@@ -127,6 +127,8 @@ def test_ewc_fisher_is_the_mean_squared_per_example_gradient(tmp_path):
     for name, value in expected.items():
         torch.testing.assert_close(fisher[f"mlp.hidden.{name}"], value, rtol=1e-4, atol=1e-7)
     assert not any(name.startswith("mlp.heads") for name in fisher)
+    # no autograd history: a graph hanging off the Fisher kept every batch's per-example gradients alive
+    assert all(value.grad_fn is None and not value.requires_grad for value in fisher.values())
 
 
 def test_packnet_refuses_a_network_too_small_for_the_stream_before_training(tmp_path):

@@ -119,9 +119,12 @@ class EWCCallback(FineTuningCallback):
         was_training = pl_module.training
         pl_module.eval()
         for inputs, labels in pl_module.trainer.datamodule.task_dataloader(task, "train"):
-            grads = per_example(shared, inputs.to(pl_module.device), labels.to(pl_module.device))
-            for name, value in grads.items():
-                totals[name] += value.pow(2).sum(dim=0)
+            # no_grad outside the transform: the heads still require grad, and without it every batch's
+            # per-example gradients would stay alive in an autograd graph hanging off `totals`
+            with torch.no_grad():
+                grads = per_example(shared, inputs.to(pl_module.device), labels.to(pl_module.device))
+                for name, value in grads.items():
+                    totals[name] += value.pow(2).sum(dim=0)
             examples += len(labels)
         pl_module.train(was_training)
         return {name: total / max(examples, 1) for name, total in totals.items()}
