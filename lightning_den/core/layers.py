@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_den.core.tasks import PerTaskHeads, parse_head_classes
+
 
 def uniform_init(rows: int, fan_in: int, generator: torch.Generator, like: Tensor) -> tuple[Tensor, Tensor]:
     """Weights and biases for ``rows`` new units, drawn as ``nn.Linear`` draws them.
@@ -156,7 +158,7 @@ class ExpandableLinear(nn.Module):
         self._replace_(weight, bias, torch.as_tensor(births, dtype=torch.long, device=self.birth.device))
 
 
-class ExpandableMLP(nn.Module):
+class ExpandableMLP(PerTaskHeads, nn.Module):
     """A stack of :class:`ExpandableLinear` layers with ReLU and one output head per task.
 
     ``forward(x, task=s)`` runs the network as it stood at the end of task ``s``: every hidden layer
@@ -181,14 +183,12 @@ class ExpandableMLP(nn.Module):
             raise ValueError(f"`in_features` must be a positive integer, got {in_features}")
         if len(hidden_sizes) < 1 or any(int(h) < 1 for h in hidden_sizes):
             raise ValueError(f"`hidden_sizes` must be one or more positive integers, got {list(hidden_sizes)}")
-        classes = [head_classes] if isinstance(head_classes, int) else list(head_classes)
-        if not classes or any(int(c) < 1 for c in classes):
-            raise ValueError(f"`head_classes` must be a positive integer or a list of them, got {head_classes}")
+        parsed_classes = parse_head_classes(head_classes)
         self.in_features = in_features
-        self.head_classes = head_classes if isinstance(head_classes, int) else tuple(classes)
+        self.head_classes = parsed_classes
         sizes = [in_features, *map(int, hidden_sizes)]
         self.hidden = nn.ModuleList(ExpandableLinear(a, b) for a, b in itertools.pairwise(sizes))
-        self.heads = nn.ModuleDict({"0": ExpandableLinear(sizes[-1], classes[0])})
+        self.heads = nn.ModuleDict({"0": ExpandableLinear(sizes[-1], self.classes_of(0))})
         self._width_cache: dict[int, tuple[int, ...]] = {}
         self.register_load_state_dict_post_hook(_forget_widths)
 
@@ -198,31 +198,6 @@ class ExpandableMLP(nn.Module):
     def num_tasks(self) -> int:
         """Number of tasks that have a head (the newest one may still be in training)."""
         return len(self.heads)
-
-    @property
-    def newest_task(self) -> int:
-        return self.num_tasks - 1
-
-    def classes_of(self, task: int) -> int:
-        """Number of outputs of the head of ``task`` (``head_classes`` as given at construction)."""
-        if isinstance(self.head_classes, int):
-            return self.head_classes
-        if task >= len(self.head_classes):
-            raise ValueError(
-                f"`head_classes` lists {len(self.head_classes)} tasks, so there is no head size for task "
-                f"{task}; give one number per task or a single number for all tasks"
-            )
-        return int(self.head_classes[task])
-
-    def check_task(self, task: int) -> None:
-        """Raise a ``ValueError`` naming the trained tasks if ``task`` has no head."""
-        if not isinstance(task, int) or isinstance(task, bool):
-            raise TypeError(f"`task` must be an int, got {type(task).__name__}")
-        if not 0 <= task < self.num_tasks:
-            raise ValueError(
-                f"task {task} was never trained: this network has heads for tasks 0..{self.newest_task}. "
-                "Pass a task id in that range."
-            )
 
     def widths(self, task: int) -> tuple[int, ...]:
         """Number of units of each hidden layer alive for ``task`` (born at or before it)."""

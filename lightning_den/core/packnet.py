@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_den.core.layers import uniform_init
+from lightning_den.core.tasks import PerTaskHeads, parse_head_classes
 
 
-class PackNetMLP(nn.Module):
+class PackNetMLP(PerTaskHeads, nn.Module):
     """An MLP of fixed size whose hidden weights are owned by tasks, with one output head per task.
 
     ``forward(x, task=s)`` masks hidden layer ``l`` with ``1 <= owner_l <= s + 1`` for a finished task
@@ -62,18 +63,16 @@ class PackNetMLP(nn.Module):
         sizes = list(hidden_sizes)
         if not sizes or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in sizes):
             raise ValueError(f"`hidden_sizes` must be one or more positive integers, got {sizes}")
-        classes = [head_classes] if isinstance(head_classes, int) else list(head_classes)
-        if not classes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in classes):
-            raise ValueError(f"`head_classes` must be a positive integer or a list of them, got {head_classes!r}")
+        parsed_classes = parse_head_classes(head_classes)
         self.in_features = in_features
         self.hidden_sizes = tuple(sizes)
-        self.head_classes = head_classes if isinstance(head_classes, int) else tuple(classes)
+        self.head_classes = parsed_classes
         widths = [in_features, *sizes]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         for index, layer in enumerate(self.hidden):
             self.register_buffer(f"owner_{index}", torch.zeros(layer.weight.shape, dtype=torch.long))
         self.register_buffer("finished_tasks", torch.zeros((), dtype=torch.long))
-        self.heads = nn.ModuleDict({"0": nn.Linear(sizes[-1], classes[0])})
+        self.heads = nn.ModuleDict({"0": nn.Linear(sizes[-1], self.classes_of(0))})
         self._mask_cache: dict[tuple[int, torch.device, torch.dtype], list[Tensor | None]] = {}
         self.register_load_state_dict_post_hook(_forget_masks)
 
@@ -85,34 +84,9 @@ class PackNetMLP(nn.Module):
         return len(self.heads)
 
     @property
-    def newest_task(self) -> int:
-        return self.num_tasks - 1
-
-    @property
     def training_newest(self) -> bool:
         """Whether the newest task is still training (not yet pruned by :meth:`prune_` or :meth:`claim_free_`)."""
         return int(self.finished_tasks) < self.num_tasks
-
-    def classes_of(self, task: int) -> int:
-        """Number of outputs of the head of ``task`` (``head_classes`` as given at construction)."""
-        if isinstance(self.head_classes, int):
-            return self.head_classes
-        if task >= len(self.head_classes):
-            raise ValueError(
-                f"`head_classes` lists {len(self.head_classes)} tasks, so there is no head size for task "
-                f"{task}; give one number per task or a single number for all tasks"
-            )
-        return int(self.head_classes[task])
-
-    def check_task(self, task: int) -> None:
-        """Raise a ``ValueError`` naming the trained tasks if ``task`` has no head."""
-        if not isinstance(task, int) or isinstance(task, bool):
-            raise TypeError(f"`task` must be an int, got {type(task).__name__}")
-        if not 0 <= task < self.num_tasks:
-            raise ValueError(
-                f"task {task} was never trained: this network has heads for tasks 0..{self.newest_task}. "
-                "Pass a task id in that range."
-            )
 
     # --- owners and masks ---
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_den.core.tasks import PerTaskHeads, parse_head_classes
+
 #: Initial value of every adapter's learned scale ``alpha``: laterals start as a small perturbation.
 ALPHA_INIT = 0.01
 
@@ -118,7 +120,7 @@ class ProgressiveColumn(nn.Module):
         return parameters
 
 
-class ProgressiveMLP(nn.Module):
+class ProgressiveMLP(PerTaskHeads, nn.Module):
     """A Progressive Network of MLP columns, one per task; column 0 (task 0) exists after construction.
 
     Args:
@@ -138,6 +140,8 @@ class ProgressiveMLP(nn.Module):
         [False, False]
     """
 
+    task_parts = "columns"
+
     def __init__(
         self,
         in_features: int,
@@ -150,14 +154,12 @@ class ProgressiveMLP(nn.Module):
             raise ValueError(f"`in_features` must be a positive integer, got {in_features}")
         if len(hidden_sizes) < 1 or any(int(h) < 1 for h in hidden_sizes):
             raise ValueError(f"`hidden_sizes` must be one or more positive integers, got {list(hidden_sizes)}")
-        classes = [head_classes] if isinstance(head_classes, int) else list(head_classes)
-        if not classes or any(int(c) < 1 for c in classes):
-            raise ValueError(f"`head_classes` must be a positive integer or a list of them, got {head_classes}")
+        parsed_classes = parse_head_classes(head_classes)
         if not isinstance(lateral, bool):
             raise TypeError(f"`lateral` must be a bool, got {type(lateral).__name__}")
         self.in_features = in_features
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
-        self.head_classes = head_classes if isinstance(head_classes, int) else tuple(int(c) for c in classes)
+        self.head_classes = parsed_classes
         self.lateral = lateral
         self.columns = nn.ModuleList([self._new_column(0)])
 
@@ -167,31 +169,6 @@ class ProgressiveMLP(nn.Module):
     def num_tasks(self) -> int:
         """Number of tasks that have a column (the newest one may still be in training)."""
         return len(self.columns)
-
-    @property
-    def newest_task(self) -> int:
-        return self.num_tasks - 1
-
-    def classes_of(self, task: int) -> int:
-        """Number of outputs of the head of ``task`` (``head_classes`` as given at construction)."""
-        if isinstance(self.head_classes, int):
-            return self.head_classes
-        if task >= len(self.head_classes):
-            raise ValueError(
-                f"`head_classes` lists {len(self.head_classes)} tasks, so there is no head size for task "
-                f"{task}; give one number per task or a single number for all tasks"
-            )
-        return self.head_classes[task]
-
-    def check_task(self, task: int) -> None:
-        """Raise a ``ValueError`` naming the trained tasks if ``task`` has no column."""
-        if not isinstance(task, int) or isinstance(task, bool):
-            raise TypeError(f"`task` must be an int, got {type(task).__name__}")
-        if not 0 <= task < self.num_tasks:
-            raise ValueError(
-                f"task {task} was never trained: this network has columns for tasks 0..{self.newest_task}. "
-                "Pass a task id in that range."
-            )
 
     # --- columns ---
 
