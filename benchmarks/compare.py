@@ -38,6 +38,7 @@ from lightning_den.baselines import (
 )
 from lightning_den.cli import DENCLI
 from lightning_den.metrics import average_score, backward_transfer, forward_transfer
+from lightning_den.sequence import sequence_trainer
 
 METHODS = {
     "den": "DEN",
@@ -76,20 +77,7 @@ def builders(hparams: dict, optimizer: Callable, den: DENCallback, epochs: int) 
 def run_method(model_fn: Callable, callback_fn: Callable, datamodule, folder: Path, seed: int) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
     evaluation = TaskEvaluation(output_dir=str(folder), plots=False, print_report=False)
-    trainer = pl.Trainer(
-        max_epochs=-1,
-        reload_dataloaders_every_n_epochs=1,
-        callbacks=[callback_fn(), evaluation],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=folder,
-    )
+    trainer = sequence_trainer([callback_fn(), evaluation], default_root_dir=folder)
     start = time.perf_counter()
     trainer.fit(model_fn(), datamodule=datamodule)
     seconds = time.perf_counter() - start

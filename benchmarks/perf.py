@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -42,6 +41,7 @@ import itertools
 from lightning_den import DENMLP, DENCallback, TaskSequenceDataModule
 from lightning_den.core.layers import ExpandableMLP
 from lightning_den.core.surgery import add_units_, duplicate_units_
+from lightning_den.sequence import sequence_trainer
 
 
 def synthetic_stream(tasks: int, width: int, examples: int, batch: int, seed: int = 0) -> TaskSequenceDataModule:
@@ -87,21 +87,6 @@ class BoundaryTimer(Callback):
         self.marks.append(time.perf_counter())
 
 
-def trainer(callbacks, accelerator: str, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        **kwargs,
-    )
-
-
 def den_settings(epochs: int, split_threshold: float) -> dict:
     """Every phase runs its epochs; expansion always happens (k = 10 units per layer), at most 10 splits."""
     return dict(
@@ -138,7 +123,7 @@ def training_steps(args) -> dict:
         den = DENCallback(**den_settings(args.epochs, split_threshold=1e9))
         timer.phase = lambda: den.progress.phase
         stream.set_task(0)
-        trainer([den, timer], args.accelerator, max_epochs=-1, reload_dataloaders_every_n_epochs=1).fit(
+        sequence_trainer([den, timer], accelerator=args.accelerator).fit(
             model(args.width_in, args.hidden), datamodule=stream
         )
         return {phase: median(values) for phase, values in timer.times.items()}
@@ -147,7 +132,7 @@ def training_steps(args) -> dict:
         torch.manual_seed(0)
         timer = StepTimer(sync)
         stream.set_task(0)
-        trainer([timer], args.accelerator, max_epochs=args.epochs * 2).fit(
+        sequence_trainer([timer], accelerator=args.accelerator, max_epochs=args.epochs * 2).fit(
             model(args.width_in, args.hidden), train_dataloaders=stream.train_dataloader()
         )
         return median(timer.times["plain"])
@@ -193,7 +178,7 @@ def boundary_cost(args) -> dict:
     before, after = BoundaryTimer(), BoundaryTimer()
     den = DENCallback(**den_settings(args.epochs, split_threshold=0.0))  # every kind of surgery, splits included
     start = time.perf_counter()
-    trainer([before, den, after], args.accelerator, max_epochs=-1, reload_dataloaders_every_n_epochs=1).fit(
+    sequence_trainer([before, den, after], accelerator=args.accelerator).fit(
         model(args.width_in, args.hidden), datamodule=stream
     )
     total = time.perf_counter() - start

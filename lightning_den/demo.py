@@ -22,6 +22,7 @@ from lightning_den.callbacks import DENCallback
 from lightning_den.data import SplitDigits
 from lightning_den.evaluation import TaskEvaluation
 from lightning_den.module import DENMLP
+from lightning_den.sequence import sequence_trainer
 
 HIDDEN_SIZES = (48, 24)
 LEARNING_RATE = 5e-3
@@ -77,23 +78,12 @@ def run_split_digits(
     if verbose:
         callbacks.append(_PrintTaskEnds(evaluation))
         header = "".join(f"{'t' + str(j):>7}" for j in range(num_tasks))
-        print(f"accuracy on each task after training task i, widths of hidden layers, parameters\n"
-              f"task i|{header} |    widths |  params", flush=True)
-    trainer = pl.Trainer(
-        max_epochs=-1,
-        reload_dataloaders_every_n_epochs=1,
-        callbacks=callbacks,
-        accelerator=accelerator,
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
+        print(
+            f"accuracy on each task after training task i, widths of hidden layers, parameters\n"
+            f"task i|{header} |    widths |  params",
+            flush=True,
+        )
+    trainer = sequence_trainer(callbacks, accelerator=accelerator, precision=precision, deterministic=True)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     return DemoResult(

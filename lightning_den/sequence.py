@@ -413,3 +413,27 @@ class EpochsPerTaskCallback(TaskSequenceCallback):
     def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
         return PhaseProgress(task=progress.task + 1, phase="train") if progress.task + 1 < num_tasks else None
 
+
+
+def sequence_trainer(callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
+    """A quiet single-device Trainer for a whole task sequence in one ``fit``: ``max_epochs=-1`` (the
+    task-sequence callback stops it), training data rebuilt every epoch, no validation, no logger,
+    checkpoints, progress bar or model summary. ``overrides`` go to the Trainer as they are.
+
+    Example::
+
+        sequence_trainer([DENCallback(), TaskEvaluation()]).fit(model, datamodule=SplitDigits())
+    """
+    settings: dict[str, Any] = {
+        "max_epochs": -1,
+        "reload_dataloaders_every_n_epochs": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(callbacks=callbacks, **{**settings, **overrides})

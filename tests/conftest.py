@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_den import DENMLP, TaskSequenceDataModule
+from lightning_den.sequence import sequence_trainer
 
 IN_FEATURES = 6
 HIDDEN = [5, 4]
@@ -50,22 +51,7 @@ def short_phases(**overrides) -> dict:
 
 
 def make_trainer(tmp_path, callbacks: list[Callback], **overrides) -> pl.Trainer:
-    settings = dict(
-        default_root_dir=tmp_path,
-        max_epochs=-1,
-        reload_dataloaders_every_n_epochs=1,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    settings.update(overrides)
-    return pl.Trainer(**settings)
+    return sequence_trainer(callbacks, default_root_dir=tmp_path, **overrides)
 
 
 @pytest.fixture(autouse=True)
