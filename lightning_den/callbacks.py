@@ -15,6 +15,7 @@ the step, the L1 and group-lasso proximal steps after it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,7 +31,7 @@ from lightning_den.core.den import (
     next_phase,
     trainable_entries,
 )
-from lightning_den.core.layers import ExpandableLinear, ExpandableMLP
+from lightning_den.core.layers import ExpandableMLP
 from lightning_den.core.prox import add_drift_penalty_grad_, proximal_step_
 from lightning_den.core.selection import dead_new_units, select_subnetwork, unit_drift, units_to_split
 from lightning_den.core.surgery import Snapshot, add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
@@ -139,9 +140,9 @@ class DENCallback(TaskSequenceCallback):
         )
         self._snapshot: Snapshot = {}
         self._selection: list[list[int]] | None = None
-        self._sparse_ids: set[int] = set()
-        self._new_units: dict[int, tuple[int, ExpandableLinear]] = {}
-        self._drift_pairs: list[tuple[nn.Parameter, Tensor]] = []
+        self._first_new_units: list[int] = []
+        self._prox_plans: dict[torch.optim.Optimizer, list[_ProxGroup]] = {}
+        self._drift_terms: list[_DriftTerm] | None = None
         super().__init__(block=block, convergence_tol=convergence_tol, seed=seed)
 
     block_type = ExpandableMLP
@@ -212,47 +213,85 @@ class DENCallback(TaskSequenceCallback):
         return result
 
     def on_phase_entered(self, pl_module: pl.LightningModule) -> None:
-        """L1 on every trained weight; group lasso on new units (expansion); pull toward W^{t-1}."""
-        mlp, phase, task = self.mlp, self.phase, self.progress.task
-        self._snapshot = {name: t.to(mlp.hidden[0].weight.device) for name, t in self._snapshot.items()}
-        self._sparse_ids = {id(p) for name, p in mlp.named_parameters() if name.endswith("weight") and p.requires_grad}
-        self._new_units = {}
-        if phase is DENPhase.EXPANSION:  # group lasso on each new unit's weights and bias
-            for layer in mlp.hidden:
-                born_now = torch.nonzero(layer.birth == task).flatten()
-                if born_now.numel():
-                    self._new_units[id(layer.weight)] = (int(born_now[0]), layer)
-        self._drift_pairs = []
-        if phase in (DENPhase.SELECTIVE, DENPhase.SPLIT):
-            for index, layer in enumerate(mlp.hidden):
-                for name in ("weight", "bias"):
-                    self._drift_pairs.append((getattr(layer, name), self._snapshot[f"hidden.{index}.{name}"]))
+        """Move W^{t-1} to the model's device; forget the previous phase's step plans.
+
+        What each step touches (L1 on every trained weight, group lasso on new units in expansion, the
+        pull toward W^{t-1} in selective retraining and after the split) is resolved once per phase, at
+        its first step, when the model is on its device: the steps themselves build no lists or views.
+        """
+        mlp = self.mlp
+        device = mlp.hidden[0].weight.device
+        self._snapshot = {name: t.to(device) for name, t in self._snapshot.items()}
+        # units past the previous task's prefix were born in this one (group lasso acts on them)
+        self._first_new_units = list(mlp.widths(self.progress.task - 1)) if self.phase is DENPhase.EXPANSION else []
+        self._prox_plans = {}
+        self._drift_terms = None
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Add the gradient of the pull toward W^{t-1}, then zero the gradients of frozen entries."""
-        if self._drift_pairs and self.drift_penalty > 0:
-            pairs = [(p, ref) for p, ref in self._drift_pairs if p.grad is not None]
-            if pairs:
-                grads = [_leading(p.grad, ref) for p, ref in pairs]
-                params = [_leading(p.detach(), ref) for p, ref in pairs]
-                add_drift_penalty_grad_(grads, params, [ref for _, ref in pairs], self.drift_penalty)
+        if self.drift_penalty > 0:
+            terms = [term for term in self._drift() if term.param.grad is not None]
+            if terms:
+                add_drift_penalty_grad_(
+                    [term.param.grad[term.leading] for term in terms],
+                    [term.values for term in terms],
+                    [term.reference for term in terms],
+                    self.drift_penalty,
+                )
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Proximal steps one after the other (L1, then group lasso), thresholds scaled by the group's lr."""
-        for group in optimizer.param_groups:
-            lr = float(group["lr"])  # read at every step: schedulers and checkpoint restores change it
-            new = [self._new_units[id(p)] for p in group["params"] if id(p) in self._new_units]
+        for prox in self._prox_plan(optimizer):
+            lr = float(prox.group["lr"])  # read at every step: schedulers and checkpoint restores change it
             proximal_step_(
-                [p.data for p in group["params"] if id(p) in self._sparse_ids],
-                [layer.weight.data[start:] for start, layer in new],
+                prox.weights,
+                prox.new_unit_rows,
                 l1=lr * self.sparsity_l1,
                 group=lr * self.group_sparsity,
-                new_unit_biases=[layer.bias.data[start:] for start, layer in new],
+                new_unit_biases=prox.new_unit_biases,
             )
+
+    def _prox_plan(self, optimizer: torch.optim.Optimizer) -> list[_ProxGroup]:
+        """Per param group of ``optimizer``: the trained weights, and in expansion the new units' rows."""
+        plan = self._prox_plans.get(optimizer)
+        if plan is not None:
+            return plan
+        mlp = self.mlp
+        sparse = {id(p) for name, p in mlp.named_parameters() if name.endswith("weight") and p.requires_grad}
+        new_units = {
+            id(layer.weight): (first, layer)
+            for layer, first in zip(mlp.hidden, self._first_new_units, strict=False)  # empty outside expansion
+            if first < layer.out_features
+        }
+        plan = []
+        for group in optimizer.param_groups:
+            new = [new_units[id(p)] for p in group["params"] if id(p) in new_units]
+            plan.append(
+                _ProxGroup(
+                    group=group,
+                    weights=[p.detach() for p in group["params"] if id(p) in sparse],
+                    new_unit_rows=[layer.weight.detach()[first:] for first, layer in new],
+                    new_unit_biases=[layer.bias.detach()[first:] for first, layer in new],
+                )
+            )
+        self._prox_plans[optimizer] = plan
+        return plan
+
+    def _drift(self) -> list[_DriftTerm]:
+        """The hidden parameters pulled toward W^{t-1} in this phase, each with its leading block."""
+        if self._drift_terms is None:
+            self._drift_terms = []
+            if self.phase in (DENPhase.SELECTIVE, DENPhase.SPLIT):
+                for index, layer in enumerate(self.mlp.hidden):
+                    for name in ("weight", "bias"):
+                        param, reference = getattr(layer, name), self._snapshot[f"hidden.{index}.{name}"]
+                        leading = tuple(slice(0, n) for n in reference.shape)  # the entries that existed then
+                        self._drift_terms.append(_DriftTerm(param, leading, param.detach()[leading], reference))
+        return self._drift_terms
 
     # ------------------------------------------------------------------ state
 
@@ -268,6 +307,22 @@ class DENCallback(TaskSequenceCallback):
         self._selection = state.get("selection")
 
 
-def _leading(tensor: Tensor, reference: Tensor) -> Tensor:
-    """The leading block of ``tensor`` with ``reference``'s shape (the entries that existed then)."""
-    return tensor[tuple(slice(0, n) for n in reference.shape)]
+
+@dataclass(frozen=True)
+class _ProxGroup:
+    """What the proximal steps touch in one param group (its ``lr`` is read from ``group`` at each step)."""
+
+    group: dict[str, Any]
+    weights: list[Tensor]
+    new_unit_rows: list[Tensor]
+    new_unit_biases: list[Tensor]
+
+
+@dataclass(frozen=True)
+class _DriftTerm:
+    """A parameter pulled toward W^{t-1}: its leading block (the entries W^{t-1} had) and reference."""
+
+    param: nn.Parameter
+    leading: tuple[slice, ...]
+    values: Tensor
+    reference: Tensor

@@ -246,8 +246,9 @@ class TaskSequenceCallback(Callback):
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor) and self._loss_sum is not None:
-            # Lightning hands over the loss divided by `accumulate_grad_batches`; undo that
-            self._loss_sum += loss.detach() * trainer.accumulate_grad_batches
+            # Lightning hands over the loss divided by `accumulate_grad_batches`; undo that. The sum stays
+            # on the device: the loss is read on the host once per epoch, never per step
+            self._loss_sum.add_(loss.detach(), alpha=trainer.accumulate_grad_batches)
             self._loss_count += 1
 
     @override

@@ -89,9 +89,17 @@ class ExpandableLinear(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: Tensor, out_width: int | None = None) -> Tensor:
-        """``x @ W[:out_width, :x.shape[-1]].T + b[:out_width]``: the prefix slice, as a view."""
+        """``x @ W[:out_width, :x.shape[-1]].T + b[:out_width]``: the prefix slice, as a view.
+
+        The full layer (the newest task in training) is used as it is, not through a slice covering
+        all of it: autograd would give such a slice a backward that writes the whole gradient twice
+        (zeros, then a copy), which a dense ``nn.Linear`` never pays.
+        """
+        weight, bias = self.weight, self.bias
         rows = self.out_features if out_width is None else out_width
-        return F.linear(x, self.weight[:rows, : x.shape[-1]], self.bias[:rows])
+        if rows != self.out_features or x.shape[-1] != self.in_features:
+            weight, bias = weight[:rows, : x.shape[-1]], bias[:rows]
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

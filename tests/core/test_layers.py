@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.profiler import ProfilerActivity, profile
 
 from lightning_den.core.layers import ExpandableMLP
-from lightning_den.core.surgery import prune_units_
+from lightning_den.core.surgery import add_units_, duplicate_units_, prune_units_
 from tests.core.helpers import (
     FAST,
     apply_random_operation,
@@ -170,3 +173,40 @@ def test_parameters_through_a_task_equal_what_the_network_held_when_it_ended():
         duplicate_units_(mlp, 0, [0])
         held.append(mlp.num_parameters())
     assert [mlp.num_parameters_through(t) for t in range(3)] == held
+
+
+#: ops that only make views (no memory written), left out when comparing what two networks compute
+VIEW_OPS = {
+    "aten::slice", "aten::alias", "aten::as_strided", "aten::t", "aten::transpose", "aten::expand", "aten::view"
+}
+
+
+def kernels(run: Callable[[], object]) -> Counter:
+    """The torch operators ``run`` calls, nested ones included, views left out, with their counts."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        run()
+    return Counter(e.name for e in profiler.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS)
+
+
+def test_timestamped_inference_and_newest_task_training_cost_what_a_dense_mlp_costs():
+    """Old tasks run on prefix views (no copy of any weight), and training the newest task through the
+    whole layers costs exactly the kernels of a dense MLP of that width (a full-width slice would add a
+    backward that zero-fills and copies every weight gradient)."""
+    generator = torch.Generator().manual_seed(0)
+    mlp = ExpandableMLP(8, [6, 5], head_classes=2)
+    for _ in range(2):
+        mlp.add_head_(generator)
+        add_units_(mlp, [3, 2], generator)
+        duplicate_units_(mlp, 0, [1])
+    x = torch.randn(4, 8)
+    newest = mlp.newest_task
+    assert mlp.widths(0) != mlp.widths(newest)
+    for task in (0, newest):
+        dense = reference_network(mlp, task)
+        with torch.no_grad():
+            assert torch.equal(mlp(x, task=task), dense(x))  # warms the widths cache too
+            assert kernels(lambda t=task: mlp(x, task=t)) == kernels(lambda d=dense: d(x))
+    dense = reference_network(mlp, newest)
+    trained = kernels(lambda: mlp(x, task=newest).sum().backward())
+    assert "aten::slice_backward" not in trained
+    assert trained == kernels(lambda: dense(x).sum().backward())

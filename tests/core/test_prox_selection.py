@@ -49,6 +49,15 @@ def test_l1_prox_soft_thresholds_every_entry_exactly(values, threshold):
         assert torch.equal(tensor[shrunk].sign(), original[shrunk].sign())
 
 
+def test_l1_prox_writes_through_a_strided_view_and_nowhere_else():
+    weight = torch.linspace(-1.0, 1.0, 24).reshape(4, 6)
+    original = weight.clone()
+    l1_prox_([weight[:, 2:]], 0.5)  # a column block: not contiguous
+    assert torch.equal(weight[:, :2], original[:, :2])
+    expected = torch.tensor([[soft_threshold(v, 0.5) for v in row] for row in original[:, 2:].tolist()])
+    assert torch.equal(weight[:, 2:], expected)
+
+
 def test_l1_prox_with_a_non_positive_threshold_does_nothing():
     w = torch.tensor([0.5, -0.25, 0.0])
     l1_prox_([w], 0.0)
