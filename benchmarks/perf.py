@@ -1,96 +1,67 @@
-"""Performance of the DEN callback, its boundaries and timestamped inference, measured in one run.
+"""Performance of DEN in Lightning, measured in one run: a Markdown table on stdout, JSON and Markdown files.
 
-    .venv/bin/python benchmarks/perf.py                 # CPU, 784-312-128, batch 256: a table and perf.json
-    .venv/bin/python benchmarks/perf.py --width 4096 --batch 1024 --accelerator cuda   # a wide MLP on a GPU
+    make bench                                     # CPU defaults: 784-312-128 MLP, batch 256
+    .venv/bin/python benchmarks/perf.py --accelerator cuda --width-in 4096 --hidden 4096 4096 --batch 1024
 
-Every figure is a ratio of timings taken in the same process, so it does not depend on how fast the
-machine is:
+1. Training step: median time of one step under ``DENCallback`` in each DEN phase (masks, proximal steps
+   and drift pull included) against plain Lightning training the same module *at the same widths*
+   (expansion adds units; the extra compute is DEN's network, not the callback's overhead), and a plain
+   PyTorch loop over the same module (the floor). For each optimizer of ``--optimizers``.
+2. Boundary cost: time spent in the callback's epoch hooks (phase decisions, BFS selection, drift,
+   expansion, pruning, split, optimizer and DDP rebuild) as a share of each task's training time.
+3. Timestamped inference: task 0 of a network grown over 10 tasks against a dense MLP of task 0's
+   widths, and the newest task against a dense MLP of the full widths.
+4. Scaling: whole-sequence wall time and peak memory during the fit for 2, 5, 10 and 20 tasks (each in
+   its own process), and how the time per task grows against the active parameters.
+5. Alternatives on the same stream and epochs per task: DEN's whole-sequence time against one network
+   per task (STL), Progressive Networks and PackNet.
 
-1. training step: median time of one step under ``DENCallback`` (per DEN phase, with its masks,
-   proximal steps and drift pull) against the same module under plain Lightning, and a plain PyTorch
-   loop (the floor);
-2. boundary cost: time spent crossing boundaries (surgery, optimizer and DDP rebuild) as a share of
-   the sequence's training time;
-3. timestamped inference: task 0 of a network grown over 10 tasks against a dense MLP of task 0's
-   width, and the newest task against a dense MLP of the full width;
-4. scaling: whole-sequence wall time and time per task for 2, 5, 10 and 20 tasks, each in its own
-   process, with its peak resident memory.
+Each comparison is a ratio of times taken in the same run, interleaved round by round, best of
+``--rounds``, so it holds on any machine; absolute times are given for orientation only.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import itertools
-
-from lightning_den import DENMLP, DENCallback, TaskSequenceDataModule
+from benchmarks.timing import (
+    OPTIMIZERS,
+    Clock,
+    EpochMarks,
+    PeakMemory,
+    StepTimer,
+    best_of_rounds,
+    den_model,
+    dense_mlp,
+    machine,
+    steady_median,
+    synthetic_stream,
+)
+from lightning_den import DENCallback
+from lightning_den.baselines import PackNetCallback, PackNetModel, ProgressiveCallback, ProgressiveNet
+from lightning_den.core.den import DENPhase, trainable_entries
 from lightning_den.core.layers import ExpandableMLP
 from lightning_den.core.surgery import add_units_, duplicate_units_
 from lightning_den.sequence import sequence_trainer
 
-
-def synthetic_stream(tasks: int, width: int, examples: int, batch: int, seed: int = 0) -> TaskSequenceDataModule:
-    """Random linear 10-class tasks of ``width`` inputs (the data is not the point; the shapes are)."""
-    generator = torch.Generator().manual_seed(seed)
-    splits = []
-    for _ in range(tasks):
-        projection = torch.randn(width, 10, generator=generator)
-        x = torch.randn(examples, width, generator=generator)
-        splits.append((x, (x @ projection).argmax(dim=1)))
-    return TaskSequenceDataModule.from_tensors(
-        train=splits, test=[(x[:batch], y[:batch]) for x, y in splits], batch_size=batch, seed=seed
-    )
+#: the issue's targets: step time vs plain Lightning, boundary share of a task, task-0 inference vs dense
+TARGETS = {"step": 1.15, "boundary_share": 0.02, "task0_inference": 1.10}
 
 
-class StepTimer(Callback):
-    """Wall time of every training step (batch start to batch end, optimizer and hooks included)."""
-
-    def __init__(self, synchronize: bool) -> None:
-        self.synchronize = synchronize
-        self.times: dict[str, list[float]] = {}
-        self.phase = lambda: "plain"
-
-    def _now(self) -> float:
-        if self.synchronize:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = self._now()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.setdefault(self.phase(), []).append(self._now() - self._start)
-
-
-class BoundaryTimer(Callback):
-    """Time of each epoch start: placed before and after DENCallback, the difference is its boundary work."""
-
-    def __init__(self) -> None:
-        self.marks: list[float] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.marks.append(time.perf_counter())
-
-
-def den_settings(epochs: int, split_threshold: float) -> dict:
-    """Every phase runs its epochs; expansion always happens (k = 10 units per layer), at most 10 splits."""
+def den_settings(epochs: int, split_threshold: float, first_task_epochs: int | None = None) -> dict[str, Any]:
+    """Every phase runs all its epochs; every task expands (k = 10 units per layer), at most 10 splits."""
     return dict(
-        first_task_epochs=epochs,
+        first_task_epochs=first_task_epochs or epochs,
         head_fit_epochs=epochs,
         selective_epochs=epochs,
         expansion_epochs=epochs,
@@ -102,92 +73,182 @@ def den_settings(epochs: int, split_threshold: float) -> dict:
     )
 
 
-def model(width: int, hidden: list[int]) -> DENMLP:
-    return DENMLP(width, hidden, 10, optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+# ---------------------------------------------------------------------------------------------- 1. steps
 
 
-def training_steps(args) -> dict:
-    """Median step time: DEN per phase, plain Lightning, plain PyTorch; each measured ``--rounds`` times in
-    alternation, keeping the fastest median of each (so a burst of load on the machine hits no one side)."""
-    sync = args.accelerator == "cuda"
+def training_steps(args: argparse.Namespace) -> dict[str, Any]:
+    """Per optimizer: each DEN phase's step against plain Lightning at that phase's widths; the floor."""
+    clock = Clock(args.accelerator)
     stream = synthetic_stream(2, args.width_in, args.examples, args.batch)
-    device = torch.device("cuda" if sync else "cpu")
+    device = torch.device("cuda" if args.accelerator == "cuda" else "cpu")
 
-    def median(values: list[float]) -> float:
-        return statistics.median(values[2:] if len(values) > 4 else values)  # skip warm-up steps
-
-    def den_round() -> dict[str, float]:
+    def den_round(optimizer: str) -> StepTimer:
         torch.manual_seed(0)
-        timer = StepTimer(sync)
-        # no split here, so DEN's network stays within k units of the plain one: the ratio is the callback's cost
+        # no split, so each phase's widths are known from the expansion alone
         den = DENCallback(**den_settings(args.epochs, split_threshold=1e9))
-        timer.phase = lambda: den.progress.phase
+        timer = StepTimer(clock, label=lambda: den.progress.phase, widths=den.widths)
         stream.set_task(0)
-        sequence_trainer([den, timer], accelerator=args.accelerator).fit(
-            model(args.width_in, args.hidden), datamodule=stream
-        )
-        return {phase: median(values) for phase, values in timer.times.items()}
+        model = den_model(args.width_in, args.hidden, optimizer)
+        sequence_trainer([den, timer], accelerator=args.accelerator).fit(model, datamodule=stream)
+        return timer
 
-    def lightning_round() -> float:
+    def lightning_round(optimizer: str, widths: tuple[int, ...]) -> float:
         torch.manual_seed(0)
-        timer = StepTimer(sync)
+        timer = StepTimer(clock)
         stream.set_task(0)
-        sequence_trainer([timer], accelerator=args.accelerator, max_epochs=args.epochs * 2).fit(
-            model(args.width_in, args.hidden), train_dataloaders=stream.train_dataloader()
-        )
-        return median(timer.times["plain"])
+        model = den_model(args.width_in, list(widths), optimizer)
+        trainer = sequence_trainer([timer], accelerator=args.accelerator, max_epochs=args.epochs)
+        trainer.fit(model, train_dataloaders=stream.train_dataloader())
+        return steady_median(timer.times["plain"])
 
-    def pytorch_round() -> float:
+    def pytorch_round(optimizer: str) -> float:
         torch.manual_seed(0)
-        loop_model = model(args.width_in, args.hidden).to(device)
-        optimizer = torch.optim.Adam(loop_model.parameters(), lr=1e-3)
-        clock = StepTimer(sync)
+        model = den_model(args.width_in, args.hidden, optimizer).to(device)
+        step = OPTIMIZERS[optimizer](model.parameters())
         times = []
-        for _ in range(args.epochs * 2):
+        for _ in range(args.epochs):
             for x, y in stream.train_dataloader():
-                start = clock._now()
+                start = clock()
                 x, y = x.to(device), y.to(device)
-                loss = nn.functional.cross_entropy(loop_model(x, task=0), y)
-                optimizer.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x, task=0), y)
+                step.zero_grad()
                 loss.backward()
-                optimizer.step()
-                loss.item()  # Lightning reads the loss too
-                times.append(clock._now() - start)
-        return median(times)
+                step.step()
+                times.append(clock() - start)
+        return steady_median(times)
 
-    den_rows: dict[str, float] = {}
-    plain = loop = float("inf")
-    for _ in range(args.rounds):
-        for phase, value in den_round().items():
-            den_rows[phase] = min(value, den_rows.get(phase, float("inf")))
-        plain = min(plain, lightning_round())
-        loop = min(loop, pytorch_round())
+    results: dict[str, Any] = {}
+    for optimizer in args.optimizers:
+        phase_widths: dict[str, tuple[int, ...]] = {}
+
+        def one_round(optimizer: str = optimizer, phase_widths: dict = phase_widths) -> dict[str, float]:
+            timer = den_round(optimizer)
+            phase_widths.update(timer.widths_of)
+            row = {f"den {phase}": steady_median(times) for phase, times in timer.times.items()}
+            for widths in sorted(set(phase_widths.values())):
+                row[f"lightning {widths}"] = lightning_round(optimizer, widths)
+            row["pytorch"] = pytorch_round(optimizer)
+            return row
+
+        best = best_of_rounds(args.rounds, one_round)
+        phases = {}
+        for phase, widths in phase_widths.items():
+            den_s, lightning_s = best[f"den {phase}"], best[f"lightning {widths}"]
+            phases[phase] = {
+                "widths": list(widths),
+                "den_s": den_s,
+                "lightning_s": lightning_s,
+                "den_vs_lightning": den_s / lightning_s,
+                "den_samples_per_s": args.batch / den_s,
+                "lightning_samples_per_s": args.batch / lightning_s,
+            }
+        first = phase_widths[next(iter(phase_widths))]
+        results[optimizer] = {
+            "phases": phases,
+            "optimizer_step_on_frozen_entries": optimizer_on_frozen_entries(args, optimizer),
+            "plain_pytorch_s": best["pytorch"],
+            "lightning_vs_pytorch": best[f"lightning {first}"] / best["pytorch"],
+        }
+    return results
+
+
+def optimizer_on_frozen_entries(args: argparse.Namespace, optimizer: str) -> dict[str, float]:
+    """One optimizer step with the expansion phase's gradients (zero on every frozen entry, so zero moments
+    there) against the same step with dense gradients: what the optimizer itself, not the callback, costs
+    more on DEN's masks. Torch's CPU square root is many times slower on zeros, which Adam's unfused
+    update takes of its second moment; the fused update is not."""
+    clock = Clock(args.accelerator)
+    device = torch.device("cuda" if args.accelerator == "cuda" else "cpu")
+    mlp = ExpandableMLP(args.width_in, args.hidden, head_classes=10)
+    generator = torch.Generator().manual_seed(0)
+    mlp.add_head_(generator)
+    add_units_(mlp, [10] * len(args.hidden), generator)
+    mlp = mlp.to(device)
+    masks = trainable_entries(mlp, DENPhase.EXPANSION)
+    trained = [(name, p) for name, p in mlp.named_parameters() if masks[name] is not False]
+    params = [p for _, p in trained]
+    dense = [torch.randn_like(p) for p in params]
+    masked = [
+        g * masks[name] if isinstance(masks[name], torch.Tensor) else g
+        for g, (name, _) in zip(dense, trained, strict=True)
+    ]
+
+    def step_s(gradients: list[torch.Tensor]) -> float:
+        step = OPTIMIZERS[optimizer](params)
+        times = []
+        for _ in range(args.repeats):
+            for p, g in zip(params, gradients, strict=True):
+                p.grad = g
+            start = clock()
+            step.step()
+            times.append(clock() - start)
+        return steady_median(times)
+
+    best = best_of_rounds(args.rounds, lambda: {"masked": step_s(masked), "dense": step_s(dense)})
+    return {**best, "masked_vs_dense": best["masked"] / best["dense"]}
+
+
+# ------------------------------------------------------------------------------------ 2. and 4. sequences
+
+
+def den_sequence(args: argparse.Namespace, tasks: int) -> dict[str, Any]:
+    """One whole DEN sequence with every kind of surgery: per task its wall time, the time the callback's
+    epoch hooks took (the boundaries), its active parameters and widths."""
+    clock = Clock(args.accelerator)
+    stream = synthetic_stream(tasks, args.width_in, args.examples, args.batch)
+    torch.manual_seed(0)
+    den = DENCallback(**den_settings(args.epochs, split_threshold=0.0))
+    before, after = EpochMarks(clock, lambda: den.progress.task), EpochMarks(clock, lambda: den.progress.task)
+    model = den_model(args.width_in, args.hidden)
+    with PeakMemory(args.accelerator) as memory:
+        start = clock()
+        sequence_trainer([before, den, after], accelerator=args.accelerator).fit(model, datamodule=stream)
+        total = clock() - start
+    task_s, boundary_s = [0.0] * tasks, [0.0] * tasks
+    epoch_starts = [t for _, t in before.starts] + [after.ends[-1][1]]
+    for i, (task, started) in enumerate(after.starts):  # labelled after the crossing: the task it starts
+        hooks = (started - before.starts[i][1]) + (after.ends[i][1] - before.ends[i][1])
+        task_s[task] += epoch_starts[i + 1] - before.starts[i][1]
+        boundary_s[task] += hooks
+    mlp = model.mlp
     return {
-        "plain_pytorch_s": loop,
-        "plain_lightning_s": plain,
-        "den_per_phase_s": den_rows,
-        "den_vs_lightning": {phase: value / plain for phase, value in den_rows.items()},
-        "lightning_vs_pytorch": plain / loop,
+        "tasks": tasks,
+        "sequence_s": total,
+        "task_s": task_s,
+        "boundary_s": boundary_s,
+        "boundary_share": [b / t for b, t in zip(boundary_s, task_s, strict=True)],
+        "active_parameters": [mlp.num_parameters(t) for t in range(tasks)],
+        "widths": [list(mlp.widths(t)) for t in range(tasks)],
+        "total_parameters": mlp.num_parameters(),
+        **memory.result(),
     }
 
 
-def boundary_cost(args) -> dict:
-    """Share of a whole DEN sequence's training time spent crossing boundaries."""
-    stream = synthetic_stream(args.tasks, args.width_in, args.examples, args.batch)
-    torch.manual_seed(0)
-    before, after = BoundaryTimer(), BoundaryTimer()
-    den = DENCallback(**den_settings(args.epochs, split_threshold=0.0))  # every kind of surgery, splits included
-    start = time.perf_counter()
-    sequence_trainer([before, den, after], accelerator=args.accelerator).fit(
-        model(args.width_in, args.hidden), datamodule=stream
-    )
-    total = time.perf_counter() - start
-    crossing = sum(b - a for a, b in zip(before.marks, after.marks, strict=True))
-    return {"tasks": args.tasks, "sequence_s": total, "boundaries_s": crossing, "boundary_share": crossing / total}
+def scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """:func:`den_sequence` for each task count in its own process (so that each memory peak is its own)."""
+    rows = []
+    for tasks in args.task_counts:
+        command = [sys.executable, __file__, "--only-sequence", str(tasks), *passthrough(args)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return rows
 
 
-def timestamped_inference(args) -> dict:
-    """Task 0 after 10 tasks of growth against a dense MLP of task 0's width; newest task against full width."""
+def passthrough(args: argparse.Namespace) -> list[str]:
+    """The sizes and device, as command-line arguments for a child process."""
+    return [
+        *("--width-in", str(args.width_in), "--hidden", *map(str, args.hidden)),
+        *("--epochs", str(args.epochs), "--examples", str(args.examples), "--batch", str(args.batch)),
+        *("--accelerator", args.accelerator),
+    ]
+
+
+# -------------------------------------------------------------------------------------------- 3. inference
+
+
+def timestamped_inference(args: argparse.Namespace) -> dict[str, Any]:
+    """Task 0 after 10 tasks of growth against a dense MLP of task 0's widths; newest task against full."""
+    clock = Clock(args.accelerator)
     device = torch.device("cuda" if args.accelerator == "cuda" else "cpu")
     mlp = ExpandableMLP(args.width_in, args.hidden, head_classes=10)
     generator = torch.Generator().manual_seed(0)
@@ -196,129 +257,231 @@ def timestamped_inference(args) -> dict:
         add_units_(mlp, [max(1, h // 8) for h in args.hidden], generator)
         duplicate_units_(mlp, 0, list(range(max(1, args.hidden[0] // 16))))
     mlp = mlp.to(device).eval()
-
-    def dense(widths) -> nn.Module:
-        sizes = [args.width_in, *widths]
-        layers: list[nn.Module] = []
-        for a, b in itertools.pairwise(sizes):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        return nn.Sequential(*layers, nn.Linear(sizes[-1], 10)).to(device).eval()
-
     x = torch.randn(args.batch, args.width_in, device=device)
+    newest = mlp.newest_task
+    small = dense_mlp(args.width_in, mlp.widths(0)).to(device).eval()
+    large = dense_mlp(args.width_in, mlp.widths(newest)).to(device).eval()
 
     @torch.no_grad()
-    def timed(fn) -> float:
+    def forward_s(run) -> float:
         for _ in range(5):
-            fn()
+            run()
         samples = []
         for _ in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
+            start = clock()
+            run()
+            samples.append(clock() - start)
         return statistics.median(samples)
 
-    newest = mlp.newest_task
-    task0 = timed(lambda: mlp(x, task=0))
-    small, large = dense(mlp.widths(0)), dense(mlp.widths(newest))
-    dense0 = timed(lambda: small(x))
-    newest_time, dense_full = timed(lambda: mlp(x, task=newest)), timed(lambda: large(x))
+    def one_round() -> dict[str, float]:
+        return {
+            "task0_s": forward_s(lambda: mlp(x, task=0)),
+            "dense_task0_s": forward_s(lambda: small(x)),
+            "newest_s": forward_s(lambda: mlp(x, task=newest)),
+            "dense_full_s": forward_s(lambda: large(x)),
+        }
+
+    best = best_of_rounds(args.rounds, one_round)
     return {
         "widths_task0": list(mlp.widths(0)),
         "widths_newest": list(mlp.widths(newest)),
-        "task0_vs_dense_task0_width": task0 / dense0,
-        "newest_vs_dense_full_width": newest_time / dense_full,
+        **best,
+        "task0_vs_dense_task0_width": best["task0_s"] / best["dense_task0_s"],
+        "newest_vs_dense_full_width": best["newest_s"] / best["dense_full_s"],
     }
 
 
-def scaling(args) -> list[dict]:
-    """Each task count in its own process, for its peak resident memory."""
+# ----------------------------------------------------------------------------------------- 5. alternatives
+
+
+def alternatives(args: argparse.Namespace) -> dict[str, Any]:
+    """Whole-sequence time of DEN, STL, Progressive Networks and PackNet: same stream, same epochs per task."""
+    clock = Clock(args.accelerator)
+    per_task = 4 * args.epochs  # a DEN task after the first: head fit, selective, expansion, split
+    stream = synthetic_stream(args.tasks, args.width_in, args.examples, args.batch)
+    sizes = dict(in_features=args.width_in, hidden_sizes=args.hidden, num_classes=10, optimizer=OPTIMIZERS["adam"])
+    methods = {
+        "DEN": lambda: (
+            den_model(args.width_in, args.hidden),
+            DENCallback(**den_settings(args.epochs, split_threshold=0.0, first_task_epochs=per_task)),
+        ),
+        "STL": lambda: (ProgressiveNet(**sizes, lateral=False), ProgressiveCallback(epochs_per_task=per_task)),
+        "Progressive Networks": lambda: (ProgressiveNet(**sizes), ProgressiveCallback(epochs_per_task=per_task)),
+        "PackNet": lambda: (
+            PackNetModel(**sizes),
+            PackNetCallback(0.75, train_epochs=per_task - args.epochs, retrain_epochs=args.epochs),
+        ),
+    }
+    parameters: dict[str, int] = {}
+
+    def one_round() -> dict[str, float]:
+        seconds = {}
+        for name, build in methods.items():
+            torch.manual_seed(0)
+            model, callback = build()
+            stream.set_task(0)
+            start = clock()
+            sequence_trainer([callback], accelerator=args.accelerator).fit(model, datamodule=stream)
+            seconds[name] = clock() - start
+            parameters[name] = sum(p.numel() for p in model.parameters())
+        return seconds
+
+    best = best_of_rounds(args.rounds, one_round)
+    return {
+        "tasks": args.tasks,
+        "epochs_per_task": per_task,
+        "sequence_s": best,
+        "vs_stl": {name: seconds / best["STL"] for name, seconds in best.items()},
+        "parameters": parameters,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as the Markdown table the README shows."""
     rows = []
-    for tasks in (2, 5, 10, 20):
-        command = [
-            sys.executable,
-            __file__,
-            "--only-sequence",
-            "--tasks",
-            str(tasks),
-            "--width-in",
-            str(args.width_in),
-            "--hidden",
-            *map(str, args.hidden),
-            "--epochs",
-            str(args.epochs),
-            "--examples",
-            str(args.examples),
-            "--batch",
-            str(args.batch),
-            "--accelerator",
-            args.accelerator,
-        ]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        measured = json.loads(result.stdout.strip().splitlines()[-1])
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        measured["peak_rss_mib"] = max(peak, before) / 1024
-        measured["seconds_per_task"] = measured["sequence_s"] / tasks
-        rows.append(measured)
-    return rows
+    for optimizer, step in results["training_step"].items():
+        ratios = ", ".join(f"{phase} {row['den_vs_lightning']:.2f}x" for phase, row in step["phases"].items())
+        rows.append(
+            (f"training step, DEN vs plain Lightning at the same widths ({optimizer})", ratios, f"≤ {TARGETS['step']}x")
+        )
+        expansion = step["phases"].get("expansion", next(iter(step["phases"].values())))
+        den_rate, plain_rate = expansion["den_samples_per_s"], expansion["lightning_samples_per_s"]
+        rows.append(
+            (
+                f"throughput in expansion, samples/s ({optimizer})",
+                f"DEN {den_rate:,.0f}, plain Lightning {plain_rate:,.0f}",
+                "-",
+            )
+        )
+        frozen = step["optimizer_step_on_frozen_entries"]["masked_vs_dense"]
+        rows.append((f"optimizer step on expansion's masked gradients vs dense ({optimizer})", f"{frozen:.2f}x", "-"))
+        floor = f"{step['lightning_vs_pytorch']:.2f}x"
+        rows.append((f"plain Lightning vs a plain PyTorch loop ({optimizer})", floor, "-"))
+    boundaries = results["boundaries"]
+    shares = boundaries["boundary_share"]
+    rows.append(
+        (
+            f"boundary work (decisions, BFS, surgery, optimizer rebuild) per task, {boundaries['tasks']} tasks",
+            f"max {max(shares):.2%}, mean {statistics.mean(shares):.2%} of the task's time",
+            f"< {TARGETS['boundary_share']:.0%}",
+        )
+    )
+    inference = results["inference"]
+    rows.append(
+        (
+            f"task 0 after 10 tasks (widths {inference['widths_task0']}) vs a dense MLP of those widths",
+            f"{inference['task0_vs_dense_task0_width']:.2f}x",
+            f"≤ {TARGETS['task0_inference']}x",
+        )
+    )
+    rows.append(
+        (
+            f"newest task (widths {inference['widths_newest']}) vs a dense MLP of those widths",
+            f"{inference['newest_vs_dense_full_width']:.2f}x",
+            "-",
+        )
+    )
+    if "scaling" in results:
+        scaled = results["scaling"]
+        counts = " / ".join(str(row["tasks"]) for row in scaled)
+        rows.append(
+            (
+                f"whole sequence, {counts} tasks",
+                " / ".join(f"{row['sequence_s']:.1f} s" for row in scaled)
+                + "; peak RSS in the fit "
+                + " / ".join(f"{row['peak_rss_mib']:.0f}" for row in scaled)
+                + " MiB (at its start "
+                + " / ".join(f"{row['rss_at_start_mib']:.0f}" for row in scaled)
+                + " MiB)",
+                "-",
+            )
+        )
+        growth = results["growth"]
+        rows.append(
+            (
+                f"time of task {growth['last_task']} vs task 1 ({growth['tasks']}-task run)",
+                f"{growth['time_ratio']:.2f}x, active parameters {growth['parameter_ratio']:.2f}x",
+                "time grows no faster than active parameters",
+            )
+        )
+    if "alternatives" in results:
+        alt = results["alternatives"]
+        rows.append(
+            (
+                f"whole sequence vs one network per task (STL), {alt['tasks']} tasks x {alt['epochs_per_task']} epochs",
+                ", ".join(f"{name} {ratio:.2f}x" for name, ratio in alt["vs_stl"].items() if name != "STL"),
+                "-",
+            )
+        )
+    lines = [f"Measured on {results['machine']}.", "", "| what | measured | target |", "|---|---|---|"]
+    lines += [f"| {what} | {measured} | {target} |" for what, measured, target in rows]
+    return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def growth(sequence: dict[str, Any]) -> dict[str, Any]:
+    """How the time of the last task compares with task 1's (task 0 has only the sparse phase)."""
+    last = sequence["tasks"] - 1
+    return {
+        "tasks": sequence["tasks"],
+        "last_task": last,
+        "time_ratio": sequence["task_s"][last] / sequence["task_s"][1],
+        "parameter_ratio": sequence["active_parameters"][last] / sequence["active_parameters"][1],
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width-in", type=int, default=784)
     parser.add_argument("--hidden", type=int, nargs="+", default=[312, 128])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--examples", type=int, default=4096)
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per DEN phase")
-    parser.add_argument("--tasks", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of each training setup")
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--only-sequence", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--examples", type=int, default=4096, help="training examples per task")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of each DEN phase")
+    parser.add_argument("--tasks", type=int, default=5, help="tasks of the boundary and alternatives runs")
+    parser.add_argument("--task-counts", type=int, nargs="+", default=[2, 5, 10, 20], help="tasks of the scaling runs")
+    parser.add_argument("--repeats", type=int, default=50, help="forward passes timed per inference round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each comparison (best kept)")
+    parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=["adam", "adam-fused"])
+    parser.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--skip-scaling", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/perf.json")
-    args = parser.parse_args()
+    parser.add_argument("--skip-alternatives", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/perf", help="path of the .json and .md, no suffix")
+    parser.add_argument("--only-sequence", type=int, metavar="TASKS", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if min(args.task_counts) < 2:
+        parser.error("--task-counts must all be at least 2 (task growth is measured from task 1)")
+    if args.accelerator == "cuda" and not torch.cuda.is_available():
+        parser.error("--accelerator cuda needs a CUDA GPU; none is visible to torch")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.accelerator == "cpu":
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     if args.only_sequence:
-        print(json.dumps(boundary_cost(args)))
+        print(json.dumps(den_sequence(args, args.only_sequence)))
         return
-    results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        + (torch.cuda.get_device_name() if args.accelerator == "cuda" else "CPU"),
+    results: dict[str, Any] = {
+        "machine": machine(args.accelerator),
         "config": {k: v for k, v in vars(args).items() if k not in ("only_sequence", "out")},
         "training_step": training_steps(args),
-        "boundaries": boundary_cost(args),
+        "boundaries": den_sequence(args, args.tasks),
         "inference": timestamped_inference(args),
     }
     if not args.skip_scaling:
         results["scaling"] = scaling(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    step = results["training_step"]
-    print(f"machine: {results['machine']}")
-    print(
-        f"training step, plain PyTorch {step['plain_pytorch_s'] * 1e3:.2f} ms, plain Lightning "
-        f"{step['plain_lightning_s'] * 1e3:.2f} ms ({step['lightning_vs_pytorch']:.2f}x PyTorch)"
-    )
-    for phase, ratio in step["den_vs_lightning"].items():
-        print(f"  DEN {phase:>10}: {step['den_per_phase_s'][phase] * 1e3:.2f} ms = {ratio:.2f}x plain Lightning")
-    b = results["boundaries"]
-    print(f"boundaries: {b['boundaries_s']:.3f} s of {b['sequence_s']:.1f} s = {b['boundary_share']:.2%}")
-    i = results["inference"]
-    print(
-        f"inference: task 0 (widths {i['widths_task0']}) {i['task0_vs_dense_task0_width']:.2f}x dense; newest "
-        f"(widths {i['widths_newest']}) {i['newest_vs_dense_full_width']:.2f}x dense"
-    )
-    for row in results.get("scaling", []):
-        print(
-            f"scaling: {row['tasks']:>2} tasks: {row['sequence_s']:.1f} s, {row['seconds_per_task']:.2f} s/task, "
-            f"peak {row['peak_rss_mib']:.0f} MiB"
-        )
+        results["growth"] = growth(results["scaling"][-1])
+    if not args.skip_alternatives:
+        results["alternatives"] = alternatives(args)
+    table = markdown(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -59,10 +59,11 @@ def group_lasso_prox_(rows: Sequence[Tensor], threshold: float, biases: Sequence
     for index, r in enumerate(rows):
         if not r.numel():
             continue
-        squares = r.square().sum(dim=1)
+        norms = torch.linalg.vector_norm(r, dim=1)
         if biases is not None:
-            squares = squares + biases[index].square()
-        scale = (1.0 - threshold / squares.sqrt().clamp_min(torch.finfo(r.dtype).tiny)).clamp_min(0.0)
+            norms = torch.hypot(norms, biases[index])
+        # 1 - t / ||g||, floored at 0 (a zero group: 1 / 0 = inf, so its scale is 0 and it stays zero)
+        scale = norms.reciprocal_().mul_(-threshold).add_(1.0).clamp_min_(0.0)
         r.mul_(scale[:, None])
         if biases is not None:
             biases[index].mul_(scale)

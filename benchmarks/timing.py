@@ -1,0 +1,180 @@
+"""What the performance benchmark measures with: a synthetic task stream, models, optimizers and timers.
+
+Every timer here takes wall time with ``time.perf_counter``; on CUDA it synchronises first, so a
+time covers the kernels it launched and not only their launch.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_den import DENMLP, TaskSequenceDataModule
+
+#: the optimizers the step benchmark compares, by name (the learning rate of the official DEN code)
+OPTIMIZERS: dict[str, Callable] = {
+    "adam": functools.partial(torch.optim.Adam, lr=1e-3),
+    "adam-fused": functools.partial(torch.optim.Adam, lr=1e-3, fused=True),
+}
+
+
+def synthetic_stream(tasks: int, width: int, examples: int, batch: int, seed: int = 0) -> TaskSequenceDataModule:
+    """Random linear 10-class tasks of ``width`` inputs (the data is not the point; the shapes are)."""
+    generator = torch.Generator().manual_seed(seed)
+    splits = []
+    for _ in range(tasks):
+        projection = torch.randn(width, 10, generator=generator)
+        x = torch.randn(examples, width, generator=generator)
+        splits.append((x, (x @ projection).argmax(dim=1)))
+    return TaskSequenceDataModule.from_tensors(
+        train=splits, test=[(x[:batch], y[:batch]) for x, y in splits], batch_size=batch, seed=seed
+    )
+
+
+def den_model(width_in: int, hidden: list[int], optimizer: str = "adam") -> DENMLP:
+    """The ready DEN model with 10 classes per task and one of :data:`OPTIMIZERS`."""
+    return DENMLP(width_in, hidden, 10, optimizer=OPTIMIZERS[optimizer])
+
+
+def dense_mlp(width_in: int, hidden: tuple[int, ...] | list[int], classes: int = 10) -> nn.Sequential:
+    """A plain ``nn.Linear``/``nn.ReLU`` stack of these widths."""
+    sizes = [width_in, *hidden]
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(sizes[-1], classes))
+
+
+class Clock:
+    """``perf_counter``, after a CUDA synchronisation when timing a GPU."""
+
+    def __init__(self, accelerator: str) -> None:
+        self.synchronize = accelerator == "cuda"
+
+    def __call__(self) -> float:
+        if self.synchronize:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+class StepTimer(Callback):
+    """Wall time of every training step (batch start to batch end: forward, backward, optimizer step and
+    every callback's batch hooks), grouped by ``label()`` (e.g. the DEN phase), with the widths then."""
+
+    def __init__(self, clock: Clock, label: Callable[[], str] = lambda: "plain", widths=lambda: ()) -> None:
+        self.clock, self.label, self.widths = clock, label, widths
+        self.times: dict[str, list[float]] = {}
+        self.widths_of: dict[str, tuple[int, ...]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = self.clock()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        label = self.label()
+        self.times.setdefault(label, []).append(self.clock() - self._start)
+        self.widths_of.setdefault(label, tuple(self.widths()))
+
+
+class EpochMarks(Callback):
+    """Times of every epoch start and end, with a label each (e.g. the task). Placed before and after a
+    callback in the Trainer's list, the differences of two instances' marks are that callback's epoch-hook
+    time: its decisions, surgery and rebuilds."""
+
+    def __init__(self, clock: Clock, label: Callable[[], int] = lambda: 0) -> None:
+        self.clock, self.label = clock, label
+        self.starts: list[tuple[int, float]] = []
+        self.ends: list[tuple[int, float]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.starts.append((self.label(), self.clock()))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.ends.append((self.label(), self.clock()))
+
+
+class PeakMemory:
+    """Peak memory while a block runs: resident memory of the process (MiB) and, on CUDA, the GPU's
+    allocations. On Linux the kernel's peak (``VmHWM``) is reset when the block starts, so the peak is the
+    block's own; elsewhere it is the process's lifetime peak (``ru_maxrss``).
+
+    Example::
+
+        with PeakMemory("cpu") as peak:
+            trainer.fit(model, datamodule=stream)
+        peak.result()   # {"peak_rss_mib": ..., "rss_at_start_mib": ...}
+    """
+
+    _STATUS = Path("/proc/self/status")
+
+    def __init__(self, accelerator: str) -> None:
+        self.cuda = accelerator == "cuda"
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.own_peak = True
+        except OSError:
+            self.own_peak = False
+        self.at_start = self._status_mib("VmRSS")
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.own_peak:
+            self.peak = self._status_mib("VmHWM")
+        else:
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and BSD report KiB
+        self.cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
+
+    def result(self) -> dict[str, float]:
+        """The peaks in MiB; ``peak_is_the_blocks`` says whether the RSS peak is the block's own."""
+        measured = {"peak_rss_mib": self.peak, "rss_at_start_mib": self.at_start, "peak_is_the_blocks": self.own_peak}
+        if self.cuda_peak is not None:
+            measured["peak_cuda_mib"] = self.cuda_peak
+        return measured
+
+    def _status_mib(self, key: str) -> float:
+        if not self._STATUS.exists():
+            return float("nan")
+        for line in self._STATUS.read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def steady_median(values: list[float]) -> float:
+    """Median without the first two values (warm-up after an optimizer is built), when there are enough."""
+    return statistics.median(values[2:] if len(values) > 4 else values)
+
+
+def best_of_rounds(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The smallest value of each key over ``rounds`` calls: a burst of load on the machine during one
+    call costs that call only. Callers interleave what they compare, so both sides see the same load."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for key, value in measure().items():
+            best[key] = min(value, best.get(key, float("inf")))
+    return best
+
+
+def machine(accelerator: str) -> str:
+    """The processor (or GPU), threads and library versions, for the report."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    device = torch.cuda.get_device_name() if accelerator == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    return f"{cpu}, {device}; torch {torch.__version__}, lightning {lightning.__version__}"
