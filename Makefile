@@ -1,11 +1,12 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-# Each creates .venv (if missing) and installs the project into it.
+# Each creates .venv (if missing) and installs the project into it. `make bench` runs the
+# performance suite (a few minutes; writes benchmarks/results/perf.json and perf.md).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check lightning_den tests examples benchmarks
 	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/perf.py
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check lightning_den tests examples benchmarks

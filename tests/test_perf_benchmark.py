@@ -1,0 +1,85 @@
+"""The performance benchmark on a tiny network: every measurement runs and reports what it says it does.
+
+Nothing here compares a time with a number: the timings of a tiny network on a shared machine mean
+nothing (the benchmark itself is run with ``make bench``). What is checked is structure and the
+invariants that hold whatever the machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_den.core.den import DENPhase
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    *("--width-in", "12", "--hidden", "8", "6", "--batch", "16", "--examples", "64", "--epochs", "1"),
+    *("--tasks", "3", "--task-counts", "2", "3", "--repeats", "3", "--rounds", "1"),
+]
+
+
+def run_perf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "benchmarks" / "perf.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_every_measurement_runs_and_reports_consistent_figures(tmp_path):
+    result = run_perf(*TINY, "--out", str(tmp_path / "perf"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "perf.json").read_text())
+
+    for optimizer in ("adam", "adam-fused"):
+        step = report["training_step"][optimizer]
+        assert set(step["phases"]) == {phase.value for phase in DENPhase}
+        for row in step["phases"].values():
+            assert math.isfinite(row["den_vs_lightning"]) and row["den_vs_lightning"] > 0
+        # expansion adds 10 units per layer, and plain Lightning is timed at those widths
+        assert step["phases"]["expansion"]["widths"] == [w + 10 for w in step["phases"]["sparse"]["widths"]]
+        assert step["optimizer_step_on_frozen_entries"]["masked_vs_dense"] > 0
+
+    boundaries = report["boundaries"]
+    assert len(boundaries["task_s"]) == len(boundaries["boundary_s"]) == 3
+    assert sum(boundaries["task_s"]) <= boundaries["sequence_s"]  # the epochs lie inside the fit
+    assert all(0 < share < 1 for share in boundaries["boundary_share"])
+    assert boundaries["active_parameters"] == sorted(boundaries["active_parameters"])  # the network only grows
+
+    inference = report["inference"]
+    assert all(new >= old for new, old in zip(inference["widths_newest"], inference["widths_task0"], strict=True))
+    assert inference["widths_newest"] != inference["widths_task0"]
+
+    assert [row["tasks"] for row in report["scaling"]] == [2, 3]
+    for row in report["scaling"]:
+        assert row["peak_rss_mib"] >= row["rss_at_start_mib"] > 0
+        assert len(row["widths"]) == row["tasks"]
+    assert report["growth"]["parameter_ratio"] >= 1
+
+    alternatives = report["alternatives"]
+    assert set(alternatives["sequence_s"]) == {"DEN", "STL", "Progressive Networks", "PackNet"}
+    assert alternatives["vs_stl"]["STL"] == 1
+    assert alternatives["parameters"]["Progressive Networks"] > alternatives["parameters"]["STL"]
+
+    table = (tmp_path / "perf.md").read_text()
+    assert table in result.stdout
+    for row in ("training step", "boundary work", "task 0 after 10 tasks", "whole sequence", "one network per task"):
+        assert row in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_asking_for_cuda_without_a_gpu_is_refused_with_the_reason(tmp_path):
+    result = run_perf("--accelerator", "cuda", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr
+
+
+def test_task_counts_below_two_are_refused(tmp_path):
+    result = run_perf("--task-counts", "1", "5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--task-counts must all be at least 2" in result.stderr
