@@ -344,9 +344,8 @@ def markdown(results: dict[str, Any]) -> str:
     rows = []
     for optimizer, step in results["training_step"].items():
         ratios = ", ".join(f"{phase} {row['den_vs_lightning']:.2f}x" for phase, row in step["phases"].items())
-        rows.append(
-            (f"training step, DEN vs plain Lightning at the same widths ({optimizer})", ratios, f"≤ {TARGETS['step']}x")
-        )
+        target = f"≤ {TARGETS['step']:.2f}x"
+        rows.append((f"training step, DEN vs plain Lightning at the same widths ({optimizer})", ratios, target))
         expansion = step["phases"].get("expansion", next(iter(step["phases"].values())))
         den_rate, plain_rate = expansion["den_samples_per_s"], expansion["lightning_samples_per_s"]
         rows.append(
@@ -374,7 +373,7 @@ def markdown(results: dict[str, Any]) -> str:
         (
             f"task 0 after 10 tasks (widths {inference['widths_task0']}) vs a dense MLP of those widths",
             f"{inference['task0_vs_dense_task0_width']:.2f}x",
-            f"≤ {TARGETS['task0_inference']}x",
+            f"≤ {TARGETS['task0_inference']:.2f}x",
         )
     )
     rows.append(
