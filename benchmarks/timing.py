@@ -11,12 +11,15 @@ import itertools
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning
 import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -40,6 +43,11 @@ def synthetic_stream(tasks: int, width: int, examples: int, batch: int, seed: in
     return TaskSequenceDataModule.from_tensors(
         train=splits, test=[(x[:batch], y[:batch]) for x, y in splits], batch_size=batch, seed=seed
     )
+
+
+def device_of(accelerator: str) -> torch.device:
+    """The torch device the benchmark's ``--accelerator`` names."""
+    return torch.device("cuda" if accelerator == "cuda" else "cpu")
 
 
 def den_model(width_in: int, hidden: list[int], optimizer: str = "adam") -> DENMLP:
@@ -70,17 +78,29 @@ class Clock:
 
 class StepTimer(Callback):
     """Wall time of every training step (batch start to batch end: forward, backward, optimizer step and
-    every callback's batch hooks), grouped by ``label()`` (e.g. the DEN phase), with the widths then."""
+    every callback's batch hooks), grouped by ``label()`` (e.g. the DEN phase), with the widths then.
 
-    def __init__(self, clock: Clock, label: Callable[[], str] = lambda: "plain", widths=lambda: ()) -> None:
+    On CUDA each step is timed between two synchronisations: its latency with an empty queue, which
+    leaves out the overlap of one step's host work with the previous step's kernels (both sides of a
+    comparison alike).
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        label: Callable[[], Any] = lambda: "plain",
+        widths: Callable[[], tuple[int, ...]] = lambda: (),
+    ) -> None:
         self.clock, self.label, self.widths = clock, label, widths
-        self.times: dict[str, list[float]] = {}
-        self.widths_of: dict[str, tuple[int, ...]] = {}
+        self.times: dict[Any, list[float]] = {}
+        self.widths_of: dict[Any, tuple[int, ...]] = {}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._start = self.clock()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         label = self.label()
         self.times.setdefault(label, []).append(self.clock() - self._start)
         self.widths_of.setdefault(label, tuple(self.widths()))
@@ -96,10 +116,10 @@ class EpochMarks(Callback):
         self.starts: list[tuple[int, float]] = []
         self.ends: list[tuple[int, float]] = []
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.starts.append((self.label(), self.clock()))
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.ends.append((self.label(), self.clock()))
 
 
@@ -126,7 +146,7 @@ class PeakMemory:
             self.own_peak = True
         except OSError:
             self.own_peak = False
-        self.at_start = self._status_mib("VmRSS")
+        self.at_start = self._status_mib("VmRSS") if self._STATUS.exists() else None
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         return self
@@ -135,10 +155,11 @@ class PeakMemory:
         if self.own_peak:
             self.peak = self._status_mib("VmHWM")
         else:
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and BSD report KiB
+            unit = 2**20 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
         self.cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
 
-    def result(self) -> dict[str, float]:
+    def result(self) -> dict[str, Any]:
         """The peaks in MiB; ``peak_is_the_blocks`` says whether the RSS peak is the block's own."""
         measured = {"peak_rss_mib": self.peak, "rss_at_start_mib": self.at_start, "peak_is_the_blocks": self.own_peak}
         if self.cuda_peak is not None:
@@ -146,17 +167,26 @@ class PeakMemory:
         return measured
 
     def _status_mib(self, key: str) -> float:
-        if not self._STATUS.exists():
-            return float("nan")
         for line in self._STATUS.read_text().splitlines():
             if line.startswith(key):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
 
+#: steps after an optimizer is built that carry one-off work (its state, a phase's step plans)
+WARM_UP_STEPS = 2
+
+
 def steady_median(values: list[float]) -> float:
-    """Median without the first two values (warm-up after an optimizer is built), when there are enough."""
-    return statistics.median(values[2:] if len(values) > 4 else values)
+    """Median without the warm-up steps, when there are enough values."""
+    return statistics.median(values[WARM_UP_STEPS:] if len(values) > 2 * WARM_UP_STEPS else values)
+
+
+def warm_up_excess(values: list[float]) -> float:
+    """Time the warm-up steps took beyond as many steady steps (one-off work after a boundary)."""
+    if len(values) <= 2 * WARM_UP_STEPS:
+        return 0.0
+    return max(0.0, sum(values[:WARM_UP_STEPS]) - WARM_UP_STEPS * steady_median(values))
 
 
 def best_of_rounds(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str, float]:

@@ -141,7 +141,7 @@ class DENCallback(TaskSequenceCallback):
         self._snapshot: Snapshot = {}
         self._selection: list[list[int]] | None = None
         self._first_new_units: list[int] = []
-        self._prox_plans: dict[torch.optim.Optimizer, list[_ProxGroup]] = {}
+        self._prox_plans: dict[torch.optim.Optimizer, tuple[list[dict[str, Any]], list[_ProxGroup]]] = {}
         self._drift_terms: list[_DriftTerm] | None = None
         super().__init__(block=block, convergence_tol=convergence_tol, seed=seed)
 
@@ -217,7 +217,8 @@ class DENCallback(TaskSequenceCallback):
 
         What each step touches (L1 on every trained weight, group lasso on new units in expansion, the
         pull toward W^{t-1} in selective retraining and after the split) is resolved once per phase, at
-        its first step, when the model is on its device: the steps themselves build no lists or views.
+        its first step, when the model is on its device; a step then only takes views of the fresh
+        gradients.
         """
         mlp = self.mlp
         device = mlp.hidden[0].weight.device
@@ -226,6 +227,13 @@ class DENCallback(TaskSequenceCallback):
         self._first_new_units = list(mlp.widths(self.progress.task - 1)) if self.phase is DENPhase.EXPANSION else []
         self._prox_plans = {}
         self._drift_terms = None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Drop the step plans: they hold the finished fit's optimizer and its state."""
+        self._prox_plans = {}
+        self._drift_terms = None
+        super().teardown(trainer, pl_module, stage)
 
     @override
     def on_before_optimizer_step(
@@ -246,7 +254,8 @@ class DENCallback(TaskSequenceCallback):
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Proximal steps one after the other (L1, then group lasso), thresholds scaled by the group's lr."""
         for prox in self._prox_plan(optimizer):
-            lr = float(prox.group["lr"])  # read at every step: schedulers and checkpoint restores change it
+            # read at every step (schedulers change it); a tensor lr (capturable Adam) would be read back here
+            lr = float(prox.group["lr"])
             proximal_step_(
                 prox.weights,
                 prox.new_unit_rows,
@@ -256,10 +265,14 @@ class DENCallback(TaskSequenceCallback):
             )
 
     def _prox_plan(self, optimizer: torch.optim.Optimizer) -> list[_ProxGroup]:
-        """Per param group of ``optimizer``: the trained weights, and in expansion the new units' rows."""
-        plan = self._prox_plans.get(optimizer)
-        if plan is not None:
-            return plan
+        """Per param group of ``optimizer``: the trained weights, and in expansion the new units' rows.
+
+        Built at the phase's first step and kept while the optimizer's groups are the same objects
+        (``load_state_dict`` replaces them, ``add_param_group`` adds one).
+        """
+        cached = self._prox_plans.get(optimizer)
+        if cached is not None and cached[0] is optimizer.param_groups and len(cached[1]) == len(cached[0]):
+            return cached[1]
         mlp = self.mlp
         sparse = {id(p) for name, p in mlp.named_parameters() if name.endswith("weight") and p.requires_grad}
         new_units = {
@@ -278,7 +291,7 @@ class DENCallback(TaskSequenceCallback):
                     new_unit_biases=[layer.bias.detach()[first:] for first, layer in new],
                 )
             )
-        self._prox_plans[optimizer] = plan
+        self._prox_plans[optimizer] = (optimizer.param_groups, plan)
         return plan
 
     def _drift(self) -> list[_DriftTerm]:
@@ -305,7 +318,6 @@ class DENCallback(TaskSequenceCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._snapshot = dict(state.get("snapshot", {}))
         self._selection = state.get("selection")
-
 
 
 @dataclass(frozen=True)

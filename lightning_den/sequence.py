@@ -415,7 +415,6 @@ class EpochsPerTaskCallback(TaskSequenceCallback):
         return PhaseProgress(task=progress.task + 1, phase="train") if progress.task + 1 < num_tasks else None
 
 
-
 def sequence_trainer(callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
     """A quiet single-device Trainer for a whole task sequence in one ``fit``: ``max_epochs=-1`` (the
     task-sequence callback stops it), training data rebuilt every epoch, no validation, no logger,

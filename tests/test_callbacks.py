@@ -106,6 +106,18 @@ def test_new_units_are_trained_and_every_trainable_parameter_is_optimized(tmp_pa
     assert all(layer.out_features > size for layer, size in zip(model.mlp.hidden, HIDDEN, strict=True))
 
 
+def test_group_lasso_reaches_exactly_the_new_units(tmp_path):
+    """Strong enough, expansion's group step zeroes every new unit and pruning removes them all; old units stay."""
+    recorder = RecordBoundaries()
+    den = DENCallback(**short_phases(loss_threshold=0.0, group_sparsity=1e4, split_threshold=1e9))
+    make_trainer(tmp_path, [den, recorder]).fit(tiny_model(), datamodule=tiny_stream(num_tasks=2))
+    expansion, split = (next(b for b in recorder.boundaries if b.phase == phase) for phase in ("expansion", "split"))
+    added = short_phases()["units_per_expansion"]
+    assert expansion.widths == tuple(h + added for h in HIDDEN)
+    assert split.changes["pruned"] == [list(range(h, h + added)) for h in HIDDEN]
+    assert split.widths == tuple(HIDDEN)
+
+
 def test_whole_sequence_in_one_fit_with_timestamped_inference(tmp_path):
     recorder = RecordBoundaries()
     datamodule = tiny_stream(num_tasks=3)

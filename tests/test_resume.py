@@ -52,6 +52,7 @@ def uninterrupted(tmp_path_factory):
     [
         6,  # checkpoint after the first selective epoch: in the middle of a phase
         7,  # checkpoint after the last selective epoch: the expansion is decided but not yet applied
+        8,  # checkpoint after the first expansion epoch: group lasso on the new units goes on after the restart
         11,  # checkpoint at the end of task 1: the next task's head is not added yet
     ],
 )

@@ -5,7 +5,7 @@ concurrently on the same variables, bug B6), with thresholds scaled by the learn
 exact zeros, which selection (BFS) and pruning rely on. They run on every optimizer step, so each is
 as few passes over memory as torch allows: the L1 step is one fused soft-shrink per tensor, written in
 place (a read and a write of each weight); the drift pull is two ``torch._foreach_*`` calls over all
-parameters; the group step works on whole layers at once (every new unit of a layer in one kernel).
+parameters; the group step treats all new units of a layer at once (a few kernels per layer).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def l1_prox_(tensors: Sequence[Tensor], threshold: float) -> None:
     if threshold <= 0:
         return
     for tensor in tensors:
-        torch._C._nn.softshrink(tensor, threshold, out=tensor)
+        torch.ops.aten.softshrink.out(tensor, threshold, out=tensor)
 
 
 @torch.no_grad()

@@ -5,10 +5,15 @@ Nothing here imports Lightning; everything comes from ``lightning_den.core``.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
 from lightning_den.core.layers import ExpandableMLP
 from lightning_den.core.surgery import add_units_, duplicate_units_, prune_units_
@@ -180,3 +185,11 @@ def as_mask(value, shape) -> Tensor:
         return torch.full(tuple(shape), value, dtype=torch.bool)
     assert value.dtype == torch.bool and tuple(value.shape) == tuple(shape)
     return value
+
+
+@contextmanager
+def recorded_ops(into: Counter) -> Iterator[None]:
+    """Count every torch operator called inside the block, nested ones included, into ``into``."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        yield
+    into.update(event.name for event in profiler.events())

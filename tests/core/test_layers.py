@@ -15,7 +15,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.profiler import ProfilerActivity, profile
 
 from lightning_den.core.layers import ExpandableMLP
 from lightning_den.core.surgery import add_units_, duplicate_units_, prune_units_
@@ -26,6 +25,7 @@ from tests.core.helpers import (
     mlp_configs,
     random_inputs,
     random_mlp,
+    recorded_ops,
     reference_network,
 )
 
@@ -183,9 +183,10 @@ VIEW_OPS = {
 
 def kernels(run: Callable[[], object]) -> Counter:
     """The torch operators ``run`` calls, nested ones included, views left out, with their counts."""
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    ops: Counter = Counter()
+    with recorded_ops(ops):
         run()
-    return Counter(e.name for e in profiler.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS)
+    return Counter({name: n for name, n in ops.items() if name.startswith("aten::") and name not in VIEW_OPS})
 
 
 def test_timestamped_inference_and_newest_task_training_cost_what_a_dense_mlp_costs():
