@@ -17,8 +17,9 @@
    per task (STL), Progressive Networks and PackNet.
 
 Each comparison is a ratio of times taken in the same run: the step, optimizer, inference and
-alternatives figures interleave what they compare round by round and keep the best of ``--rounds``;
-the boundary and scaling figures come from one run each. Absolute times are for orientation only.
+alternatives figures measure both sides in each of ``--rounds`` rounds and report the median of the
+per-round ratios; the boundary and scaling figures come from one run each. Absolute times (medians)
+are for orientation only.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from benchmarks.timing import (
     Clock,
     EpochMarks,
     PeakMemory,
+    Rounds,
     StepTimer,
-    best_of_rounds,
     den_model,
     dense_mlp,
     device_of,
@@ -135,16 +136,16 @@ def training_steps(args: argparse.Namespace) -> dict[str, Any]:
             row["pytorch"] = pytorch_round(optimizer)
             return row
 
-        best = best_of_rounds(args.rounds, one_round)
+        rounds = Rounds(args.rounds, one_round)
         phases = {}
         for phase, widths in phase_widths.items():
-            den_s, lightning_s = best[f"den {phase}"], best[f"lightning {widths}"]
+            den_s, lightning_s = rounds.median(f"den {phase}"), rounds.median(f"lightning {widths}")
             phases[phase] = {
                 "widths": list(widths),
                 "lightning_widths": list(lightning_widths[widths]),
                 "den_s": den_s,
                 "lightning_s": lightning_s,
-                "den_vs_lightning": den_s / lightning_s,
+                "den_vs_lightning": rounds.ratio(f"den {phase}", f"lightning {widths}"),
                 "den_samples_per_s": args.batch / den_s,
                 "lightning_samples_per_s": args.batch / lightning_s,
             }
@@ -152,8 +153,8 @@ def training_steps(args: argparse.Namespace) -> dict[str, Any]:
         results[optimizer] = {
             "phases": phases,
             "optimizer_step_on_frozen_entries": optimizer_on_frozen_entries(args, optimizer),
-            "plain_pytorch_s": best["pytorch"],
-            "lightning_vs_pytorch": best[f"lightning {first}"] / best["pytorch"],
+            "plain_pytorch_s": rounds.median("pytorch"),
+            "lightning_vs_pytorch": rounds.ratio(f"lightning {first}", "pytorch"),
         }
     return results
 
@@ -190,8 +191,12 @@ def optimizer_on_frozen_entries(args: argparse.Namespace, optimizer: str) -> dic
             times.append(clock() - start)
         return steady_median(times)
 
-    best = best_of_rounds(args.rounds, lambda: {"masked": step_s(masked), "dense": step_s(dense)})
-    return {**best, "masked_vs_dense": best["masked"] / best["dense"]}
+    rounds = Rounds(args.rounds, lambda: {"masked": step_s(masked), "dense": step_s(dense)})
+    return {
+        "masked_s": rounds.median("masked"),
+        "dense_s": rounds.median("dense"),
+        "masked_vs_dense": rounds.ratio("masked", "dense"),
+    }
 
 
 # ------------------------------------------------------------------------------------ 2. and 4. sequences
@@ -258,6 +263,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
         *("--width-in", str(args.width_in), "--hidden", *map(str, args.hidden)),
         *("--epochs", str(args.epochs), "--examples", str(args.examples), "--batch", str(args.batch)),
         *("--accelerator", args.accelerator),
+        *(["--flush-denormal"] if args.flush_denormal else []),
     ]
 
 
@@ -299,13 +305,13 @@ def timestamped_inference(args: argparse.Namespace) -> dict[str, Any]:
             "dense_full_s": forward_s(lambda: large(x)),
         }
 
-    best = best_of_rounds(args.rounds, one_round)
+    rounds = Rounds(args.rounds, one_round)
     return {
         "widths_task0": list(mlp.widths(0)),
         "widths_newest": list(mlp.widths(newest)),
-        **best,
-        "task0_vs_dense_task0_width": best["task0_s"] / best["dense_task0_s"],
-        "newest_vs_dense_full_width": best["newest_s"] / best["dense_full_s"],
+        **{key: rounds.median(key) for key in rounds.samples},
+        "task0_vs_dense_task0_width": rounds.ratio("task0_s", "dense_task0_s"),
+        "newest_vs_dense_full_width": rounds.ratio("newest_s", "dense_full_s"),
     }
 
 
@@ -344,12 +350,12 @@ def alternatives(args: argparse.Namespace) -> dict[str, Any]:
             parameters[name] = sum(p.numel() for p in model.parameters())
         return seconds
 
-    best = best_of_rounds(args.rounds, one_round)
+    rounds = Rounds(args.rounds, one_round)
     return {
         "tasks": args.tasks,
         "epochs_per_task": per_task,
-        "sequence_s": best,
-        "vs_stl": {name: seconds / best["STL"] for name, seconds in best.items()},
+        "sequence_s": {name: rounds.median(name) for name in methods},
+        "vs_stl": {name: rounds.ratio(name, "STL") for name in methods},
         "parameters": parameters,
     }
 
@@ -463,9 +469,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=5, help="tasks of the boundary and alternatives runs")
     parser.add_argument("--task-counts", type=int, nargs="+", default=[2, 5, 10, 20], help="tasks of the scaling runs")
     parser.add_argument("--repeats", type=int, default=50, help="forward passes timed per inference round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each comparison (best kept)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each comparison (median of per-round ratios)")
     parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=["adam", "adam-fused"])
     parser.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="CPU: flush subnormal floats to zero (both sides of every comparison)",
+    )
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-alternatives", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/perf", help="path of the .json and .md, no suffix")
@@ -487,6 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.accelerator == "cpu":
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+        torch.set_flush_denormal(args.flush_denormal)
     if args.only_sequence:
         print(json.dumps(den_sequence(args, args.only_sequence)))
         return

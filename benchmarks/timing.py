@@ -189,14 +189,31 @@ def warm_up_excess(values: list[float]) -> float:
     return max(0.0, sum(values[:WARM_UP_STEPS]) - WARM_UP_STEPS * steady_median(values))
 
 
-def best_of_rounds(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """The smallest value of each key over ``rounds`` calls: a burst of load on the machine during one
-    call costs that call only. Callers interleave what they compare, so both sides see the same load."""
-    best: dict[str, float] = {}
-    for _ in range(rounds):
-        for key, value in measure().items():
-            best[key] = min(value, best.get(key, float("inf")))
-    return best
+class Rounds:
+    """Every value of ``rounds`` calls of ``measure`` (a dict of times), kept round by round.
+
+    A ratio is taken within each round, between times measured seconds apart, and the median over
+    rounds is reported: a change of the machine's speed between rounds (shared hosts drift by 10% and
+    more) then moves both sides of each ratio alike, and one disturbed round does not decide it.
+
+    Example::
+
+        rounds = Rounds(5, lambda: {"ours": time_ours(), "plain": time_plain()})
+        rounds.ratio("ours", "plain"), rounds.median("plain")
+    """
+
+    def __init__(self, rounds: int, measure: Callable[[], dict[str, float]]) -> None:
+        self.samples: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for key, value in measure().items():
+                self.samples.setdefault(key, []).append(value)
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.samples[key])
+
+    def ratio(self, numerator: str, denominator: str) -> float:
+        pairs = zip(self.samples[numerator], self.samples[denominator], strict=True)
+        return statistics.median(a / b for a, b in pairs)
 
 
 def machine(accelerator: str) -> str:

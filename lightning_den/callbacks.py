@@ -31,7 +31,7 @@ from lightning_den.core.den import (
     next_phase,
     trainable_entries,
 )
-from lightning_den.core.layers import ExpandableMLP
+from lightning_den.core.layers import ExpandableLinear, ExpandableMLP
 from lightning_den.core.prox import add_drift_penalty_grad_, proximal_step_
 from lightning_den.core.selection import dead_new_units, select_subnetwork, unit_drift, units_to_split
 from lightning_den.core.surgery import Snapshot, add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
@@ -244,10 +244,11 @@ class DENCallback(TaskSequenceCallback):
             terms = [term for term in self._drift() if term.param.grad is not None]
             if terms:
                 add_drift_penalty_grad_(
-                    [term.param.grad[term.leading] for term in terms],
+                    [term.param.grad if term.leading is None else term.param.grad[term.leading] for term in terms],
                     [term.values for term in terms],
                     [term.reference for term in terms],
                     self.drift_penalty,
+                    scratch=[term.scratch for term in terms],
                 )
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
@@ -275,18 +276,29 @@ class DENCallback(TaskSequenceCallback):
             return cached[1]
         mlp = self.mlp
         sparse = {id(p) for name, p in mlp.named_parameters() if name.endswith("weight") and p.requires_grad}
-        new_units = {
-            id(layer.weight): (first, layer)
-            for layer, first in zip(mlp.hidden, self._first_new_units, strict=False)  # empty outside expansion
-            if first < layer.out_features
-        }
+        new_units: dict[int, tuple[int, ExpandableLinear]] = {}
+        trained_blocks: dict[int, list[Tensor]] = {}  # in expansion, L1 only where entries train
+        below: int | None = None  # first new unit of the layer below (the input never grows)
+        for layer, first in zip(mlp.hidden, self._first_new_units, strict=False):  # empty outside expansion
+            weight = layer.weight.detach()
+            # the new units' rows, and the old units' inputs from the new units below (the rest is frozen)
+            blocks = [weight[first:]] + ([weight[:first, below:]] if below is not None else [])
+            trained_blocks[id(layer.weight)] = [block for block in blocks if block.numel()]
+            if first < layer.out_features:
+                new_units[id(layer.weight)] = (first, layer)
+            below = first
         plan = []
         for group in optimizer.param_groups:
             new = [new_units[id(p)] for p in group["params"] if id(p) in new_units]
             plan.append(
                 _ProxGroup(
                     group=group,
-                    weights=[p.detach() for p in group["params"] if id(p) in sparse],
+                    weights=[
+                        tensor
+                        for p in group["params"]
+                        if id(p) in sparse
+                        for tensor in trained_blocks.get(id(p), [p.detach()])
+                    ],
                     new_unit_rows=[layer.weight.detach()[first:] for first, layer in new],
                     new_unit_biases=[layer.bias.detach()[first:] for first, layer in new],
                 )
@@ -302,8 +314,11 @@ class DENCallback(TaskSequenceCallback):
                 for index, layer in enumerate(self.mlp.hidden):
                     for name in ("weight", "bias"):
                         param, reference = getattr(layer, name), self._snapshot[f"hidden.{index}.{name}"]
-                        leading = tuple(slice(0, n) for n in reference.shape)  # the entries that existed then
-                        self._drift_terms.append(_DriftTerm(param, leading, param.detach()[leading], reference))
+                        # the entries that existed then; None when that is the whole parameter
+                        leading = None if param.shape == reference.shape else tuple(map(slice, reference.shape))
+                        values = param.detach() if leading is None else param.detach()[leading]
+                        scratch = torch.empty_like(values)
+                        self._drift_terms.append(_DriftTerm(param, leading, values, reference, scratch))
         return self._drift_terms
 
     # ------------------------------------------------------------------ state
@@ -332,9 +347,11 @@ class _ProxGroup:
 
 @dataclass(frozen=True)
 class _DriftTerm:
-    """A parameter pulled toward W^{t-1}: its leading block (the entries W^{t-1} had) and reference."""
+    """A parameter pulled toward W^{t-1}: its leading block (the entries W^{t-1} had; ``None`` when that
+    is all of it), the block's values, its reference, and room for their difference."""
 
     param: nn.Parameter
-    leading: tuple[slice, ...]
+    leading: tuple[slice, ...] | None
     values: Tensor
     reference: Tensor
+    scratch: Tensor

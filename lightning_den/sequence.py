@@ -256,7 +256,8 @@ class TaskSequenceCallback(Callback):
         """Decide, on the epoch's mean loss (reduced over ranks), whether the phase ends and what follows."""
         mean_loss = self._epoch_mean_loss(trainer, pl_module)
         progress = replace(self.progress, epochs=self.progress.epochs + 1)
-        pl_module.log("sequence/task", float(progress.task))
+        if trainer.loggers:  # a log call costs about a millisecond; without a logger nobody reads it
+            pl_module.log("sequence/task", float(progress.task))
         done = phase_is_done(progress, self.phase_epochs(progress.phase), mean_loss, self.convergence_tol)
         self.progress = replace(progress, last_loss=mean_loss)
         if not done:

@@ -329,6 +329,8 @@ def test_task_evaluation_logs_task_indexed_metrics_and_writes_the_report(tmp_pat
     assert [int(row["step"]) for row in logged[:3]] == [0, 1, 2]
     assert float(logged[2]["continual/acc/task_0"]) == pytest.approx(evaluation.accuracy[2][0])
     assert any(row.get("continual/forgetting") for row in rows)
+    epoch_tasks = [float(row["sequence/task"]) for row in rows if row.get("sequence/task")]
+    assert epoch_tasks == sorted(epoch_tasks) and set(epoch_tasks) == {0.0, 1.0, 2.0}  # the task of every epoch
     directory = tmp_path / "run" / "version_0"
     assert (directory / "continual_metrics.json").exists() and (directory / "accuracy_matrix.png").exists()
     assert evaluation.summary["widths"][0] == HIDDEN and len(evaluation.summary["auroc"]) == 3

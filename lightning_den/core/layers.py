@@ -96,9 +96,11 @@ class ExpandableLinear(nn.Module):
         (zeros, then a copy), which a dense ``nn.Linear`` never pays.
         """
         weight, bias = self.weight, self.bias
-        rows = self.out_features if out_width is None else out_width
-        if rows != self.out_features or x.shape[-1] != self.in_features:
-            weight, bias = weight[:rows, : x.shape[-1]], bias[:rows]
+        rows, columns = weight.shape
+        if out_width is not None and out_width != rows:
+            weight, bias = weight[:out_width], bias[:out_width]
+        if x.shape[-1] != columns:
+            weight = weight[:, : x.shape[-1]]
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:

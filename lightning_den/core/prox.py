@@ -4,8 +4,9 @@ The proximal steps run after ``optimizer.step()``, one after the other (the offi
 concurrently on the same variables, bug B6), with thresholds scaled by the learning rate. They give
 exact zeros, which selection (BFS) and pruning rely on. They run on every optimizer step, so each is
 as few passes over memory as torch allows: the L1 step is one fused soft-shrink per tensor, written in
-place (a read and a write of each weight); the drift pull is two ``torch._foreach_*`` calls over all
-parameters; the group step treats all new units of a layer at once (a few kernels per layer).
+place (a read and a write of each weight); the drift pull is a difference into a buffer kept for the
+phase and one ``torch._foreach_add_`` over all parameters; the group step treats all new units of a
+layer at once (a few kernels per layer).
 """
 
 from __future__ import annotations
@@ -71,12 +72,18 @@ def group_lasso_prox_(rows: Sequence[Tensor], threshold: float, biases: Sequence
 
 @torch.no_grad()
 def add_drift_penalty_grad_(
-    grads: Sequence[Tensor], params: Sequence[Tensor], references: Sequence[Tensor], strength: float
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    references: Sequence[Tensor],
+    strength: float,
+    scratch: Sequence[Tensor] | None = None,
 ) -> None:
-    """Add the gradient of ``strength * ||W - W_ref||^2`` (Eq. 6) to ``grads``, in place.
+    """Add the gradient of ``strength * ||W - W_ref||^2`` (Eq. 6), ``2 strength (W - W_ref)``, to ``grads``.
 
     ``params`` and ``grads`` are views of the entries that existed in the reference (same shapes as
-    ``references``).
+    ``references``). ``scratch``, tensors of those shapes, receives ``W - W_ref``, so that a step
+    allocates nothing (a fresh tensor the size of the weights costs more than the arithmetic on CPU);
+    the result is the same either way, and exactly zero pull where ``W == W_ref``.
 
     Example:
         >>> g, w, ref = torch.zeros(2), torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])
@@ -86,7 +93,12 @@ def add_drift_penalty_grad_(
     """
     if not grads or strength <= 0:
         return
-    difference = torch._foreach_sub(list(params), list(references))
+    if scratch is None:
+        difference = torch._foreach_sub(list(params), list(references))
+    else:
+        difference = list(scratch)
+        for param, reference, out in zip(params, references, difference, strict=True):
+            torch.sub(param, reference, out=out)
     torch._foreach_add_(list(grads), difference, alpha=2.0 * strength)
 
 

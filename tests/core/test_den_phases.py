@@ -1,6 +1,4 @@
-"""Tests of :mod:`lightning_den.core.den` (the phase state machine and what each phase trains) and of
-:mod:`lightning_den.core.freezing` (entries that stay bit-identical through any optimizer step).
-"""
+"""Tests of :mod:`lightning_den.core.den`: the phase state machine and what each phase trains."""
 
 from __future__ import annotations
 
@@ -8,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_den.core.den import (
     DENPhase,
@@ -18,78 +15,11 @@ from lightning_den.core.den import (
     phase_is_done,
     trainable_entries,
 )
-from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.layers import ExpandableMLP
 from lightning_den.core.surgery import add_units_, duplicate_units_
 from tests.core.helpers import as_mask, random_mlp
 
 BUDGET = PhaseEpochs(sparse=7, head_fit=3, selective=4, expansion=5, split=6)
-
-
-# --- freezing ---
-
-OPTIMIZERS = {
-    "adamw": lambda params: torch.optim.AdamW(params, lr=0.05, weight_decay=0.1),
-    "adam": lambda params: torch.optim.Adam(params, lr=0.05, weight_decay=0.1),
-    "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.1),
-}
-
-
-def train_with_freezing(optimizer_name: str, use_frozen_entries: bool):
-    """Three free steps (optimizer state builds up), then five steps with half the entries frozen."""
-    generator = torch.Generator().manual_seed(0)
-    weight = nn.Parameter(torch.randn(5, 4, generator=generator))
-    bias = nn.Parameter(torch.randn(5, generator=generator))
-    optimizer = OPTIMIZERS[optimizer_name]([weight, bias])
-    for _ in range(3):
-        weight.grad = torch.randn(weight.shape, generator=generator)
-        bias.grad = torch.randn(bias.shape, generator=generator)
-        optimizer.step()
-    masks = {weight: torch.rand(weight.shape, generator=generator) < 0.5, bias: torch.tensor([1, 0, 1, 0, 0]).bool()}
-    frozen = FrozenEntries(masks)
-    start = {p: p.detach().clone() for p in masks}
-    for _ in range(5):
-        optimizer.zero_grad()
-        x = torch.randn(3, 4, generator=generator)
-        loss = ((x @ weight.T + bias) * torch.randn(3, 5, generator=generator)).sum()
-        loss.backward()
-        if use_frozen_entries:
-            frozen.mask_gradients_()
-        else:  # a gradient mask alone
-            for p, mask in masks.items():
-                p.grad.mul_(mask)
-        optimizer.step()
-        if use_frozen_entries:
-            frozen.restore_()
-    return masks, start
-
-
-@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
-def test_frozen_entries_stay_bit_identical_and_the_others_train(optimizer_name):
-    masks, start = train_with_freezing(optimizer_name, use_frozen_entries=True)
-    for p, mask in masks.items():
-        assert 0 < int(mask.sum()) < mask.numel()
-        assert torch.equal(p[~mask], start[p][~mask])
-        assert (p[mask] != start[p][mask]).all()
-
-
-@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
-def test_a_gradient_mask_alone_does_not_freeze(optimizer_name):
-    # The reason FrozenEntries exists: decay and momentum move entries whose gradient is zero.
-    masks, start = train_with_freezing(optimizer_name, use_frozen_entries=False)
-    for p, mask in masks.items():
-        assert (p[~mask] != start[p][~mask]).all()
-
-
-def test_frozen_entries_skip_parameters_without_gradients():
-    p = nn.Parameter(torch.tensor([1.0, 2.0]))
-    frozen = FrozenEntries({p: torch.tensor([True, False])})
-    assert len(frozen) == 1
-    frozen.mask_gradients_()  # no gradient yet: nothing to do, no error
-    with torch.no_grad():
-        p.add_(1.0)
-    frozen.restore_()
-    assert torch.equal(p.detach(), torch.tensor([2.0, 2.0]))
 
 
 # --- phase order ---

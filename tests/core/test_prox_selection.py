@@ -109,7 +109,10 @@ def test_drift_penalty_adds_twice_strength_times_the_difference(strength):
     params = [torch.randint(-64, 64, g.shape, generator=generator) / 8.0 for g in grads]
     references = [torch.randint(-64, 64, g.shape, generator=generator) / 8.0 for g in grads]
     kept = [[t.clone() for t in ts] for ts in (grads, params, references)]
+    with_scratch = [g.clone() for g in grads]
     add_drift_penalty_grad_(grads, params, references, strength)
+    add_drift_penalty_grad_(with_scratch, params, references, strength, scratch=[torch.empty_like(w) for w in params])
+    assert all(torch.equal(a, b) for a, b in zip(grads, with_scratch, strict=True))
     for grad, g0, w, ref in zip(grads, kept[0], kept[1], kept[2], strict=True):
         expected = torch.tensor(
             [gv + 2 * strength * (wv - rv) for gv, wv, rv in zip(g0.flatten(), w.flatten(), ref.flatten(), strict=True)]
