@@ -29,6 +29,7 @@ import json
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from benchmarks.timing import (
     dense_mlp,
     device_of,
     machine,
+    median_time,
     steady_median,
     synthetic_stream,
     warm_up_excess,
@@ -182,14 +184,9 @@ def optimizer_on_frozen_entries(args: argparse.Namespace, optimizer: str) -> dic
 
     def step_s(gradients: list[torch.Tensor]) -> float:
         step = OPTIMIZERS[optimizer](params)
-        times = []
-        for _ in range(args.repeats):
-            for p, g in zip(params, gradients, strict=True):
-                p.grad = g
-            start = clock()
-            step.step()
-            times.append(clock() - start)
-        return steady_median(times)
+        for p, g in zip(params, gradients, strict=True):  # the optimizer reads them, never changes them
+            p.grad = g
+        return median_time(clock, step.step, args.repeats)
 
     rounds = Rounds(args.rounds, lambda: {"masked": step_s(masked), "dense": step_s(dense)})
     return {
@@ -287,15 +284,8 @@ def timestamped_inference(args: argparse.Namespace) -> dict[str, Any]:
     large = dense_mlp(args.width_in, mlp.widths(newest)).to(device).eval()
 
     @torch.no_grad()
-    def forward_s(run) -> float:
-        for _ in range(5):
-            run()
-        samples = []
-        for _ in range(args.repeats):
-            start = clock()
-            run()
-            samples.append(clock() - start)
-        return statistics.median(samples)
+    def forward_s(run: Callable[[], torch.Tensor]) -> float:
+        return median_time(clock, run, args.repeats)
 
     def one_round() -> dict[str, float]:
         return {

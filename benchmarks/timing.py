@@ -182,6 +182,18 @@ def steady_median(values: list[float]) -> float:
     return statistics.median(values[WARM_UP_STEPS:] if len(values) > 2 * WARM_UP_STEPS else values)
 
 
+def median_time(clock: Clock, run: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls, after :data:`WARM_UP_STEPS` untimed ones."""
+    for _ in range(WARM_UP_STEPS):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        run()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
 def warm_up_excess(values: list[float]) -> float:
     """Time the warm-up steps took beyond as many steady steps (one-off work after a boundary)."""
     if len(values) <= 2 * WARM_UP_STEPS:
