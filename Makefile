@@ -1,31 +1,62 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-# Each creates .venv (if missing) and installs the project into it. `make bench` runs the
+# Each creates .venv (if missing) and installs the project into it with the exact versions of
+# constraints.txt (pyproject.toml holds the package's own, wider ranges). `make bench` runs the
 # performance suite (a few minutes; writes benchmarks/results/perf.json and perf.md).
-PYTHON ?= python3.11
+#
+# .venv is made by $(PYTHON) if given (`make PYTHON=/path/to/python3.12 test`), otherwise by the first of
+# $(PYTHON_CANDIDATES) that runs and is Python >= 3.11 with the venv module.
+PYTHON ?=
+PYTHON_CANDIDATES := python3.13 python3.12 python3.11 python3
+# Exit status 0 only for a Python >= 3.11 that can create a virtual environment (venv and ensurepip).
+PYTHON_OK := 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))'
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
+LINT_PATHS := lightning_den tests examples benchmarks
+PYTEST_ARGS ?=
 
 .PHONY: demo test bench lint clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	@py="$(PYTHON)"; \
+	if [ -n "$$py" ]; then \
+	  "$$py" -c $(PYTHON_OK) >/dev/null 2>&1 || { \
+	    echo "error: PYTHON=$$py is not a runnable Python >= 3.11 with the venv module." >&2; exit 1; }; \
+	else \
+	  for candidate in $(PYTHON_CANDIDATES); do \
+	    if "$$candidate" -c $(PYTHON_OK) >/dev/null 2>&1; then py=$$candidate; break; fi; \
+	  done; \
+	  if [ -z "$$py" ]; then \
+	    echo "error: this project needs Python >= 3.11 (with its venv module) to create $(VENV)," >&2; \
+	    echo "       but none of $(PYTHON_CANDIDATES) on PATH is one." >&2; \
+	    echo "       Install Python 3.11 or newer (on Debian/Ubuntu also python3.X-venv), or name one:" >&2; \
+	    echo "       make PYTHON=/path/to/python3.11 $(or $(MAKECMDGOALS),demo)" >&2; \
+	    exit 1; \
+	  fi; \
+	fi; \
+	echo "creating $(VENV) with $$py ($$("$$py" -c 'import sys; print(sys.version.split()[0])'))"; \
+	"$$py" -m venv $(VENV)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m lightning_den.demo
 
 test: $(STAMP)
-	$(BIN)/python -m ruff check lightning_den tests examples benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m ruff check $(LINT_PATHS)
+	$(BIN)/python -m ruff format --check $(LINT_PATHS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/perf.py
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check lightning_den tests examples benchmarks
+	$(BIN)/python -m ruff check $(LINT_PATHS)
+	$(BIN)/python -m ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache lightning_logs

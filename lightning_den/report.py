@@ -6,8 +6,16 @@ Both read the plain summary dict that :class:`~lightning_den.TaskEvaluation` wri
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
+
+
+def _number(value: Any) -> str:
+    """A summary number as text: floats to 4 decimals, ``-`` for a missing one (``None`` or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _matrix_lines(title: str, rows: list[list[float | None]]) -> list[str]:
@@ -15,41 +23,67 @@ def _matrix_lines(title: str, rows: list[list[float | None]]) -> list[str]:
     lines = [f"{title} (row i: after training task i; column j: task j)"]
     lines.append("      " + "".join(f"{'t' + str(j):>8}" for j in range(size)))
     for i, row in enumerate(rows):
-        cells = "".join(f"{v:>8.4f}" if v is not None else f"{'-':>8}" for v in row)
-        lines.append(f"{i:>5} " + cells)
+        lines.append(f"{i:>5} " + "".join(f"{_number(v):>8}" for v in row))
     return lines
 
 
 def format_report(summary: dict[str, Any]) -> str:
     """The accuracy (and AUROC) matrix and the summary numbers as text.
 
+    Missing numbers (``None`` or NaN: not measured in this run, or undefined) are printed as ``-``; a
+    summary number is followed by the number of tasks it covers (its ``<name>_tasks`` entry); a run
+    that ended before its stream did, or that continued an earlier one, says so first.
+
     Example:
-        >>> print(format_report({"accuracy": [[0.9], [0.8, 0.95]], "summary": {"average_accuracy": 0.875}}))
+        >>> print(format_report({
+        ...     "accuracy": [[None], [0.8, 0.95]],
+        ...     "first_measured_task": 1,
+        ...     "summary": {"average_accuracy": 0.875, "average_accuracy_tasks": 2, "forgetting": None},
+        ... }))
+        row 0 was not measured in this run (it continued an earlier one)
         accuracy (row i: after training task i; column j: task j)
                     t0      t1
-            0   0.9000
+            0        -
             1   0.8000  0.9500
-        average_accuracy: 0.8750
+        average_accuracy: 0.8750 (2 tasks)
+        forgetting: -
     """
-    lines = _matrix_lines("accuracy", summary["accuracy"])
+    lines = []
+    if summary.get("complete") is False:
+        lines.append(
+            f"incomplete run: {summary.get('tasks_evaluated')} of {summary.get('tasks_in_stream')} tasks ended; "
+            "every number below covers those tasks only"
+        )
+    first = summary.get("first_measured_task")
+    if first:
+        rows = "row 0 was" if first == 1 else f"rows 0..{first - 1} were"
+        lines.append(f"{rows} not measured in this run (it continued an earlier one)")
+    lines += _matrix_lines("accuracy", summary["accuracy"])
     if summary.get("auroc"):
         lines += _matrix_lines("AUROC", summary["auroc"])
-    for key, value in summary.get("summary", {}).items():
-        lines.append(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    numbers = summary.get("summary", {})
+    for key, value in numbers.items():
+        if key.endswith("_tasks") and key.removesuffix("_tasks") in numbers:
+            continue  # printed beside its number
+        count = numbers.get(f"{key}_tasks")
+        covered = "" if count is None else f" ({count} task{'' if count == 1 else 's'})"
+        lines.append(f"{key}: {_number(value)}{covered}")
     for key, value in summary.get("capacity", {}).items():
-        lines.append(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        lines.append(f"{key}: {_number(value)}")
     if summary.get("widths"):
-        lines.append("widths per task: " + ", ".join("-".join(map(str, w)) for w in summary["widths"]))
+        widths = ("-" if w is None else "-".join(map(str, w)) for w in summary["widths"])
+        lines.append("widths per task: " + ", ".join(widths))
     return "\n".join(lines)
 
 
 def plot_report(summary: dict[str, Any], directory: str | Path) -> list[Path]:
-    """Write ``accuracy_matrix.png``, ``widths.png`` and ``parameters.png`` into ``directory``."""
-    import matplotlib
+    """Write ``accuracy_matrix.png``, ``widths.png`` and ``parameters.png`` into ``directory``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The figures are plain :class:`matplotlib.figure.Figure` objects saved straight to PNG: no pyplot, no
+    ``matplotlib.use``, so drawing a report leaves the process's backend (a notebook's, say) as it was.
+    """
     import numpy as np
+    from matplotlib.figure import Figure
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -60,7 +94,8 @@ def plot_report(summary: dict[str, Any], directory: str | Path) -> list[Path]:
     matrix = np.full((size, size), np.nan)
     for i, row in enumerate(rows):
         matrix[i, : len(row)] = row
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * size, 1.0 + 0.6 * size))
+    fig = Figure(figsize=(1.2 + 0.6 * size, 1.0 + 0.6 * size))
+    ax = fig.add_subplot()
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xlabel("evaluated task j")
     ax.set_ylabel("after training task i")
@@ -73,12 +108,12 @@ def plot_report(summary: dict[str, Any], directory: str | Path) -> list[Path]:
     ax.set_title("accuracy matrix R[i][j]")
     written.append(directory / "accuracy_matrix.png")
     fig.savefig(written[-1], dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
     by_birth = summary.get("widths_by_birth")
     if by_birth:
         layers = len(by_birth[0])
-        fig, axes = plt.subplots(1, layers, figsize=(3.2 * layers, 3.0), squeeze=False)
+        fig = Figure(figsize=(3.2 * layers, 3.0))
+        axes = fig.subplots(1, layers, squeeze=False)
         for layer, ax in enumerate(axes[0]):
             bottom = np.zeros(size)
             for birth in range(size):
@@ -92,11 +127,11 @@ def plot_report(summary: dict[str, Any], directory: str | Path) -> list[Path]:
         axes[0][-1].legend(fontsize=6, loc="upper left")
         written.append(directory / "widths.png")
         fig.savefig(written[-1], dpi=100, bbox_inches="tight")
-        plt.close(fig)
 
     parameters = summary.get("parameters_after_task")
     if parameters:
-        fig, ax = plt.subplots(figsize=(4.0, 3.0))
+        fig = Figure(figsize=(4.0, 3.0))
+        ax = fig.add_subplot()
         ax.plot(range(size), parameters, marker="o", label="this model")
         capacity = summary.get("capacity", {})
         if "single_task_parameters" in capacity:
@@ -108,5 +143,4 @@ def plot_report(summary: dict[str, Any], directory: str | Path) -> list[Path]:
         ax.legend(fontsize=7)
         written.append(directory / "parameters.png")
         fig.savefig(written[-1], dpi=100, bbox_inches="tight")
-        plt.close(fig)
     return written
