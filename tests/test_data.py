@@ -122,3 +122,114 @@ def test_tensor_file_without_test_tasks_is_refused(tmp_path):
     torch.save({"train": SplitDigits(num_tasks=1).train_tasks}, path)
     with pytest.raises(ValueError, match="no 'test' tasks"):
         TensorFileStream(str(path))
+
+
+def _task(width: int = 2, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A valid task: ``n`` random inputs of ``width`` features, labels alternating 0/1."""
+    return torch.randn(n, width), torch.arange(n) % 2
+
+
+def _splits(tasks: int = 2) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    return {split: [_task() for _ in range(tasks)] for split in ("train", "val", "test")}
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_non_finite_inputs_are_refused_naming_the_split_the_task_and_the_count(split):
+    splits = _splits()
+    x, _ = splits[split][1]
+    x[0, 0], x[3, 1] = float("nan"), float("-inf")
+    with pytest.raises(ValueError, match=rf"`{split}\[1\]` inputs hold 2 non-finite values .*clean or impute"):
+        TaskSequenceDataModule(**splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8], ids=str)
+def test_integer_labels_of_any_dtype_are_converted_to_int64(dtype):
+    splits = {name: [(x, y.to(dtype)) for x, y in tasks] for name, tasks in _splits().items()}
+    dm = TaskSequenceDataModule(**splits)
+    for name, tasks in (("train", dm.train_tasks), ("val", dm.val_tasks), ("test", dm.test_tasks)):
+        for (_, labels), (_, original) in zip(tasks, splits[name], strict=True):
+            assert labels.dtype == torch.int64 and torch.equal(labels, original.long())
+    assert next(iter(dm.train_dataloader()))[1].dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool], ids=str)
+def test_float_or_bool_labels_are_refused_with_the_fix(dtype):
+    splits = _splits()
+    x, y = splits["test"][1]
+    splits["test"][1] = (x, y.to(dtype))
+    message = rf"`test\[1\]` labels must be integer class indices .*got {dtype}.*labels\.long\(\)"
+    with pytest.raises(TypeError, match=message):
+        TaskSequenceDataModule(**splits)
+
+
+@pytest.mark.parametrize(("split", "shape"), [("train", [6, 1]), ("val", [6, 1]), ("test", [6, 2])])
+def test_labels_not_of_shape_n_are_refused_with_the_fix(split, shape):
+    splits = _splits()
+    x, _ = splits[split][0]
+    splits[split][0] = (x, torch.zeros(shape, dtype=torch.long))
+    message = rf"`{split}\[0\]` labels must have shape \[n\], got \[{shape[0]}, {shape[1]}\]"
+    with pytest.raises(ValueError, match=message + r".*labels\.squeeze\(1\)` or `labels\.view\(-1\)`"):
+        TaskSequenceDataModule(**splits)
+
+
+def test_a_training_task_of_a_single_class_is_refused_but_evaluation_splits_may_have_one():
+    splits = _splits()
+    splits["train"][1] = (torch.randn(6, 2), torch.full((6,), 3))
+    with pytest.raises(ValueError, match=r"`train\[1\]` labels are all class 3: a task needs two or more classes"):
+        TaskSequenceDataModule(**splits)
+    one_class = (torch.randn(4, 2), torch.ones(4, dtype=torch.long))
+    dm = TaskSequenceDataModule(train=[_task()], val=[one_class], test=[one_class])
+    assert dm.num_classes(0) == 2
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_task_of_another_input_shape_is_refused_naming_both_shapes(split):
+    splits = _splits()
+    splits[split][1] = (torch.randn(6, 1, 3), torch.arange(6) % 2)
+    expected = rf"`{split}\[1\]` inputs have shape \[1, 3\] per example but `train\[0\]` has \[2\].*resize"
+    with pytest.raises(ValueError, match=expected):
+        TaskSequenceDataModule(**splits)
+
+
+def test_predict_dataloader_serves_the_test_split_of_every_task_seen_in_order():
+    dm = SplitDigits(num_tasks=3)
+    dm.set_task(1)
+    loaders = dm.predict_dataloader()
+    assert len(loaders) == dm.current_task + 1
+    for task, loader in enumerate(loaders):
+        inputs, labels = (torch.cat(parts) for parts in zip(*loader, strict=True))
+        assert torch.equal(inputs, dm.test_tasks[task][0]) and torch.equal(labels, dm.test_tasks[task][1])
+
+
+def test_trainer_predict_runs_on_the_datamodule():
+    import lightning.pytorch as pl
+
+    class Linear(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+        def predict_step(self, batch, batch_idx, dataloader_idx=0):
+            inputs, _ = batch
+            return self.layer(inputs).argmax(dim=1)
+
+    dm = TaskSequenceDataModule(**_splits(), batch_size=4)
+    dm.set_task(1)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    predictions = trainer.predict(Linear(), datamodule=dm)
+    assert [sum(len(p) for p in task) for task in predictions] == [6, 6]
+
+
+@pytest.mark.parametrize(("dtype", "error"), [(np.int32, None), (np.uint8, None), (np.float32, TypeError)])
+def test_tensor_file_labels_go_through_the_base_checks(tmp_path, dtype, error):
+    arrays = {}
+    for split in ("train", "test"):
+        x, y = _task()
+        arrays[f"{split}_x_0"], arrays[f"{split}_y_0"] = x.numpy(), y.numpy().astype(dtype)
+    path = tmp_path / "stream.npz"
+    np.savez(path, **arrays)
+    if error is None:
+        assert TensorFileStream(str(path)).train_tasks[0][1].dtype == torch.int64
+    else:
+        with pytest.raises(error, match=r"`train\[0\]` labels must be integer class indices .*labels\.long\(\)"):
+            TensorFileStream(str(path))

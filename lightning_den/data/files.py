@@ -5,6 +5,9 @@ Two formats:
 * ``.pt`` (``torch.save``): ``{"train": [(x, y), ...], "test": [(x, y), ...], "val": [...] (optional)}``;
 * ``.npz`` (``numpy.savez``): arrays named ``train_x_0``, ``train_y_0``, ``test_x_0``, ``test_y_0``,
   ... (``val_x_<t>``/``val_y_<t>`` optional), one pair per task and split.
+
+Labels are integer class indices of shape ``[n]`` (any integer dtype); the data goes through the
+checks of :class:`~lightning_den.data.module.TaskSequenceDataModule`.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class TensorFileStream(TaskSequenceDataModule):
         for required in ("train", "test"):
             if required not in splits:
                 raise ValueError(f"{file} has no {required!r} tasks; see TensorFileStream's docs for the layout")
-        labels = {split: [(x, y.long()) for x, y in tasks] for split, tasks in splits.items()}
+        # labels go to the base checks as stored: integers become int64 there, float labels are refused
         super().__init__(
-            train=labels["train"], test=labels["test"], val=labels.get("val"), batch_size=batch_size, seed=seed
+            train=splits["train"], test=splits["test"], val=splits.get("val"), batch_size=batch_size, seed=seed
         )

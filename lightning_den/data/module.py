@@ -1,8 +1,9 @@
 """Task sequences as a LightningDataModule.
 
 :class:`TaskSequenceDataModule` serves the current task's training data and one validation/test
-dataloader per task seen so far (``dataloader_idx == task``). ``DENCallback`` moves it from task to
-task with :meth:`TaskSequenceDataModule.set_task`; the current task is part of its ``state_dict``.
+dataloader per task seen so far (``dataloader_idx == task``), the test ones also for ``trainer.predict``.
+``DENCallback`` moves it from task to task with :meth:`TaskSequenceDataModule.set_task`; the current
+task is part of its ``state_dict``.
 """
 
 from __future__ import annotations
@@ -18,26 +19,59 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 TaskTensors = tuple[Tensor, Tensor]
 
 
-def _check_split(name: str, split: Sequence[TaskTensors]) -> list[TaskTensors]:
-    checked = []
+def _check_split(name: str, split: Sequence[TaskTensors], shape: torch.Size | None = None) -> None:
+    """Refuse a split whose tasks the DataModule could not serve; converts nothing.
+
+    Args:
+        name: the split's name in messages: ``"train"``, ``"val"`` or ``"test"``.
+        split: per task, ``(inputs [n, ...], labels [n])``.
+        shape: the per-example input shape every task must have; ``None`` takes task 0's (for ``train``).
+
+    Raises:
+        TypeError: when a task does not hold tensors, or its labels are not integers.
+        ValueError: when a task is not a pair, is empty, has labels not of shape ``[n]`` or negative, holds
+            non-finite inputs or inputs of another shape, or (``train`` only) has a single class.
+    """
     for task, pair in enumerate(split):
+        where = f"`{name}[{task}]`"
         if len(pair) != 2:
-            raise ValueError(f"`{name}[{task}]` must be a pair (inputs, labels), got {len(pair)} items")
+            raise ValueError(f"{where} must be a pair (inputs, labels), got {len(pair)} items")
         inputs, labels = pair
         if not isinstance(inputs, Tensor) or not isinstance(labels, Tensor):
-            raise TypeError(f"`{name}[{task}]` must hold tensors, got {type(inputs).__name__}, {type(labels).__name__}")
-        if inputs.shape[0] != labels.shape[0]:
+            raise TypeError(f"{where} must hold tensors, got {type(inputs).__name__}, {type(labels).__name__}")
+        if labels.dim() != 1:
             raise ValueError(
-                f"`{name}[{task}]` has {inputs.shape[0]} inputs but {labels.shape[0]} labels; they must match"
+                f"{where} labels must have shape [n], got {list(labels.shape)}; "
+                "use `labels.squeeze(1)` or `labels.view(-1)` (one-hot labels: `labels.argmax(1)`)"
             )
+        if inputs.shape[0] != labels.shape[0]:
+            raise ValueError(f"{where} has {inputs.shape[0]} inputs but {labels.shape[0]} labels; they must match")
         if inputs.shape[0] == 0:
-            raise ValueError(f"`{name}[{task}]` is empty: every task needs at least one example")
-        if labels.dtype != torch.long:
-            raise TypeError(f"`{name}[{task}]` labels must be int64 class indices, got {labels.dtype}")
+            raise ValueError(f"{where} is empty: every task needs at least one example")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(
+                f"{where} labels must be integer class indices (they are converted to int64), got {labels.dtype}; "
+                "if they hold class indices, pass `labels.long()`"
+            )
         if int(labels.min()) < 0:
-            raise ValueError(f"`{name}[{task}]` has negative labels ({int(labels.min())}); use class indices 0..k-1")
-        checked.append((inputs.float(), labels))
-    return checked
+            raise ValueError(f"{where} has negative labels ({int(labels.min())}); use class indices 0..k-1")
+        if name == "train" and bool((labels == labels[0]).all()):
+            raise ValueError(
+                f"{where} labels are all class {int(labels[0])}: a task needs two or more classes to be learnt; "
+                "add examples of its other classes or drop the task"
+            )
+        shape = inputs.shape[1:] if shape is None else shape
+        if inputs.shape[1:] != shape:
+            raise ValueError(
+                f"{where} inputs have shape {list(inputs.shape[1:])} per example but `train[0]` has {list(shape)}; "
+                "every task of every split needs the same input shape: resize, crop or pad them to match"
+            )
+        non_finite = int(torch.isfinite(inputs).logical_not().sum())
+        if non_finite:
+            raise ValueError(
+                f"{where} inputs hold {non_finite} non-finite values (NaN or inf) out of {inputs.numel()}; "
+                "clean or impute the data first (drop those examples or replace the values, e.g. by feature means)"
+            )
 
 
 class SeededPermutation(Sampler[int]):
@@ -57,6 +91,10 @@ class SeededPermutation(Sampler[int]):
 class TaskSequenceDataModule(pl.LightningDataModule):
     """A fixed sequence of tasks held as tensors.
 
+    Every split is checked when the module is built, before anything is converted: inputs must be
+    finite and share task 0's per-example shape; labels must be integer class indices of shape ``[n]``
+    (any integer dtype, converted to int64); each training task needs two or more classes.
+
     Args:
         train: per task, ``(inputs [n, ...], labels [n])`` with labels in ``0..classes-1``.
         test: per task, held-out pairs; also used for validation when ``val`` is not given.
@@ -64,11 +102,18 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         batch_size: mini-batch size of every loader.
         seed: seed of the training shuffle.
 
+    Raises:
+        TypeError: when a task does not hold tensors, or holds float or bool labels.
+        ValueError: when a task breaks one of the rules above, is empty or has unequal numbers of inputs and
+            labels; when the splits' task counts differ; when ``batch_size`` is not positive.
+
     Example:
-        >>> x, y = torch.randn(10, 4), torch.randint(0, 2, (10,))
+        >>> x, y = torch.randn(10, 4), torch.arange(10, dtype=torch.int32) % 2
         >>> dm = TaskSequenceDataModule.from_tensors(train=[(x, y), (x, y)], test=[(x, y), (x, y)])
-        >>> dm.num_tasks, dm.current_task
-        (2, 0)
+        >>> dm.num_tasks, dm.current_task, dm.train_tasks[0][1].dtype
+        (2, 0, torch.int64)
+        >>> len(dm.predict_dataloader())
+        1
     """
 
     def __init__(
@@ -79,17 +124,22 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.train_tasks = _check_split("train", train)
-        self.test_tasks = _check_split("test", test)
-        self.val_tasks = _check_split("val", val) if val is not None else self.test_tasks
-        if not self.train_tasks:
-            raise ValueError("`train` must hold at least one task")
-        for name, split in (("test", self.test_tasks), ("val", self.val_tasks)):
-            if len(split) != len(self.train_tasks):
-                raise ValueError(f"`{name}` has {len(split)} tasks but `train` has {len(self.train_tasks)}")
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}")
+        if len(train) == 0:
+            raise ValueError("`train` must hold at least one task")
+        splits = {"train": train, "test": test, **({"val": val} if val is not None else {})}
+        for name, split in splits.items():
+            if len(split) != len(train):
+                raise ValueError(f"`{name}` has {len(split)} tasks but `train` has {len(train)}")
+        for name, split in splits.items():  # train first: its task 0 sets the input shape of all
+            _check_split(name, split, shape=None if name == "train" else train[0][0].shape[1:])
+        # every split passed: only now convert (inputs to float32, labels to int64)
+        tasks = {name: [(inputs.float(), labels.long()) for inputs, labels in split] for name, split in splits.items()}
+        super().__init__()
+        self.train_tasks = tasks["train"]
+        self.test_tasks = tasks["test"]
+        self.val_tasks = tasks.get("val", self.test_tasks)
         self.batch_size = batch_size
         self.seed = seed
         self.current_task = 0
@@ -145,6 +195,13 @@ class TaskSequenceDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(pair, shuffle=False) for pair in self.test_tasks[: self.current_task + 1]]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """One unshuffled loader per task seen so far (index == task) over its test split, as for testing.
+
+        Batches are ``(inputs, labels)``; the module's ``predict_step`` uses the inputs.
+        """
+        return self.test_dataloader()
 
     def task_dataloader(self, task: int, split: str = "test") -> DataLoader:
         """The loader of one task's ``"train"``, ``"val"`` or ``"test"`` split."""
