@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import binary_auroc, multiclass_accuracy
+from torchmetrics.functional.classification import binary_auroc
 
 from lightning_den.boundary import TaskBoundary
 from lightning_den.metrics import functional as M
@@ -23,23 +25,67 @@ from lightning_den.report import format_report, plot_report
 
 @torch.no_grad()
 def task_scores(
-    pl_module: pl.LightningModule, loader: DataLoader, task: int, classes: int
+    pl_module: pl.LightningModule, loader: DataLoader, task: int, *, precision: Precision | None = None
 ) -> tuple[float, float | None]:
-    """Accuracy of ``pl_module(x, task=task)`` over ``loader`` and, for a binary task, its AUROC.
+    """Accuracy of ``pl_module(x, task=task)`` over ``loader`` and, when the task's head has two outputs, AUROC.
 
-    Old tasks run through timestamped inference. AUROC ranks the softmax probability of class 1.
+    The classes are the head's outputs (the width of the logits), whatever labels the data hold:
+    accuracy is the share of samples whose largest logit is their label. AUROC ranks the softmax
+    probability of class 1; it is NaN, with a warning, when the data hold a single class (it is
+    undefined then). Old tasks run through timestamped inference.
+
+    Args:
+        pl_module: the model, called as ``pl_module(inputs, task=task)``.
+        loader: ``(inputs, labels)`` batches of the task.
+        task: the task whose head to evaluate.
+        precision: the Trainer's precision plugin (``trainer.precision_plugin``): inputs are converted
+            and the forward pass runs in its context, so a ``"bf16-true"`` model gets bf16 inputs.
+            ``None``: the inputs as they are (float32).
+
+    Raises:
+        ValueError: ``loader`` is empty, or a label is not an output of the head.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_den import DENMLP
+        >>> model = DENMLP(in_features=4, hidden_sizes=[3], num_classes=2)
+        >>> data = TensorDataset(torch.randn(8, 4), torch.tensor([0, 1] * 4))
+        >>> accuracy, auroc = task_scores(model, DataLoader(data, batch_size=4), task=0)
+        >>> 0.0 <= accuracy <= 1.0 and 0.0 <= auroc <= 1.0
+        True
     """
+    plugin = precision if precision is not None else Precision()
     was_training = pl_module.training
     pl_module.eval()
     logits, labels = [], []
-    for inputs, targets in loader:
-        logits.append(pl_module(inputs.to(pl_module.device), task=task).float().cpu())
-        labels.append(targets)
-    pl_module.train(was_training)
+    try:
+        for inputs, targets in loader:
+            inputs = plugin.convert_input(inputs.to(pl_module.device))
+            with plugin.forward_context():
+                logits.append(pl_module(inputs, task=task).float().cpu())
+            labels.append(targets.cpu())
+    finally:
+        pl_module.train(was_training)
+    if not logits:
+        raise ValueError(f"the evaluation data of task {task} are empty: give every task some samples to evaluate")
     scores, target = torch.cat(logits), torch.cat(labels)
-    accuracy = float(multiclass_accuracy(scores, target, num_classes=classes, average="micro"))
-    if classes != 2:
+    outputs = scores.shape[-1]
+    if int(target.min()) < 0 or int(target.max()) >= outputs:
+        bad = int(target.max()) if int(target.max()) >= outputs else int(target.min())
+        raise ValueError(
+            f"task {task} has the label {bad} but its head has {outputs} outputs (labels 0..{outputs - 1}): "
+            "build the model with enough classes for every task"
+        )
+    accuracy = float((scores.argmax(dim=-1) == target).double().mean())
+    if outputs != 2:
         return accuracy, None
+    if target.unique().numel() < 2:
+        rank_zero_warn(
+            f"the AUROC of task {task} is undefined: its evaluation data hold only the label {int(target[0])} "
+            f"({target.numel()} samples). It is reported as NaN (null in continual_metrics.json) and left out "
+            "of the AUROC averages."
+        )
+        return accuracy, float("nan")
     auroc = float(binary_auroc(scores.double().softmax(dim=-1)[:, 1], target))  # float64: no 1.0000001
     return accuracy, auroc
 
@@ -53,6 +99,11 @@ class TaskEvaluation(Callback):
     with the task index as step to every logger of the Trainer, and writes its files into the
     Trainer's log directory (or ``output_dir``). Formulas: :mod:`lightning_den.metrics.functional`.
 
+    A fit that ends before the last task (``EarlyStopping``, ``max_steps``, ``max_time``, an exception
+    or Ctrl+C) still gets its summary, of the tasks that ended, marked ``"complete": false``. A fit that
+    continues a sequence whose earlier tasks were trained in another run starts at a later row: the rows
+    before it are ``None`` (not measured here) and the summaries skip them.
+
     Args:
         split: which split of each task to evaluate (``"test"`` or ``"val"``).
         block: name of the block whose widths and parameters to record (found automatically if there is one).
@@ -62,11 +113,13 @@ class TaskEvaluation(Callback):
         print_report: print the table at the end (rank zero).
 
     Attributes:
-        accuracy: ``accuracy[i][j]``, accuracy on task ``j`` after training task ``i``.
-        auroc: the same for AUROC (``None`` for tasks that are not binary).
-        widths: ``widths[i]``, units per hidden layer used by task ``i``.
-        parameters: ``parameters[i]``, parameters the network held when task ``i`` ended.
-        summary: the dict written to ``continual_metrics.json`` (after the last task).
+        accuracy: ``accuracy[i][j]``, accuracy on task ``j`` after training task ``i`` (``None``: not
+            measured in this run).
+        auroc: the same for AUROC (``None`` for tasks that are not binary, NaN where it is undefined).
+        widths: ``widths[i]``, units per hidden layer used by task ``i`` (``None``: not measured).
+        parameters: ``parameters[i]``, parameters the network held when task ``i`` ended (``None``: not measured).
+        summary: the dict written to ``continual_metrics.json`` (after the last task, or when the fit
+            ends early); undefined numbers are ``None`` in it, as in the file.
 
     Example::
 
@@ -74,6 +127,7 @@ class TaskEvaluation(Callback):
         trainer = Trainer(..., callbacks=[DENCallback(), evaluation])
         trainer.fit(model, datamodule=datamodule)
         evaluation.summary["summary"]["average_accuracy"]
+        evaluation.summary["summary"]["average_auroc_tasks"]  # how many tasks that average covers
     """
 
     def __init__(
@@ -93,11 +147,23 @@ class TaskEvaluation(Callback):
         self.output_dir = output_dir
         self.plots = plots
         self.print_report = print_report
-        self.accuracy: list[list[float]] = []
+        self.accuracy: list[list[float | None]] = []
         self.auroc: list[list[float | None]] = []
-        self.widths: list[tuple[int, ...]] = []
-        self.parameters: list[int] = []
+        self.widths: list[tuple[int, ...] | None] = []
+        self.parameters: list[int | None] = []
         self.summary: dict[str, Any] = {}
+        self._directory: Path | None = None
+        self._fitting = False
+        self._stream_ended = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find the output directory on every rank (``trainer.log_dir`` broadcasts from rank 0)."""
+        if stage != "fit":
+            return
+        self._directory = None
+        self._output_directory(trainer)
+        self._fitting = True
+        self._stream_ended = False
 
     def on_task_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, boundary: TaskBoundary) -> None:
         """Evaluate every task seen so far when ``boundary`` ends a task; report after the last one."""
@@ -106,36 +172,69 @@ class TaskEvaluation(Callback):
         ended = boundary.ended_task
         datamodule = trainer.datamodule
         row = [
-            task_scores(pl_module, datamodule.task_dataloader(j, self.split), j, datamodule.num_classes(j))
+            task_scores(pl_module, datamodule.task_dataloader(j, self.split), j, precision=trainer.precision_plugin)
             for j in range(ended + 1)
         ]
+        self._make_room(ended)
         self.accuracy.append([accuracy for accuracy, _ in row])
         self.auroc.append([auroc for _, auroc in row])
         mlp = self._block(pl_module)
-        self.widths.append(mlp.widths(ended))
+        self.widths.append(tuple(mlp.widths(ended)))
         self.parameters.append(mlp.num_parameters_through(ended))
         metrics = {f"continual/acc/task_{j}": accuracy for j, (accuracy, _) in enumerate(row)}
-        metrics.update({f"continual/auroc/task_{j}": auroc for j, (_, auroc) in enumerate(row) if auroc is not None})
+        metrics.update({f"continual/auroc/task_{j}": auroc for j, (_, auroc) in enumerate(row) if _defined(auroc)})
         metrics["continual/parameters"] = float(self.parameters[-1])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=ended)
         if boundary.finished:
+            self._stream_ended = True
             self._finish(trainer, pl_module)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Report a sequence that stopped before its end (``EarlyStopping``, ``max_steps``, ``max_time``)."""
+        if self._fitting and not self._stream_ended:
+            self._report_unfinished(trainer, pl_module)
+        self._fitting = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Report the tasks that ended before the exception (or Ctrl+C); never hide the exception itself."""
+        if not self._fitting or self._stream_ended:
+            return
+        self._fitting = False
+        try:
+            self._report_unfinished(trainer, pl_module)
+        except Exception as error:
+            rank_zero_warn(f"TaskEvaluation could not write the summary of the interrupted fit: {error!r}")
+
     def state_dict(self) -> dict[str, Any]:
-        """The rows measured so far, so that a resumed run reports the whole sequence."""
+        """The rows measured so far, so that a resumed run reports the whole sequence (plain data)."""
         return {
-            "accuracy": self.accuracy,
-            "auroc": self.auroc,
-            "widths": [list(w) for w in self.widths],
-            "parameters": self.parameters,
+            "accuracy": [list(row) for row in self.accuracy],
+            "auroc": [list(row) for row in self.auroc],
+            "widths": [None if w is None else list(w) for w in self.widths],
+            "parameters": list(self.parameters),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.accuracy = [list(row) for row in state_dict["accuracy"]]
         self.auroc = [list(row) for row in state_dict["auroc"]]
-        self.widths = [tuple(w) for w in state_dict["widths"]]
+        self.widths = [None if w is None else tuple(w) for w in state_dict["widths"]]
         self.parameters = list(state_dict["parameters"])
+
+    def _make_room(self, task: int) -> None:
+        """Make ``task``'s row the next one: rows this run did not measure before it become ``None`` rows,
+        a row measured again (and any after it) is replaced."""
+        if len(self.accuracy) > task + 1:
+            rank_zero_warn(
+                f"TaskEvaluation measures task {task} again although it holds rows up to task "
+                f"{len(self.accuracy) - 1}: the rows from task {task} on are replaced"
+            )
+        for rows in (self.accuracy, self.auroc):
+            del rows[task:]
+            rows.extend([None] * (i + 1) for i in range(len(rows), task))
+        for per_task in (self.widths, self.parameters):
+            del per_task[task:]
+            per_task.extend([None] * (task - len(per_task)))
 
     def _block(self, pl_module: pl.LightningModule) -> Any:
         blocks = continual_blocks(pl_module)
@@ -151,53 +250,113 @@ class TaskEvaluation(Callback):
             )
         return next(iter(blocks.values()))
 
+    def _output_directory(self, trainer: pl.Trainer) -> Path:
+        """Where the files go. ``trainer.log_dir`` is a collective: the first call must happen on every rank."""
+        if self._directory is None:
+            self._directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        return self._directory
+
+    def _report_unfinished(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.accuracy:
+            rank_zero_info("TaskEvaluation: no task ended in this fit, so there is no continual_metrics.json to write")
+            return
+        self._finish(trainer, pl_module)
+
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        mlp = self._block(pl_module)
-        self.summary = self.summarise(mlp, trainer.datamodule)
+        directory = self._output_directory(trainer)  # before the rank check: a collective on first use
+        self.summary = self.summarise(self._block(pl_module), trainer.datamodule)
         for logger in trainer.loggers:
             logger.log_metrics(
-                {f"continual/{k}": v for k, v in self.summary["summary"].items()}, step=len(self.accuracy) - 1
+                {f"continual/{k}": v for k, v in self.summary["summary"].items() if v is not None},
+                step=len(self.accuracy) - 1,
             )
         if not trainer.is_global_zero:
             return
-        directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "continual_metrics.json").write_text(json.dumps(self.summary, indent=2))
+        (directory / "continual_metrics.json").write_text(json.dumps(self.summary, indent=2, allow_nan=False))
         if self.plots:
-            plot_report(self.summary, directory)
+            lists = ("accuracy", "auroc", "parameters_after_task")
+            missing_as_nan = {k: _nan_for_none(self.summary[k]) for k in lists if self.summary[k]}
+            plot_report({**self.summary, **missing_as_nan}, directory)
         if self.print_report:
             rank_zero_info(format_report(self.summary))
 
     def summarise(self, mlp: Any, datamodule: Any) -> dict[str, Any]:
-        """The plain-data summary of the run so far (what ``continual_metrics.json`` holds)."""
+        """The plain-data summary of the run so far (what ``continual_metrics.json`` holds).
+
+        Undefined numbers (a mean over no task, the AUROC of a single-class test set) are ``None``.
+        Besides the matrices and the summary numbers (each with ``<name>_tasks``, the number of tasks it
+        covers) it says whether the stream ended (``complete``, ``tasks_evaluated`` of ``tasks_in_stream``)
+        and from which row this run measured the matrix (``first_measured_task``).
+        """
         tasks = len(self.accuracy)
-        summary: dict[str, float] = {
-            "average_accuracy": M.average_score(self.accuracy),
-            "backward_transfer": M.backward_transfer(self.accuracy),
-            "forgetting": M.forgetting(self.accuracy),
-        }
-        binary = [all(v is not None for v in row) for row in self.auroc]
-        auroc = self.auroc if all(binary) else None
+        if tasks == 0:
+            raise ValueError("no task has ended yet, so there is nothing to summarise")
+        reference = self.reference_scores[:tasks] if self.reference_scores is not None else None
+        summary = _named(M.matrix_summary(self.accuracy, reference), "accuracy")
+        binary = all(
+            auroc is not None or accuracy is None
+            for accuracy_row, auroc_row in zip(self.accuracy, self.auroc, strict=True)
+            for accuracy, auroc in zip(accuracy_row, auroc_row, strict=True)
+        )
+        auroc = self.auroc if binary else None
         if auroc is not None:
-            summary["average_auroc"] = M.average_score(auroc)
-            summary["backward_transfer_auroc"] = M.backward_transfer(auroc)
-            summary["forgetting_auroc"] = M.forgetting(auroc)
-        if self.reference_scores is not None:
-            summary["forward_transfer"] = M.forward_transfer(self.accuracy, self.reference_scores[:tasks])
+            summary.update(_named(M.matrix_summary(auroc), "auroc"))
+        first_widths = self.widths[0] if self.widths[0] is not None else mlp.widths(0)
         births = mlp.births()
-        return {
-            "tasks": tasks,
-            "accuracy": self.accuracy,
-            "auroc": auroc,
-            "summary": summary,
-            "capacity": M.capacity(
-                mlp.in_features,
-                list(self.widths[0]),
-                [datamodule.num_classes(t) for t in range(tasks)],
-                self.parameters[-1],
-            ),
-            "widths": [list(w) for w in self.widths],
-            "widths_by_birth": [[[b.count(born) for born in range(i + 1)] for b in births] for i in range(tasks)],
-            "parameters_after_task": self.parameters,
-            "parameters_per_task": [mlp.num_parameters(t) for t in range(tasks)],
-        }
+        return _json_ready(
+            {
+                "complete": tasks == datamodule.num_tasks,
+                "tasks": tasks,
+                "tasks_evaluated": tasks,
+                "tasks_in_stream": datamodule.num_tasks,
+                "first_measured_task": next(i for i, row in enumerate(self.accuracy) if row[-1] is not None),
+                "accuracy": self.accuracy,
+                "auroc": auroc,
+                "summary": summary,
+                "capacity": M.capacity(
+                    mlp.in_features,
+                    list(first_widths),
+                    [mlp.classes_of(t) for t in range(tasks)],
+                    self.parameters[-1],
+                ),
+                "widths": self.widths,
+                "widths_by_birth": [[[b.count(born) for born in range(i + 1)] for b in births] for i in range(tasks)],
+                "parameters_after_task": self.parameters,
+                "parameters_per_task": [mlp.num_parameters(t) for t in range(tasks)],
+            }
+        )
+
+
+def _defined(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def _named(summary: dict[str, float | int], score: str) -> dict[str, float | int]:
+    """:func:`~lightning_den.metrics.functional.matrix_summary`'s keys under the names of the report:
+    ``average_accuracy``, ``forgetting``, ``forgetting_auroc``, ``average_auroc_tasks``..."""
+    named = {}
+    for key, value in summary.items():
+        metric, count = (key.removesuffix("_tasks"), "_tasks") if key.endswith("_tasks") else (key, "")
+        if metric == "average":
+            metric = f"average_{score}"
+        elif score != "accuracy":
+            metric = f"{metric}_{score}"
+        named[metric + count] = value
+    return named
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` with NaN and infinite floats as ``None`` and tuples as lists: what JSON can hold."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_ready(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def _nan_for_none(values: list[Any]) -> list[Any]:
+    """``values`` (a list, possibly of lists) with ``None`` entries as NaN, for the plots."""
+    return [float("nan") if v is None else _nan_for_none(v) if isinstance(v, list) else v for v in values]

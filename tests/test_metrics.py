@@ -1,12 +1,23 @@
-"""Continual metrics on hand-made matrices, against plain NumPy loops written from the definitions."""
+"""Continual metrics on hand-made matrices, against plain NumPy loops written from the definitions, and
+with missing entries (``None``/NaN: rows not measured, undefined scores), which every summary skips."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from lightning_den.metrics import average_score, backward_transfer, capacity, forgetting, forward_transfer, task_matrix
+from lightning_den.metrics import (
+    average_score,
+    backward_transfer,
+    capacity,
+    forgetting,
+    forward_transfer,
+    matrix_summary,
+    task_matrix,
+)
 from lightning_den.report import format_report
 
 # R[i][j]: accuracy on task j after task i. Task 0 rises then falls; task 1 falls; task 2 is new.
@@ -59,3 +70,77 @@ def test_capacity_against_single_task_and_shared_networks():
 def test_report_shows_matrix_and_summary():
     text = format_report({"accuracy": ROWS, "summary": {"forgetting": 0.1333}, "widths": [[4, 3], [6, 3]]})
     assert "0.9500" in text and "forgetting: 0.1333" in text and "4-3, 6-3" in text
+
+
+def without_task(rows, task):
+    """The square matrix of ``rows`` with task ``task``'s row and column removed."""
+    keep = [i for i in range(len(rows)) if i != task]
+    return task_matrix(rows)[keep][:, keep]
+
+
+def with_missing_column(rows, task, missing=None):
+    """``rows`` with every score of task ``task`` missing."""
+    return [[missing if j == task else v for j, v in enumerate(row)] for row in rows]
+
+
+@pytest.mark.parametrize("task", range(len(ROWS) - 1))
+@pytest.mark.parametrize("missing", [None, float("nan")])
+def test_a_task_whose_scores_are_missing_counts_as_a_task_that_is_not_there(task, missing):
+    rows = with_missing_column(ROWS, task, missing)
+    smaller = without_task(ROWS, task)
+    assert average_score(rows) == pytest.approx(average_score(smaller))
+    assert backward_transfer(rows) == pytest.approx(backward_transfer(smaller))
+    reference = [0.9, 0.8, 0.7, 0.6]
+    kept = [r for j, r in enumerate(reference) if j != task]
+    assert forward_transfer(rows, reference) == pytest.approx(forward_transfer(smaller, kept))
+    summary = matrix_summary(rows, reference)
+    assert summary["average_tasks"] == len(ROWS) - 1 and summary["forward_transfer_tasks"] == len(ROWS) - 1
+    assert summary["backward_transfer_tasks"] == summary["forgetting_tasks"] == len(ROWS) - 2
+
+
+def test_forgetting_and_backward_transfer_use_only_tasks_whose_needed_entries_exist():
+    # task 0 misses a middle row (its best score is unknown): forgetting skips it, BWT (first and last row) keeps it
+    rows = [list(row) for row in ROWS]
+    rows[1][0] = None
+    drops = [max(ROWS[i][j] for i in range(j, 3)) - ROWS[3][j] for j in (1, 2)]
+    assert forgetting(rows) == pytest.approx(sum(drops) / 2) and matrix_summary(rows)["forgetting_tasks"] == 2
+    assert backward_transfer(rows) == pytest.approx(backward_transfer(ROWS))
+    # rows that start later (a continued run): row 0 and row 1 not measured
+    later = [[None], [None, None], ROWS[2], ROWS[3]]
+    summary = matrix_summary(later)
+    assert summary["average"] == pytest.approx(average_score(ROWS)) and summary["average_tasks"] == 4
+    assert summary["backward_transfer"] == pytest.approx(ROWS[3][2] - ROWS[2][2])
+    assert summary["backward_transfer_tasks"] == summary["forgetting_tasks"] == 1
+
+
+def test_the_summary_agrees_with_each_function_and_a_mean_over_no_task_is_nan():
+    summary = matrix_summary(ROWS, [0.9, 0.9, 0.9, 0.9])
+    assert summary["average"] == average_score(ROWS) and summary["forgetting"] == forgetting(ROWS)
+    assert summary["backward_transfer"] == backward_transfer(ROWS)
+    assert summary["forward_transfer"] == forward_transfer(ROWS, [0.9] * 4)
+    assert summary["average_tasks"] == 4 and summary["backward_transfer_tasks"] == 3
+    nothing = matrix_summary([[None], [None, None]])
+    assert all(math.isnan(nothing[k]) for k in ("average", "backward_transfer", "forgetting"))
+    assert nothing["average_tasks"] == nothing["backward_transfer_tasks"] == nothing["forgetting_tasks"] == 0
+    assert matrix_summary([[0.5]])["backward_transfer_tasks"] == 0  # one task: 0.0, over no task
+    with pytest.raises(ValueError, match="at least one row"):
+        task_matrix([])
+
+
+def test_report_prints_a_dash_for_missing_and_undefined_numbers_and_says_what_is_incomplete():
+    summary = {
+        "complete": False,
+        "tasks_evaluated": 2,
+        "tasks_in_stream": 5,
+        "first_measured_task": 1,
+        "accuracy": [[None], [0.5, 0.75]],
+        "auroc": [[None], [float("nan"), 0.5]],
+        "summary": {"average_auroc": float("nan"), "average_auroc_tasks": 0, "forgetting": None},
+        "widths": [None, [8]],
+    }
+    text = format_report(summary)
+    assert "nan" not in text.lower() and "None" not in text
+    assert "incomplete run: 2 of 5 tasks ended" in text and "row 0 was not measured" in text
+    assert "average_auroc: - (0 tasks)" in text and "forgetting: -" in text and "widths per task: -, 8" in text
+    auroc_rows = text.split("AUROC")[1].splitlines()
+    assert auroc_rows[2].split() == ["0", "-"] and auroc_rows[3].split() == ["1", "-", "0.5000"]

@@ -6,6 +6,7 @@ from lightning_den.metrics.functional import (
     capacity,
     forgetting,
     forward_transfer,
+    matrix_summary,
     mlp_parameters,
     task_matrix,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "capacity",
     "forgetting",
     "forward_transfer",
+    "matrix_summary",
     "mlp_parameters",
     "task_matrix",
 ]
