@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ from lightning_den.baselines import (
     ProgressiveNet,
 )
 from lightning_den.cli import DENCLI
-from lightning_den.metrics import average_score, backward_transfer, forward_transfer
+from lightning_den.metrics import average_score, backward_transfer, forward_transfer, task_matrix
 from lightning_den.sequence import sequence_trainer
 
 METHODS = {
@@ -84,11 +85,13 @@ def run_method(model_fn: Callable, callback_fn: Callable, datamodule, folder: Pa
     return {**evaluation.summary, "seconds": seconds, "epochs": trainer.current_epoch}
 
 
-def largest_drop(rows: list[list[float]]) -> float:
-    """The largest drop of any old task from its best score after it was learned to its final score."""
-    last = len(rows) - 1
-    drops = [max(rows[i][j] for i in range(j, last)) - rows[last][j] for j in range(last)]
-    return max(drops, default=0.0)
+def largest_drop(rows: list[list[float | None]]) -> float:
+    """The largest drop of any old task from its best score after it was learned to its final score
+    (tasks with an undefined score, e.g. a single-class AUROC, are left out)."""
+    matrix = task_matrix(rows)
+    last = matrix.shape[0] - 1
+    drops = [float(matrix[j:last, j].max() - matrix[last, j]) for j in range(last)]
+    return max((drop for drop in drops if not math.isnan(drop)), default=0.0)
 
 
 def summarise(name: str, result: dict[str, Any], reference: list[float] | None) -> dict[str, Any]:
@@ -132,14 +135,12 @@ def markdown(rows: list[dict[str, Any]], title: str, binary: bool) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, binary: bool) -> None:
-    import matplotlib
     import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     key = "average_auroc" if binary else "average_accuracy"
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
     for row in rows:
         ax.scatter(row["parameters_after_task"][-1], row[key])
         ax.annotate(row["method"], (row["parameters_after_task"][-1], row[key]), fontsize=7)
@@ -148,7 +149,6 @@ def plot(rows: list[dict[str, Any]], path: Path, binary: bool) -> None:
     ax.set_xlabel("parameters after the last task")
     ax.set_ylabel("final average " + ("AUROC" if binary else "accuracy"))
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,15 +10,11 @@ would keep optimising the parameters the model had before it grew.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_den.data.module import TaskSequenceDataModule
 from lightning_den.module import DENLightningModule
-from lightning_den.progress import TaskProgressBar
 
 TRAINER_DEFAULTS = {
     "max_epochs": -1,  # the task-driving callback stops the fit after the last task
@@ -40,16 +36,6 @@ class DENCLI(LightningCLI):
             args=args,
             **kwargs,
         )
-
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Add a :class:`TaskProgressBar` unless the progress bar is off or the user gave one."""
-        given = config.get("callbacks") or []
-        given = given if isinstance(given, list) else [given]
-        has_bar = any(isinstance(c, ProgressBar) for c in [*given, *callbacks])
-        if config.get("enable_progress_bar") is not False and not has_bar:
-            callbacks = [*callbacks, TaskProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
 
 
 def main(args: Sequence[str] | None = None) -> None:

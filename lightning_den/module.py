@@ -1,9 +1,12 @@
 """LightningModules for task sequences: :class:`DENLightningModule` and the ready :class:`DENMLP`.
 
 A :class:`DENLightningModule` knows the task it is trained on (``current_task``, set by the
-callbacks at task boundaries), computes the classification loss of that task's head, evaluates each
-seen task on its own dataloader (``dataloader_idx == task``) and builds its optimizer from the
-parameters it has *now*, so grown layers are always optimised.
+callbacks at task boundaries) and how many tasks it has learnt (``tasks_learned``). It computes the
+classification loss of the current task's head, evaluates each seen task on its own dataloader
+(``dataloader_idx == task``), predicts with an explicit task's head, and builds its optimizer from the
+parameters it has *now*, so grown layers are always optimised. Its architecture travels inside its
+``state_dict`` as plain data, so any ``load_state_dict`` (a checkpoint, ``ddp_spawn`` handing the
+weights back) first grows the blocks to the saved shapes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_den.core.layers import ExpandableMLP
@@ -59,6 +63,16 @@ def continual_blocks(module: nn.Module) -> dict[str, Any]:
     return {n: m for n, m in module.named_modules() if hasattr(m, "architecture") and hasattr(m, "rebuild_")}
 
 
+def batch_inputs(batch: Any) -> Tensor:
+    """The inputs of a batch: ``x`` itself, or the first item of ``(x, y)``/``[x, y]``.
+
+    Example:
+        >>> batch_inputs((torch.ones(2, 3), torch.zeros(2))).shape
+        torch.Size([2, 3])
+    """
+    return batch[0] if isinstance(batch, list | tuple) else batch
+
+
 class DENLightningModule(pl.LightningModule):
     """Base class of modules trained on a task sequence with one output head per task.
 
@@ -66,10 +80,22 @@ class DENLightningModule(pl.LightningModule):
     part is an :class:`ExpandableMLP` attribute that ``DENCallback`` finds and grows. Batches are
     ``(inputs, labels)`` with labels in ``0..classes-1`` of the task.
 
+    Validation and test log, per seen task ``j``, ``{val,test}/loss/task_{j}`` and ``{val,test}/acc/task_{j}``,
+    and their means over the seen tasks ``{val,test}/loss/avg`` and ``{val,test}/acc/avg``: names a
+    ``ModelCheckpoint`` or ``EarlyStopping`` can monitor. ``predict`` returns the logits of the head of
+    :attr:`predict_task`, or, when that is ``None``, of task ``dataloader_idx`` (the task-sequence
+    datamodule serves one predict loader per seen task).
+
     Args:
         optimizer: builds the optimizer from parameters (e.g. ``torch.optim.Adam`` or
             ``functools.partial(torch.optim.SGD, lr=0.1)``); called again after every change of shape.
-        lr_scheduler: optional, builds an LR scheduler from the optimizer.
+        lr_scheduler: optional, builds an LR scheduler from the optimizer (rebuilt with it).
+        lr_scheduler_monitor: the logged metric a scheduler such as ``ReduceLROnPlateau`` follows.
+
+    Attributes:
+        current_task: the task being trained (after a sequence, the last one).
+        tasks_learned: how many tasks the model has finished learning (0 for a new model).
+        predict_task: the head ``predict`` uses; ``None``: the predict dataloader's index.
 
     Example::
 
@@ -88,67 +114,134 @@ class DENLightningModule(pl.LightningModule):
         self,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_monitor: str = "train/loss",
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_monitor = lr_scheduler_monitor
         self.current_task = 0
+        self.tasks_learned = 0
+        self.predict_task: int | None = None
+        self._score_sums: dict[int, Tensor] = {}
 
     def forward(self, x: Tensor, task: int | None = None) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define `forward(x, task)`")
 
-    def _loss_and_accuracy(self, batch: Any, task: int) -> tuple[Tensor, Tensor]:
-        inputs, labels = batch
-        logits = self(inputs, task=task)
-        return F.cross_entropy(logits, labels), (logits.argmax(dim=-1) == labels).float().mean()
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Cross-entropy of the current task's head (the data loss; DEN's regularisers act on the step)."""
-        loss, _ = self._loss_and_accuracy(batch, self.current_task)
+        inputs, labels = batch
+        loss = F.cross_entropy(self(inputs, task=self.current_task), labels)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def setup(self, stage: str) -> None:
+        """For ``validate``/``test``/``predict``: let a task-sequence datamodule serve every task the model holds.
+
+        A fresh datamodule stands at task 0; a model loaded after a sequence holds tasks 0..``current_task``.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" or datamodule is None or not hasattr(datamodule, "set_task"):
+            return
+        newest = min(self.current_task, datamodule.num_tasks - 1)
+        if newest > datamodule.current_task:
+            rank_zero_info(f"{type(self).__name__}: evaluating tasks 0..{newest}, every task it holds in this stream")
+            datamodule.set_task(newest)
+
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss and accuracy of task ``dataloader_idx`` (one validation dataloader per seen task)."""
-        loss, accuracy = self._loss_and_accuracy(batch, dataloader_idx)
-        self.log(f"val/loss/task_{dataloader_idx}", loss, add_dataloader_idx=False)
-        self.log(f"val/acc/task_{dataloader_idx}", accuracy, add_dataloader_idx=False)
+        self._add_scores(batch, dataloader_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss and accuracy of task ``dataloader_idx`` (one test dataloader per seen task)."""
-        loss, accuracy = self._loss_and_accuracy(batch, dataloader_idx)
-        self.log(f"test/loss/task_{dataloader_idx}", loss, add_dataloader_idx=False)
-        self.log(f"test/acc/task_{dataloader_idx}", accuracy, add_dataloader_idx=False)
+        self._add_scores(batch, dataloader_idx)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the current task and every block's architecture as plain data under ``"den"``."""
-        checkpoint["den"] = {
-            "format": 1,
+    def on_validation_epoch_start(self) -> None:
+        self._score_sums = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._score_sums = {}
+
+    def on_validation_epoch_end(self) -> None:
+        """Log each task's loss and accuracy and their means over the tasks (summed over ranks first)."""
+        self._log_scores("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log each task's loss and accuracy and their means over the tasks (summed over ranks first)."""
+        self._log_scores("test")
+
+    def _add_scores(self, batch: Any, task: int) -> None:
+        if task > self.current_task:  # its head comes when the task starts (e.g. the sanity check of a resume)
+            return
+        inputs, labels = batch
+        logits = self(inputs, task=task)
+        sums = torch.stack(
+            [
+                F.cross_entropy(logits.float(), labels, reduction="sum"),
+                (logits.argmax(dim=-1) == labels).sum().float(),
+                torch.tensor(float(labels.numel()), device=logits.device),
+            ]
+        ).detach()
+        if task in self._score_sums:
+            self._score_sums[task] += sums
+        else:
+            self._score_sums[task] = sums
+
+    def _log_scores(self, stage: str) -> None:
+        # logged once per epoch, not per dataloader: the names stay the same whether one or many tasks are seen
+        if not self._score_sums:
+            return
+        tasks = sorted(self._score_sums)
+        sums = self.trainer.strategy.reduce(torch.stack([self._score_sums[t] for t in tasks]), reduce_op="sum")
+        loss, accuracy = sums[:, 0] / sums[:, 2], sums[:, 1] / sums[:, 2]
+        # read once per evaluation epoch; plain numbers, identical on every rank after the reduce
+        values = torch.cat([loss, accuracy, loss.mean()[None], accuracy.mean()[None]]).tolist()
+        names = [f"{stage}/{kind}/task_{t}" for kind in ("loss", "acc") for t in tasks]
+        self.log_dict(dict(zip([*names, f"{stage}/loss/avg", f"{stage}/acc/avg"], values, strict=True)))
+        self._score_sums = {}
+
+    def on_predict_start(self) -> None:
+        if self.predict_task is not None:
+            self._check_task(self.predict_task)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Logits of the head of :attr:`predict_task` (or of task ``dataloader_idx``); batches ``x`` or ``(x, y)``."""
+        task = dataloader_idx if self.predict_task is None else self.predict_task
+        return self(batch_inputs(batch), task=task)
+
+    def _check_task(self, task: int) -> None:
+        for block in continual_blocks(self).values():
+            block.check_task(task)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The architecture as plain data (saved in ``state_dict`` under ``_extra_state``, ``weights_only``-safe)."""
+        return {
+            "format": 2,
             "current_task": self.current_task,
+            "tasks_learned": self.tasks_learned,
             "blocks": {name: block.architecture() for name, block in continual_blocks(self).items()},
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Grow every block to the saved architecture before Lightning loads the weights."""
-        saved = checkpoint.get("den")
-        if saved is None:
-            return
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Grow every block to the saved architecture; runs before the blocks' weights load."""
         blocks = continual_blocks(self)
-        if set(saved["blocks"]) != set(blocks):
+        if set(state["blocks"]) != set(blocks):
             raise MisconfigurationException(
-                f"the checkpoint holds blocks {sorted(saved['blocks'])} but "
+                f"the checkpoint holds blocks {sorted(state['blocks'])} but "
                 f"{type(self).__name__} has {sorted(blocks)}: load it into the model class it was saved from"
             )
-        for name, architecture in saved["blocks"].items():
+        for name, architecture in state["blocks"].items():
             blocks[name].rebuild_(architecture)
-        self.current_task = int(saved["current_task"])
+        self.current_task = int(state["current_task"])
+        self.tasks_learned = int(state["tasks_learned"])
 
     def configure_optimizers(self) -> Any:
         """The optimizer over the parameters the module has now (and the scheduler, if any)."""
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        scheduler = {"scheduler": self.lr_scheduler_factory(optimizer), "monitor": self.lr_scheduler_monitor}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 class DENMLP(DENLightningModule):
@@ -160,6 +253,7 @@ class DENMLP(DENLightningModule):
         num_classes: outputs of each task's head (one number for all tasks, or one per task).
         optimizer: see :class:`DENLightningModule`.
         lr_scheduler: see :class:`DENLightningModule`.
+        lr_scheduler_monitor: see :class:`DENLightningModule`.
 
     Example:
         >>> model = DENMLP(in_features=64, hidden_sizes=[32, 32], num_classes=2)
@@ -174,8 +268,9 @@ class DENMLP(DENLightningModule):
         num_classes: int | list[int],
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_monitor: str = "train/loss",
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_scheduler_monitor=lr_scheduler_monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.mlp = ExpandableMLP(in_features, hidden_sizes, num_classes)
 

@@ -1,16 +1,54 @@
-"""A progress bar that names the current task and training phase."""
+"""Progress bars that name the current task and training phase.
+
+Every task-sequence callback calls :func:`show_task_and_phase` on the Trainer's progress bar at
+``setup``, so Lightning's default bar, a ``RichProgressBar`` or one of your own shows ``task`` and
+``phase`` beside the logged metrics, at no cost per step (the values are read when the bar refreshes).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+
+def task_and_phase(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    """``task`` (the module's ``current_task``) and ``phase`` (of the first callback that has one)."""
+    shown: dict[str, Any] = {}
+    if hasattr(pl_module, "current_task"):
+        shown["task"] = pl_module.current_task
+    for callback in trainer.callbacks:
+        phase = getattr(callback, "phase", None)
+        if phase is not None:
+            shown["phase"] = str(getattr(phase, "value", phase))
+            break
+    return shown
+
+
+def show_task_and_phase(bar: ProgressBar | None) -> None:
+    """Make ``bar`` (any Lightning progress bar; ``None`` is ignored) show :func:`task_and_phase` first.
+
+    Idempotent: a bar already showing them is left as it is.
+
+    Example::
+
+        bar = RichProgressBar()
+        show_task_and_phase(bar)   # DENCallback does this at setup
+    """
+    if bar is None or getattr(bar, "_shows_task_and_phase", False):
+        return
+    metrics_of = bar.get_metrics
+
+    def get_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return {**task_and_phase(trainer, pl_module), **metrics_of(trainer, pl_module)}
+
+    bar.get_metrics = get_metrics  # type: ignore[method-assign]
+    bar._shows_task_and_phase = True  # type: ignore[attr-defined]
 
 
 class TaskProgressBar(TQDMProgressBar):
-    """TQDM progress bar that adds ``task`` (the module's ``current_task``) and ``phase`` (the ``phase``
-    of the first callback that has one, e.g. ``DENCallback``) to the metrics it shows.
+    """TQDM progress bar that shows ``task`` and ``phase`` (see :func:`task_and_phase`) before the metrics.
 
     Example::
 
@@ -18,14 +56,7 @@ class TaskProgressBar(TQDMProgressBar):
         # Epoch 12: 100%|██████| 8/8 [..., task=1, phase=selective, train/loss=0.214]
     """
 
+    _shows_task_and_phase = True
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        shown: dict[str, Any] = {}
-        if hasattr(pl_module, "current_task"):
-            shown["task"] = pl_module.current_task
-        for callback in trainer.callbacks:
-            phase = getattr(callback, "phase", None)
-            if phase is not None:
-                shown["phase"] = str(getattr(phase, "value", phase))
-                break
-        return {**shown, **items}
+        return {**task_and_phase(trainer, pl_module), **super().get_metrics(trainer, pl_module)}

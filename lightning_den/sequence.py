@@ -25,19 +25,28 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.callbacks import Callback, EarlyStopping, StochasticWeightAveraging, Timer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_den.boundary import TaskBoundary, check_optimizers_cover, cross_boundary, rebuild_training_objects
+from lightning_den.boundary import (
+    TaskBoundary,
+    check_optimizers_cover,
+    cross_boundary,
+    notify_boundary,
+    rebuild_training_objects,
+)
 from lightning_den.core.den import PhaseProgress, phase_is_done
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.module import DENLightningModule, find_block
+from lightning_den.progress import show_task_and_phase
 
 _TASK_STREAM_API = ("num_tasks", "set_task", "current_task")
+#: what Lightning sets `max_epochs` to when neither it nor `max_steps`/`max_time` is given
+_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 
 
 class TaskSequenceCallback(Callback):
@@ -69,6 +78,8 @@ class TaskSequenceCallback(Callback):
         self._step_hooks: list[Any] = []
         self._resumed = False
         self._finished = False
+        self._continued: TaskBoundary | None = None
+        self._in_epoch = False
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
 
@@ -100,6 +111,9 @@ class TaskSequenceCallback(Callback):
     def trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
         """What the current phase trains: per parameter of the module, True, False or a boolean mask."""
         raise NotImplementedError
+
+    def check_stream(self, pl_module: pl.LightningModule, num_tasks: int) -> None:
+        """Raise before anything changes if the block cannot take the stream's tasks (e.g. no capacity left)."""
 
     def on_phase_entered(self, pl_module: pl.LightningModule) -> None:
         """Set up the current phase's regularisers (after :meth:`trainable` has been applied)."""
@@ -168,49 +182,140 @@ class TaskSequenceCallback(Callback):
                 f"{name} switches tasks between epochs, so the training dataloader must be rebuilt every epoch: "
                 f"set `Trainer(reload_dataloaders_every_n_epochs=1)` (got {trainer.reload_dataloaders_every_n_epochs})."
             )
-        needed = self.max_epochs(datamodule.num_tasks)
-        if trainer.max_epochs not in (-1, None) and trainer.max_epochs < needed:
-            raise MisconfigurationException(
-                f"`max_epochs={trainer.max_epochs}` may stop before the last task: {datamodule.num_tasks} tasks "
-                f"can take up to {needed} epochs with these phase lengths. Set `Trainer(max_epochs=-1)`; "
-                f"{name} stops the fit when the last task is done."
-            )
+        self._check_epoch_limit(trainer, datamodule.num_tasks)
         if trainer.limit_train_batches == 0:
             raise MisconfigurationException(
                 "`limit_train_batches=0` gives every task an empty training set, so the sequence cannot move "
                 "from task to task; remove it or give it a positive value."
             )
-        if self._finished or self.progress.task > 0 or self.progress.epochs > 0:
+        if not self._finished and (self.progress.task > 0 or self.progress.epochs > 0):
             raise MisconfigurationException(
-                f"this {name} has already trained a task sequence (it is at task {self.progress.task}); a callback "
-                "trains one sequence: create a new callback (and model) for a new fit, or pass `ckpt_path` to resume"
+                f"this {name} stopped in the middle of task {self.progress.task} of an earlier fit; to finish that "
+                "sequence resume it from its last checkpoint with `trainer.fit(model, datamodule=dm, "
+                "ckpt_path=...)`, or create a new callback (and model) for a new sequence"
             )
-        if self.model_block.num_tasks != 1:
+        self.check_stream(pl_module, datamodule.num_tasks)
+        show_task_and_phase(trainer.progress_bar_callback)
+        self.progress = PhaseProgress(phase=self.first_phase())
+        self._pending, self._finished, self._continued = None, False, None
+        learned = pl_module.tasks_learned
+        if learned == 0:
+            if self.model_block.num_tasks != 1:
+                raise MisconfigurationException(
+                    f"the block {self.block!r} already has {self.model_block.task_parts} for "
+                    f"{self.model_block.num_tasks} tasks but the model has learnt none: {name} starts from a freshly "
+                    "built model or continues one that finished its tasks"
+                )
+            self._check_labels(datamodule, 0)
+            datamodule.set_task(0)
+            pl_module.current_task = 0
+            self._enter_phase(pl_module)
+        else:
+            self._continue_after(trainer, pl_module, learned)
+
+    def _continue_after(self, trainer: pl.Trainer, pl_module: pl.LightningModule, learned: int) -> None:
+        """Start the first task the model has not learnt: ``learned`` tasks are done, the stream has more."""
+        tasks = trainer.datamodule.num_tasks
+        if learned >= tasks:
             raise MisconfigurationException(
-                f"the block {self.block!r} already has heads for {self.model_block.num_tasks} tasks; {name} starts "
-                "from a freshly built model (to continue a sequence, resume it with `fit(..., ckpt_path=...)`)"
+                f"the model has already learnt {learned} tasks and the stream has {tasks}: there is nothing left to "
+                f"train. To add tasks, fit it on a stream with more tasks (its first {learned} tasks are taken to be "
+                "the ones the model learnt; their test data is used to evaluate them)."
             )
-        self._check_labels(datamodule, self.progress.task)
-        datamodule.set_task(self.progress.task)
-        pl_module.current_task = self.progress.task
-        self._enter_phase(pl_module)
+        if self.model_block.num_tasks != learned:
+            raise MisconfigurationException(
+                f"the model was saved in the middle of task {learned} (it has {self.model_block.task_parts} for "
+                f"{self.model_block.num_tasks} tasks, {learned} learnt): resume that run with `trainer.fit(model, "
+                "datamodule=dm, ckpt_path=...)` from its last checkpoint instead of continuing it with new callbacks"
+            )
+        previous = PhaseProgress(task=learned - 1, phase=self.first_phase())
+        target = self.following_phase(previous, math.inf, tasks)
+        while target is not None and target.task == previous.task:  # walk to the phase that ends the task
+            previous, target = target, self.following_phase(target, math.inf, tasks)
+        assert target is not None, "a task after the learnt ones exists"
+        self._check_labels(trainer.datamodule, target.task)
+        self.progress = replace(previous, epochs=1, last_loss=math.nan)
+        plan = trainer.strategy.broadcast(self.plan(target), src=0)
+        trainer.datamodule.set_task(target.task)
+        self._continued = self._cross(pl_module, target, plan)
+        rank_zero_info(f"{self.method}: the model has learnt tasks 0..{learned - 1}; continuing with {target.task}")
+
+    def _check_epoch_limit(self, trainer: pl.Trainer, num_tasks: int) -> None:
+        """Raise if ``max_epochs`` may end the fit before the last task (``fast_dev_run`` is let through)."""
+        name = type(self).__name__
+        if trainer.fast_dev_run:
+            rank_zero_info(f"{name}: `fast_dev_run` trains one batch of the first phase; the sequence will not advance")
+            return
+        needed = self.max_epochs(num_tasks)
+        if trainer.max_epochs not in (-1, None) and trainer.max_epochs < needed:
+            given = (
+                "Lightning's default when `max_epochs` is not set"
+                if trainer.max_epochs == _LIGHTNING_DEFAULT_MAX_EPOCHS
+                else "as set"
+            )
+            raise MisconfigurationException(
+                f"the Trainer's `max_epochs` is {trainer.max_epochs} ({given}), which may stop before the last task: "
+                f"{num_tasks} tasks can take up to {needed} epochs with these phase lengths. Set "
+                f"`Trainer(max_epochs=-1)`; {name} stops the fit when the last task is done."
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Hook the post-step work onto the optimizers Lightning just built, and check them.
 
         When resuming, the saved phase is entered again on the rebuilt model and the training objects
-        are rebuilt; Lightning restores the optimizer state into them right after this hook.
+        are rebuilt; Lightning restores the optimizer state into them right after this hook. A checkpoint
+        taken after the last task continues with the next task when the stream now has more tasks.
+        When continuing a model that learnt earlier tasks, listeners now learn of the boundary into the
+        first new task (``TaskEvaluation`` scores the loaded model on the tasks it learnt).
         """
-        if self._resumed:
+        if self._resumed and self._finished:
+            self._decide_after_last_task(trainer, pl_module)
+        if self._resumed or self._continued is not None:
             self._resumed = False
-            if self._finished:  # the checkpoint was taken after the last task: nothing left to train
-                trainer.should_stop = True
-            self._enter_phase(pl_module)
+            self._enter_phase(pl_module)  # masks and references on the device the model has now
             rebuild_training_objects(trainer)
+        if self._continued is not None:
+            notify_boundary(trainer, pl_module, self._continued)
+            self._continued = None
         check_optimizers_cover(trainer, pl_module)
         self._hook_optimizers(trainer)
         rank_zero_info(f"{self.method}: task {self.progress.task}, phase {self.progress.phase}, widths {self.widths()}")
+
+    def _decide_after_last_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resumed from the end of a sequence: go on with the next task if the stream has more, else stop."""
+        target = self.following_phase(self.progress, self.progress.last_loss, trainer.datamodule.num_tasks)
+        if target is None:  # nothing left to train
+            trainer.should_stop = True
+            return
+        rank_zero_info(f"{self.method}: the checkpoint ended task {self.progress.task}; continuing with {target.task}")
+        self._finished = False
+        self._schedule(trainer, target)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn when the fit ended before the last task (early stopping, ``max_steps``, ``max_time``, ...)."""
+        if not self._finished:
+            self._warn_incomplete(trainer, _stop_reason(trainer))
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Name where an interrupted sequence stopped and how to go on."""
+        if isinstance(exception, KeyboardInterrupt) and not self._finished:
+            self._warn_incomplete(trainer, "it was interrupted")
+
+    def _warn_incomplete(self, trainer: pl.Trainer, reason: str) -> None:
+        message = (
+            f"{self.method} stopped at task {self.progress.task} (tasks 0..{trainer.datamodule.num_tasks - 1}), "
+            f"phase {self.progress.phase!r} after {self.progress.epochs} epoch(s) of it, because {reason}: the "
+            "sequence is incomplete. To go on, remove what stopped it and resume from the last checkpoint written "
+            "at an epoch end: `trainer.fit(model, datamodule=dm, ckpt_path=...)` (e.g. with "
+            "`ModelCheckpoint(save_last=True)`, `ckpt_path='last'`)."
+        )
+        if trainer.fast_dev_run:
+            rank_zero_info(message)
+        else:
+            rank_zero_warn(message)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -228,6 +333,7 @@ class TaskSequenceCallback(Callback):
             self._hook_optimizers(trainer)
         self._loss_sum = torch.zeros((), device=pl_module.device)
         self._loss_count = 0
+        self._in_epoch = True
 
     @override
     def on_before_optimizer_step(
@@ -255,6 +361,9 @@ class TaskSequenceCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Decide, on the epoch's mean loss (reduced over ranks), whether the phase ends and what follows."""
         mean_loss = self._epoch_mean_loss(trainer, pl_module)
+        self._in_epoch = False
+        if mean_loss is None:
+            return
         progress = replace(self.progress, epochs=self.progress.epochs + 1)
         if trainer.loggers:  # a log call costs about a millisecond; without a logger nobody reads it
             pl_module.log("sequence/task", float(progress.task))
@@ -266,12 +375,17 @@ class TaskSequenceCallback(Callback):
         if target is None:
             trainer.should_stop = True
             self._finished = True
+            pl_module.tasks_learned = progress.task + 1
             cross_boundary(trainer, pl_module, lambda: self._boundary(self.progress, None, {}), rebuild=False)
             return
-        if target.task != progress.task:
+        self._schedule(trainer, target)
+
+    def _schedule(self, trainer: pl.Trainer, target: PhaseProgress) -> None:
+        """Decide the surgery for entering ``target`` (rank 0's plan, broadcast); it is applied next epoch."""
+        if target.task != self.progress.task:
             self._check_labels(trainer.datamodule, target.task)  # before anything changes
         plan = trainer.strategy.broadcast(self.plan(target), src=0)
-        if target.task != progress.task:
+        if target.task != self.progress.task:
             trainer.datamodule.set_task(target.task)
         self._pending = (target, plan)
 
@@ -280,6 +394,7 @@ class TaskSequenceCallback(Callback):
         self.apply(pl_module, target, plan)
         if target.task != previous.task:
             pl_module.current_task = target.task
+            pl_module.tasks_learned = previous.task + 1
         self.progress = target
         self._enter_phase(pl_module)
         return self._boundary(previous, target, plan)
@@ -309,12 +424,14 @@ class TaskSequenceCallback(Callback):
                 f"model with at least {labels} classes for task {task} (e.g. `num_classes={labels}`)"
             )
 
-    def _epoch_mean_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+    def _epoch_mean_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         count = torch.tensor(float(self._loss_count), device=pl_module.device)
         total = torch.zeros((), device=pl_module.device) if self._loss_sum is None else self._loss_sum.clone()
         total = trainer.strategy.reduce(total, reduce_op="sum")
         count = trainer.strategy.reduce(count, reduce_op="sum")
         if float(count) == 0:
+            if trainer.should_stop:  # stopped before the epoch's first batch (e.g. by a listener): no decision
+                return None
             raise ValueError(
                 f"task {self.progress.task} produced no training batches in phase {self.progress.phase!r}: "
                 "its training set is empty or `limit_train_batches` is 0. Give every task training data."
@@ -323,8 +440,9 @@ class TaskSequenceCallback(Callback):
         if not math.isfinite(mean_loss):
             raise FloatingPointError(
                 f"the training loss of task {self.progress.task} became {mean_loss} in {self.method} phase "
-                f"{self.progress.phase!r} (epoch {self.progress.epochs + 1} of the phase). Lower the learning "
-                "rate or the regularisation strengths; the last checkpoint holds the last good state."
+                f"{self.progress.phase!r} (epoch {self.progress.epochs + 1} of the phase). Check that task's inputs "
+                "for NaN or infinite values first (TaskSequenceDataModule refuses them); if they are finite, lower "
+                "the learning rate or the regularisation strengths. The last checkpoint holds the last good state."
             )
         return mean_loss
 
@@ -363,6 +481,7 @@ class TaskSequenceCallback(Callback):
             pending = {"target": target.state_dict(), "plan": plan}
         return {
             "format": 1,
+            "epoch_end": not self._in_epoch,
             "progress": self.progress.state_dict(),
             "pending": pending,
             "finished": self._finished,
@@ -371,13 +490,41 @@ class TaskSequenceCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Take the saved state; the phase is entered again in ``on_fit_start``, once the model is rebuilt."""
+        """Take the saved state; the phase is entered again in ``on_fit_start``, once the model is rebuilt.
+
+        Raises:
+            MisconfigurationException: if the checkpoint was written in the middle of an epoch.
+        """
+        if not state_dict.get("epoch_end", True):
+            raise MisconfigurationException(
+                f"{type(self).__name__} resumes from checkpoints written at the end of a training epoch, and this one "
+                "was written in the middle of one (e.g. `ModelCheckpoint(every_n_train_steps=...)` or validation "
+                "more than once an epoch): the phase decisions are taken at epoch ends. Resume from an end-of-epoch "
+                "checkpoint (ModelCheckpoint's default, or `save_on_train_epoch_end=True`)."
+            )
         self.progress = PhaseProgress(**state_dict["progress"])
         pending = state_dict.get("pending")
         self._pending = None if pending is None else (PhaseProgress(**pending["target"]), pending["plan"])
         self._finished = bool(state_dict.get("finished", False))
         self.load_extra_state(state_dict.get("method", {}))
         self._resumed = True
+
+
+def _stop_reason(trainer: pl.Trainer) -> str:
+    """Why a fit ended before the sequence did, as far as the Trainer tells."""
+    if trainer.fast_dev_run:
+        return "`fast_dev_run` runs a single batch"
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return f"`max_steps={trainer.max_steps}` was reached"
+    stoppers = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0]
+    if stoppers:
+        return f"EarlyStopping(monitor={stoppers[0].monitor!r}) stopped it"
+    timers = [cb for cb in trainer.callbacks if isinstance(cb, Timer) and (cb.time_remaining() or 1.0) <= 0]
+    if timers:
+        return "`max_time` ran out"
+    if trainer.max_epochs not in (-1, None) and trainer.current_epoch >= trainer.max_epochs:
+        return f"`max_epochs={trainer.max_epochs}` was reached"
+    return "the Trainer was told to stop (`trainer.should_stop`)"
 
 
 def _copies_model(callback: Callback) -> bool:

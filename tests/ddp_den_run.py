@@ -1,8 +1,10 @@
 """A whole DEN sequence under real 2-process DDP on CPU (gloo); run by tests/test_ddp.py.
 
-Usage: python tests/ddp_den_run.py OUTPUT.json. Rank 1 computes deliberately wrong surgery plans:
-the run must still end with identical weights on both ranks, because the plan decided on rank 0 is
-broadcast and applied everywhere.
+Usage: python tests/ddp_den_run.py OUTPUT.json [ddp|ddp_spawn]. Lightning's defaults are on
+(validation every epoch, the default logger, checkpoints) with ``TaskEvaluation`` and a
+``ModelCheckpoint(save_last=True)``. Rank 1 computes deliberately wrong surgery plans: the run must
+still end with identical weights on both ranks, because the plan decided on rank 0 is broadcast and
+applied everywhere. Under ``ddp_spawn`` the main process must get the grown network back.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_den import DENCallback
+from lightning_den import DENCallback, TaskEvaluation
 from tests.conftest import short_phases, tiny_model, tiny_stream
 
 
@@ -66,30 +68,60 @@ class CompareRanks(Callback):
         )
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    return hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters())).hexdigest()
+
+
+class SaveFinalDigest(Callback):
+    """Rank 0 writes the digest of its final weights (the main process of ddp_spawn compares its own)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.path.write_text(weights_digest(pl_module))
+
+
 def main() -> None:
+    out, strategy = Path(sys.argv[1]).resolve(), sys.argv[2] if len(sys.argv) > 2 else "ddp"
     pl.seed_everything(int(os.environ.get("LOCAL_RANK", "0")))  # different seeds: DDP must reconcile them
     torch.set_num_threads(1)
     compare = CompareRanks()
     den = WrongPlansOnRankOne(**short_phases(loss_threshold=0.0, split_threshold=0.0))
+    worker_digest = out.with_suffix(".rank0")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy=strategy,
         max_epochs=-1,
         reload_dataloaders_every_n_epochs=1,
-        callbacks=[den, compare],
-        logger=False,
-        enable_checkpointing=False,
+        callbacks=[
+            den,
+            compare,
+            TaskEvaluation(print_report=False),
+            ModelCheckpoint(dirpath="ckpt", save_last=True),
+            SaveFinalDigest(worker_digest),
+        ],
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
     )
     model = tiny_model()
     trainer.fit(model, datamodule=tiny_stream(num_tasks=3))
+    if strategy == "ddp_spawn":  # this is the main process: the workers are gone
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "widths": [list(model.mlp.widths(t)) for t in range(model.mlp.num_tasks)],
+                    "tasks_learned": model.tasks_learned,
+                    "same_weights_as_rank_0": weights_digest(model) == worker_digest.read_text(),
+                }
+            )
+        )
+        return
     wrong = trainer.strategy.reduce(torch.tensor(float(den.wrong_plans)), reduce_op="sum")
     if trainer.is_global_zero:
-        Path(sys.argv[1]).write_text(json.dumps({"boundaries": compare.records, "wrong_plans_on_rank_1": float(wrong)}))
+        Path(out).write_text(json.dumps({"boundaries": compare.records, "wrong_plans_on_rank_1": float(wrong)}))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -141,16 +141,19 @@ def test_packnet_refuses_a_network_too_small_for_the_stream_before_training(tmp_
     assert model.net.num_tasks == 1  # refused before anything trained
 
 
-def test_a_callback_trains_one_sequence_and_a_finished_checkpoint_resumes_to_nothing(tmp_path):
+def test_a_callback_stopped_mid_sequence_is_refused_and_a_finished_checkpoint_resumes_to_nothing(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    stopped = ProgressiveCallback(epochs_per_task=2)
+    with pytest.warns(UserWarning, match="stopped at task 0"):
+        make_trainer(tmp_path, [stopped], max_steps=2).fit(progressive(), datamodule=tiny_stream(2))
+    with pytest.raises(MisconfigurationException, match="stopped in the middle of task 0 of an earlier fit"):
+        make_trainer(tmp_path, [stopped]).fit(progressive(), datamodule=tiny_stream(2))
     callback = ProgressiveCallback(epochs_per_task=2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     make_trainer(tmp_path, [callback, checkpoint], enable_checkpointing=True).fit(
         progressive(), datamodule=tiny_stream(2)
     )
-    with pytest.raises(MisconfigurationException, match="already trained a task sequence"):
-        make_trainer(tmp_path, [callback]).fit(progressive(), datamodule=tiny_stream(2))
     boundaries = []
 
     class Count(Callback):

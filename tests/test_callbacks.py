@@ -37,8 +37,10 @@ class CheckFrozenEntries(Callback):
         entries = trainable_entries(pl_module.mlp, phase, selection)
         self.reference = {}
         for name, p in pl_module.mlp.named_parameters():
-            frozen = ~entries[name] if isinstance(entries[name], torch.Tensor) else torch.full_like(
-                p, not entries[name], dtype=torch.bool
+            frozen = (
+                ~entries[name]
+                if isinstance(entries[name], torch.Tensor)
+                else torch.full_like(p, not entries[name], dtype=torch.bool)
             )
             self.reference[name] = (frozen, p.detach().clone())
 
@@ -258,7 +260,7 @@ def test_block_can_be_named(tmp_path):
     ("trainer_kwargs", "match"),
     [
         ({"reload_dataloaders_every_n_epochs": 0}, "reload_dataloaders_every_n_epochs=1"),
-        ({"max_epochs": 3}, r"max_epochs=3.*max_epochs=-1"),
+        ({"max_epochs": 3}, r"`max_epochs` is 3 \(as set\).*max_epochs=-1"),
     ],
 )
 def test_trainer_settings_that_would_break_the_sequence_are_refused(tmp_path, trainer_kwargs, match):

@@ -25,7 +25,8 @@ def test_load_from_checkpoint_rebuilds_the_grown_network_bit_for_bit(grown):
     model, path = grown
     assert model.mlp.hidden[0].out_features > 5  # it did grow
     checkpoint = torch.load(path, weights_only=True)  # plain data only
-    assert checkpoint["den"]["current_task"] == 2
+    saved = checkpoint["state_dict"]["_extra_state"]  # the architecture travels with the weights
+    assert saved["current_task"] == 2 and saved["tasks_learned"] == 3 and len(saved["blocks"]["mlp"]["heads"]) == 3
     restored = DENMLP.load_from_checkpoint(path, optimizer=torch.optim.Adam)
     assert restored.current_task == 2
     x = torch.randn(11, IN_FEATURES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -29,8 +30,6 @@ data:
 trainer:
   accelerator: cpu
   devices: 1
-  limit_val_batches: 0
-  num_sanity_val_steps: 0
   enable_progress_bar: false
   callbacks:
     - class_path: lightning_den.DENCallback
@@ -71,14 +70,16 @@ def test_fit_writes_sane_metrics_and_plots(fitted):
     assert saved["parameters_after_task"] == sorted(saved["parameters_after_task"])  # DEN only grows
     for name in ("accuracy_matrix.png", "widths.png", "parameters.png"):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(run / "metrics.csv") as handle:  # validation ran on every seen task under stable names
+        logged = {name for row in csv.DictReader(handle) for name, value in row.items() if value}
+    assert {"val/acc/avg", "val/loss/avg", "val/acc/task_0", "val/acc/task_2"} <= logged
 
 
 @pytest.mark.parametrize("subcommand", ["test", "validate"])
 def test_evaluation_subcommands_load_the_grown_checkpoint(fitted, subcommand):
     folder, run = fitted
     checkpoint = next((run / "checkpoints").glob("*.ckpt"))
-    overrides = ["--trainer.limit_val_batches", "1.0"]  # the training config skips validation
-    result = run_cli(subcommand, "--config", "tiny.yaml", *overrides, "--ckpt_path", str(checkpoint), cwd=folder)
+    result = run_cli(subcommand, "--config", "tiny.yaml", "--ckpt_path", str(checkpoint), cwd=folder)
     # one dataloader per seen task, each through its own timestamped network
     prefix = "test" if subcommand == "test" else "val"
     for task in range(3):
@@ -101,10 +102,45 @@ def test_help_lists_the_subcommands(tmp_path):
     assert all(word in out for word in ("fit", "validate", "test"))
 
 
-@pytest.mark.parametrize("config", ["progressive_digits.yaml", "packnet_digits.yaml"])
-def test_other_methods_run_from_their_configs_without_forgetting(tmp_path, config):
-    path = Path(__file__).resolve().parents[1] / "examples" / config
-    run_cli("fit", "--config", str(path), "--trainer.enable_progress_bar", "false", cwd=tmp_path)
-    saved = json.loads((tmp_path / "lightning_logs" / "version_0" / "continual_metrics.json").read_text())
-    assert saved["tasks"] == 5 and saved["summary"]["average_accuracy"] > 0.9
-    assert saved["summary"]["backward_transfer"] == 0.0 and saved["summary"]["forgetting"] == 0.0
+def test_a_finished_run_goes_on_with_more_tasks_from_its_checkpoint(fitted):
+    folder, run = fitted
+    checkpoint = next((run / "checkpoints").glob("*.ckpt"))
+    run_cli(
+        "fit", "--config", "tiny.yaml", "--data.init_args.num_tasks", "5", "--ckpt_path", str(checkpoint), cwd=folder
+    )
+    reports = [json.loads(path.read_text()) for path in folder.glob("lightning_logs/version_*/continual_metrics.json")]
+    (saved,) = [report for report in reports if report["tasks"] == 5]  # the continued run's, next to the first
+    assert saved["complete"] and [len(row) for row in saved["accuracy"]] == [1, 2, 3, 4, 5]
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["split_digits.yaml", "progressive_digits.yaml", "packnet_digits.yaml"])
+def test_the_digit_configs_run_as_printed_with_validation_on(tmp_path, config):
+    run_cli("fit", "--config", str(EXAMPLES / config), "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    run = tmp_path / "lightning_logs" / "version_0"
+    saved = json.loads((run / "continual_metrics.json").read_text())
+    assert saved["tasks"] == 5 and saved["complete"] and saved["summary"]["average_accuracy"] > 0.9
+    if config != "split_digits.yaml":  # Progressive Networks and PackNet never forget
+        assert saved["summary"]["backward_transfer"] == 0.0 and saved["summary"]["forgetting"] == 0.0
+    with open(run / "metrics.csv") as handle:
+        assert any(row.get("val/acc/task_4") for row in csv.DictReader(handle))
+
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MNIST.exists(), reason="needs the shared MNIST files")
+@pytest.mark.parametrize("config", ["permuted_mnist.yaml", "mnist_variation.yaml"])
+def test_the_mnist_configs_run_with_validation_on(tmp_path, config):
+    # the configs as printed, cut to two tasks of a few batches: the full runs take minutes (see the README)
+    quick = ["--data.init_args.num_tasks=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2"]
+    options = ["--data.init_args.root", str(MNIST), *quick, "--trainer.enable_progress_bar=false"]
+    run_cli("fit", "--config", str(EXAMPLES / config), *options, cwd=tmp_path)
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert json.loads((run / "continual_metrics.json").read_text())["tasks"] == 2
+    with open(run / "metrics.csv") as handle:
+        assert any(row.get("val/acc/task_1") for row in csv.DictReader(handle))

@@ -13,14 +13,23 @@ import torch.distributed as dist
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def test_two_process_ddp_takes_the_same_surgery_on_every_rank(tmp_path):
+def run_two_processes(tmp_path: Path, strategy: str) -> dict:
     out = tmp_path / "ranks.json"
     script = Path(__file__).with_name("ddp_den_run.py")
     result = subprocess.run(
-        [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        [sys.executable, str(script), str(out), strategy], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    saved = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def metrics_files(tmp_path: Path) -> list[Path]:
+    return sorted(tmp_path.rglob("continual_metrics.json"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_takes_the_same_surgery_on_every_rank(tmp_path):
+    saved = run_two_processes(tmp_path, "ddp")
     records = saved["boundaries"]
     assert saved["wrong_plans_on_rank_1"] >= 4  # rank 1 really computed different selections and splits
     assert [r["phase"] for r in records] == ["head_fit", "selective", "expansion", "split"] * 2 + [None]
@@ -29,3 +38,16 @@ def test_two_process_ddp_takes_the_same_surgery_on_every_rank(tmp_path):
     assert all(r["same_weights"] for r in records)
     assert any(sum(map(len, r["changes"].get("split", []))) for r in records)  # splits really happened
     assert records[-1]["widths"][0] > 5  # and the network grew
+    # with validation, the default logger, TaskEvaluation and checkpoints on: one report, by rank 0, complete
+    (report,) = metrics_files(tmp_path)
+    summary = json.loads(report.read_text())
+    assert summary["complete"] is True and summary["tasks"] == 3
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_ddp_spawn_hands_the_grown_network_back_to_the_main_process(tmp_path):
+    saved = run_two_processes(tmp_path, "ddp_spawn")
+    assert saved["tasks_learned"] == 3 and saved["widths"][-1][0] > 5  # the main process holds the grown network
+    assert saved["same_weights_as_rank_0"]  # with the weights the workers trained
+    assert len(metrics_files(tmp_path)) == 1

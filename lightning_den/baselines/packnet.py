@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from typing_extensions import override
 
 from lightning_den.core.den import PhaseProgress
 from lightning_den.core.packnet import PackNetMLP
@@ -33,6 +32,8 @@ class PackNetCallback(TaskSequenceCallback):
             0.75 are the paper's usual values).
         train_epochs: most epochs training the free weights of each task.
         retrain_epochs: most epochs retraining the kept weights after pruning.
+        last_task_claims_free: the last task of the stream takes every weight still free instead of pruning
+            (PackNet's rule); ``False`` prunes it like the others, leaving room for tasks added later.
         block: name of the PackNetMLP (found automatically if there is one).
         convergence_tol: see :class:`~lightning_den.sequence.TaskSequenceCallback`.
         seed: seed of the new heads' initial weights.
@@ -50,6 +51,7 @@ class PackNetCallback(TaskSequenceCallback):
         prune_fraction: float = 0.5,
         train_epochs: int = 20,
         retrain_epochs: int = 5,
+        last_task_claims_free: bool = True,
         block: str | None = None,
         convergence_tol: float = 0.0,
         seed: int = 0,
@@ -66,25 +68,28 @@ class PackNetCallback(TaskSequenceCallback):
         self.prune_fraction = float(prune_fraction)
         self.train_epochs = train_epochs
         self.retrain_epochs = retrain_epochs
+        self.last_task_claims_free = bool(last_task_claims_free)
         super().__init__(block=block, convergence_tol=convergence_tol, seed=seed)
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Also check, before training starts, that every task will find free weights in every layer."""
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
-        tasks = trainer.datamodule.num_tasks
-        for index, layer in enumerate(self.model_block.hidden):
-            free = layer.weight.numel()
-            for task in range(tasks - 1):  # each task keeps round((1 - fraction) * free) of the free weights
-                free -= round((1 - self.prune_fraction) * free)
+    def check_stream(self, pl_module: pl.LightningModule, num_tasks: int) -> None:
+        """Check, before training starts, that every task still to learn will find free weights in every layer."""
+        first = pl_module.tasks_learned
+        for index, (layer, owner) in enumerate(zip(self.model_block.hidden, self.model_block.owners(), strict=True)):
+            free = int((owner == 0).sum())
+            for task in range(first, num_tasks):
                 if free == 0:
-                    raise MisconfigurationException(
-                        f"with `prune_fraction={self.prune_fraction}` hidden layer {index} "
-                        f"({layer.weight.numel()} weights) has no free weight left for task {task + 1} of {tasks}: "
-                        "raise `prune_fraction` or widen the layer"
+                    fix = (
+                        "the last task of the earlier sequence claimed every free weight; train with "
+                        "`PackNetCallback(last_task_claims_free=False)` when more tasks may follow"
+                        if 0 < first == task
+                        else f"with `prune_fraction={self.prune_fraction}`: raise it or widen the layer"
                     )
+                    raise MisconfigurationException(
+                        f"hidden layer {index} ({layer.weight.numel()} weights) has no free weight left for task "
+                        f"{task} of {num_tasks}: {fix}"
+                    )
+                if task < num_tasks - 1 or not self.last_task_claims_free:
+                    free -= round((1 - self.prune_fraction) * free)  # what the task keeps
 
     def phase_epochs(self, phase: str) -> int:
         return self.train_epochs if phase == "train" else self.retrain_epochs
@@ -101,7 +106,7 @@ class PackNetCallback(TaskSequenceCallback):
         """Prune (or, for the last task, claim what is free) before retraining; a head for a new task."""
         block = self.model_block
         if target.phase == "retrain":
-            if target.task == pl_module.trainer.datamodule.num_tasks - 1:
+            if self.last_task_claims_free and target.task == pl_module.trainer.datamodule.num_tasks - 1:
                 block.claim_free_()
             else:
                 block.prune_(self.prune_fraction)
@@ -128,6 +133,7 @@ class PackNetModel(DENLightningModule):
         num_classes: outputs of each task's head (one number, or one per task).
         optimizer: builds the optimizer from parameters.
         lr_scheduler: optional, builds an LR scheduler from the optimizer.
+        lr_scheduler_monitor: the logged metric a scheduler such as ``ReduceLROnPlateau`` follows.
 
     Example:
         >>> PackNetModel(in_features=64, hidden_sizes=[16], num_classes=2)(torch.zeros(3, 64), task=0).shape
@@ -141,8 +147,9 @@ class PackNetModel(DENLightningModule):
         num_classes: int | list[int],
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_monitor: str = "train/loss",
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_scheduler_monitor=lr_scheduler_monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = PackNetMLP(in_features, hidden_sizes, num_classes)
 

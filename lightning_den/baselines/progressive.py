@@ -62,6 +62,7 @@ class ProgressiveNet(DENLightningModule):
         lateral: lateral adapters from earlier columns; ``False`` = one independent network per task.
         optimizer: builds the optimizer from parameters.
         lr_scheduler: optional, builds an LR scheduler from the optimizer.
+        lr_scheduler_monitor: the logged metric a scheduler such as ``ReduceLROnPlateau`` follows.
 
     Example:
         >>> ProgressiveNet(in_features=64, hidden_sizes=[16], num_classes=2)(torch.zeros(3, 64), task=0).shape
@@ -76,8 +77,9 @@ class ProgressiveNet(DENLightningModule):
         lateral: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_monitor: str = "train/loss",
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_scheduler_monitor=lr_scheduler_monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.columns = ProgressiveMLP(in_features, hidden_sizes, num_classes, lateral=lateral)
 

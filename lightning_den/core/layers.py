@@ -151,7 +151,6 @@ class ExpandableLinear(nn.Module):
         """Keep the input columns where the boolean ``keep`` ``[in_features]`` is True."""
         self._replace_(self.weight[:, keep].clone(), self.bias.clone(), self.birth)
 
-
     @torch.no_grad()
     def resize_(self, out_features: int, in_features: int, births: list[int]) -> None:
         """Give the layer these shapes and births, keeping the overlapping values (zeros where new).

@@ -177,7 +177,13 @@ def test_parameters_through_a_task_equal_what_the_network_held_when_it_ended():
 
 #: ops that only make views (no memory written), left out when comparing what two networks compute
 VIEW_OPS = {
-    "aten::slice", "aten::alias", "aten::as_strided", "aten::t", "aten::transpose", "aten::expand", "aten::view"
+    "aten::slice",
+    "aten::alias",
+    "aten::as_strided",
+    "aten::t",
+    "aten::transpose",
+    "aten::expand",
+    "aten::view",
 }
 
 

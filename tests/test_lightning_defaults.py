@@ -1,0 +1,259 @@
+"""The task sequence with Lightning's defaults on, as users run it: validation, loggers, checkpoints,
+early stopping, predict, continuing a finished sequence later, and honest early endings."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_den import DENMLP, DENCallback, TaskEvaluation
+from lightning_den.baselines import PackNetCallback, PackNetModel, ProgressiveCallback, ProgressiveNet
+from tests.conftest import HIDDEN, IN_FEATURES, short_phases, tiny_model, tiny_stream
+
+
+def default_trainer(tmp_path, callbacks: list[Callback], **overrides) -> pl.Trainer:
+    """A Trainer as a user writes one: validation, logger, checkpointing and progress bar left on."""
+    settings = dict(
+        max_epochs=-1,
+        reload_dataloaders_every_n_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(callbacks=callbacks, **{**settings, **overrides})
+
+
+def quick_den(**overrides) -> DENCallback:
+    return DENCallback(**short_phases(**overrides))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 3-task DEN sequence with validation, a monitored checkpoint, a logger and TaskEvaluation."""
+    pl.seed_everything(0, verbose=False)
+    folder = tmp_path_factory.mktemp("defaults")
+    monitored = ModelCheckpoint(dirpath=folder / "best", monitor="val/acc/task_0", mode="max")
+    latest = ModelCheckpoint(dirpath=folder / "ckpt", save_last=True)
+    evaluation = TaskEvaluation(print_report=False)
+    model = tiny_model()
+    trainer = default_trainer(folder, [quick_den(loss_threshold=0.0), evaluation, monitored, latest])
+    trainer.fit(model, datamodule=tiny_stream(3))
+    return folder, trainer, model, evaluation
+
+
+def test_validation_runs_every_epoch_on_all_seen_tasks_under_stable_names(finished_run):
+    _, trainer, model, _ = finished_run
+    metrics = trainer.callback_metrics
+    for task in range(3):
+        assert {f"val/loss/task_{task}", f"val/acc/task_{task}"} <= set(metrics)
+    accuracies = torch.stack([metrics[f"val/acc/task_{task}"] for task in range(3)])
+    assert torch.allclose(metrics["val/acc/avg"], accuracies.mean())
+    assert model.tasks_learned == 3 and model.current_task == 2
+    assert trainer.checkpoint_callbacks[0].best_model_score is not None  # the monitored metric existed
+
+
+def test_a_second_test_on_the_same_trainer_tests_every_task_again(finished_run):
+    _, trainer, model, _ = finished_run
+    first = trainer.test(model, datamodule=tiny_stream(3), verbose=False)
+    second = trainer.test(model, datamodule=tiny_stream(3), verbose=False)
+    assert first == second and {f"test/acc/task_{t}" for t in range(3)} <= set(first[0])
+
+
+def test_a_loaded_model_is_tested_on_every_task_it_holds_with_a_fresh_datamodule(finished_run):
+    folder = finished_run[0]
+    restored = DENMLP.load_from_checkpoint(folder / "ckpt" / "last.ckpt", weights_only=True)
+    assert restored.tasks_learned == 3
+    results = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(
+        restored, datamodule=tiny_stream(3), verbose=False
+    )
+    assert {f"test/acc/task_{t}" for t in range(3)} <= set(results[0])
+
+
+def test_predict_is_per_task_with_the_datamodule_and_explicit_with_your_own_loader(finished_run):
+    _, _, model, _ = finished_run
+    datamodule = tiny_stream(3)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    per_task = trainer.predict(model, datamodule=datamodule)
+    assert len(per_task) == 3  # one list of batches per task the model holds
+    model.eval()
+    for task, batches in enumerate(per_task):
+        inputs = datamodule.test_tasks[task][0]
+        with torch.no_grad():
+            assert torch.allclose(torch.cat(batches), model(inputs, task=task), atol=1e-6)  # other batch sizes
+    inputs, labels = datamodule.test_tasks[1]
+    model.predict_task = 1
+    try:
+        for dataset in (TensorDataset(inputs, labels), TensorDataset(inputs)):  # (x, y) batches, then x alone
+            logits = torch.cat(trainer.predict(model, dataloaders=DataLoader(dataset, batch_size=7)))
+            with torch.no_grad():
+                assert torch.allclose(logits, model(inputs, task=1), atol=1e-6)
+        model.predict_task = 5
+        with pytest.raises(ValueError, match="task 5 was never trained"):
+            trainer.predict(model, dataloaders=DataLoader(TensorDataset(inputs), batch_size=7))
+    finally:
+        model.predict_task = None
+
+
+def test_early_stopping_and_checkpoints_monitor_validation_metrics(tmp_path):
+    stopper = EarlyStopping(monitor="val/loss/task_0", patience=1000)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc/avg", mode="max")
+    model = tiny_model()
+    default_trainer(tmp_path, [quick_den(), stopper, checkpoint]).fit(model, datamodule=tiny_stream(2))
+    assert model.tasks_learned == 2 and checkpoint.best_model_score is not None
+
+
+def test_a_fit_stopped_early_warns_with_the_task_and_phase_and_writes_an_incomplete_report(tmp_path):
+    evaluation = TaskEvaluation(output_dir=str(tmp_path / "report"), print_report=False, plots=False)
+    model = tiny_model()
+    trainer = default_trainer(tmp_path, [quick_den(), evaluation], max_steps=20)
+    with pytest.warns(UserWarning, match=r"stopped at task 1 \(tasks 0\.\.2\), phase .*`max_steps=20` was reached"):
+        trainer.fit(model, datamodule=tiny_stream(3))
+    assert model.tasks_learned == 1
+    summary = json.loads((tmp_path / "report" / "continual_metrics.json").read_text())
+    assert summary["complete"] is False and summary["tasks_evaluated"] == 1
+
+
+def test_early_stopping_on_the_training_loss_is_named_in_the_warning(tmp_path):
+    stopper = EarlyStopping(monitor="train/loss", patience=0, min_delta=10.0)
+    with pytest.warns(UserWarning, match=r"EarlyStopping\(monitor='train/loss'\) stopped it"):
+        default_trainer(tmp_path, [quick_den(), stopper]).fit(tiny_model(), datamodule=tiny_stream(3))
+
+
+def test_fast_dev_run_runs_one_batch_without_a_wrong_max_epochs_error(tmp_path):
+    model = tiny_model()
+    default_trainer(tmp_path, [quick_den()], fast_dev_run=True).fit(model, datamodule=tiny_stream(2))
+    assert model.tasks_learned == 0
+
+
+def test_lightnings_default_max_epochs_is_named_as_such(tmp_path):
+    trainer = pl.Trainer(
+        reload_dataloaders_every_n_epochs=1, callbacks=[DENCallback()], default_root_dir=tmp_path, logger=False
+    )
+    stream = tiny_stream(40)
+    with pytest.raises(MisconfigurationException, match="1000 \\(Lightning's default when `max_epochs` is not set\\)"):
+        trainer.fit(tiny_model(), datamodule=stream)
+
+
+def test_a_checkpoint_from_the_middle_of_an_epoch_is_refused_at_load(tmp_path):
+    steps = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=5, save_top_k=-1)
+    default_trainer(tmp_path, [quick_den(), steps], max_steps=12).fit(tiny_model(), datamodule=tiny_stream(2))
+    path = tmp_path / "steps" / "epoch=1-step=5.ckpt"
+    assert path.exists()
+    model = tiny_model()
+    with pytest.raises(MisconfigurationException, match="end of a training epoch"):
+        default_trainer(tmp_path, [quick_den()]).fit(model, datamodule=tiny_stream(2), ckpt_path=path)
+    assert model.tasks_learned == 0 and model.mlp.num_tasks == 1  # nothing was changed
+
+
+def test_reduce_lr_on_plateau_follows_the_configured_metric(tmp_path):
+    scheduler = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0)
+    model = DENMLP(IN_FEATURES, HIDDEN, 2, lr_scheduler=scheduler, lr_scheduler_monitor="val/loss/avg")
+    trainer = default_trainer(tmp_path, [quick_den()])
+    trainer.fit(model, datamodule=tiny_stream(2))
+    assert model.tasks_learned == 2 and trainer.lr_scheduler_configs[0].monitor == "val/loss/avg"
+
+
+def test_any_progress_bar_shows_the_task_and_the_phase(tmp_path):
+    pytest.importorskip("rich")
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = RichProgressBar()
+    model = tiny_model()
+    trainer = default_trainer(tmp_path, [quick_den(), bar], logger=False, enable_checkpointing=False)
+    trainer.fit(model, datamodule=tiny_stream(2))
+    shown = bar.get_metrics(trainer, model)
+    assert shown["task"] == 1 and shown["phase"] == "split"
+
+
+# ---------------------------------------------------------------------------- continuing a finished sequence
+
+
+def _outputs(model, tasks, x):
+    model.eval()
+    with torch.no_grad():
+        return [model(x, task=t) for t in tasks]
+
+
+def test_den_continues_a_loaded_model_with_new_tasks_keeping_old_heads(finished_run):
+    folder = finished_run[0]
+    restored = DENMLP.load_from_checkpoint(folder / "ckpt" / "last.ckpt", weights_only=True)
+    heads_before = {t: [p.detach().clone() for p in restored.mlp.heads[str(t)].parameters()] for t in range(3)}
+    widths_before = [restored.mlp.widths(t) for t in range(3)]
+    stream = tiny_stream(3)
+    loaded_accuracy = []
+    for task, (inputs, labels) in enumerate(stream.test_tasks):
+        (logits,) = _outputs(restored, [task], inputs)
+        loaded_accuracy.append(float((logits.argmax(-1) == labels).float().mean()))
+    evaluation = TaskEvaluation(print_report=False, plots=False)
+    default_trainer(folder / "later", [quick_den(loss_threshold=0.0), evaluation]).fit(
+        restored, datamodule=tiny_stream(5)
+    )
+    assert restored.tasks_learned == 5 and restored.mlp.num_tasks == 5
+    for task in range(3):  # old heads never train; old tasks keep their widths (timestamped inference)
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(heads_before[task], restored.mlp.heads[str(task)].parameters(), strict=True)
+        )
+        assert restored.mlp.widths(task) == widths_before[task]
+    assert len(evaluation.accuracy) == 5 and len(evaluation.accuracy[2]) == 3  # row 2: the loaded model
+    assert evaluation.accuracy[2] == pytest.approx(loaded_accuracy)
+
+
+def test_resuming_a_finished_checkpoint_with_a_longer_stream_goes_on_with_the_next_task(finished_run):
+    folder, _, _, _ = finished_run
+    evaluation = TaskEvaluation(print_report=False, plots=False)
+    model = tiny_model()
+    trainer = default_trainer(folder / "resumed", [quick_den(loss_threshold=0.0), evaluation])
+    trainer.fit(model, datamodule=tiny_stream(4), ckpt_path=folder / "ckpt" / "last.ckpt")
+    assert model.tasks_learned == 4
+    assert [len(row) for row in evaluation.accuracy] == [1, 2, 3, 4]  # the whole history, restored and extended
+
+
+def test_a_model_that_learnt_the_whole_stream_has_nothing_to_continue(finished_run):
+    folder, _, _, _ = finished_run
+    restored = DENMLP.load_from_checkpoint(folder / "ckpt" / "last.ckpt", weights_only=True)
+    with pytest.raises(MisconfigurationException, match="already learnt 3 tasks and the stream has 3"):
+        default_trainer(folder / "again", [quick_den()]).fit(restored, datamodule=tiny_stream(3))
+
+
+@pytest.mark.parametrize("method", ["progressive", "packnet"])
+def test_progressive_networks_and_packnet_continue_without_changing_old_outputs(tmp_path, method):
+    if method == "progressive":
+        model = ProgressiveNet(IN_FEATURES, [6], 2, optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
+
+        def callback():
+            return ProgressiveCallback(epochs_per_task=2)
+    else:
+        model = PackNetModel(IN_FEATURES, [12], 2, optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
+
+        def callback():
+            return PackNetCallback(0.5, train_epochs=2, retrain_epochs=1, last_task_claims_free=False)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    default_trainer(tmp_path, [callback(), checkpoint]).fit(model, datamodule=tiny_stream(2))
+    restored = type(model).load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    x = torch.randn(9, IN_FEATURES)
+    before = _outputs(restored, range(2), x)
+    default_trainer(tmp_path / "later", [callback()]).fit(restored, datamodule=tiny_stream(4))
+    assert restored.tasks_learned == 4
+    after = _outputs(restored, range(2), x)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # bit for bit
+
+
+def test_packnet_refuses_to_continue_when_the_last_task_claimed_every_free_weight(tmp_path):
+    model = PackNetModel(IN_FEATURES, [12], 2)
+    default_trainer(tmp_path, [PackNetCallback(0.5, train_epochs=1, retrain_epochs=1)], logger=False).fit(
+        model, datamodule=tiny_stream(2)
+    )
+    with pytest.raises(MisconfigurationException, match="last_task_claims_free=False"):
+        default_trainer(tmp_path, [PackNetCallback(0.5, train_epochs=1, retrain_epochs=1)], logger=False).fit(
+            model, datamodule=tiny_stream(3)
+        )

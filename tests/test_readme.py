@@ -1,0 +1,54 @@
+"""The README's Python examples run exactly as printed (in a subprocess, as a user pastes them)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# trains the model that the "tasks that arrive later" example loads: tasks 0..2 of the digit pairs
+FIRST_THREE_TASKS = """
+import lightning.pytorch as pl
+from lightning_den import DENCallback, DENMLP, SplitDigits
+from lightning_den.sequence import sequence_trainer
+
+model = DENMLP(in_features=64, hidden_sizes=[48, 24], num_classes=2)
+den = DENCallback(first_task_epochs=3, head_fit_epochs=2, selective_epochs=2, expansion_epochs=2, split_epochs=2)
+trainer = sequence_trainer([den])
+trainer.fit(model, datamodule=SplitDigits(num_tasks=3))
+trainer.save_checkpoint("final.ckpt")
+"""
+
+
+def python_examples(section: str) -> list[str]:
+    """The ```python blocks of a README section, in order."""
+    text = README.read_text()
+    start = text.index(f"## {section}")
+    end = text.index("\n## ", start + 1)
+    blocks = text[start:end].split("```python\n")[1:]
+    return [block.split("```")[0] for block in blocks]
+
+
+def run_python(code: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_the_first_python_example_runs_as_printed_with_lightnings_defaults(tmp_path):
+    first, _ = python_examples("Use it from Python")
+    out = run_python(first, tmp_path)
+    assert "task 0 accuracy after all tasks:" in out
+    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))  # checkpointing was on
+
+
+@pytest.mark.slow
+def test_the_tasks_that_arrive_later_example_runs_as_printed(tmp_path):
+    _, later = python_examples("Use it from Python")
+    run_python(FIRST_THREE_TASKS, tmp_path)
+    run_python(later + "\nassert model.tasks_learned == 5, model.tasks_learned\n", tmp_path)
