@@ -150,6 +150,7 @@ class DENCallback(TaskSequenceCallback):
 
     @property
     def phase(self) -> DENPhase:
+        """The DEN phase being trained."""
         return DENPhase(self.progress.phase)
 
     @property

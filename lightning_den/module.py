@@ -17,11 +17,15 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_den.core.layers import ExpandableMLP
+
+#: key of a task-sequence callback's checkpoint state: False when it was saved in the middle of an epoch
+EPOCH_END = "epoch_end"
 
 
 def find_block(module: nn.Module, block_type: type[nn.Module], name: str | None = None) -> tuple[str, Any]:
@@ -171,7 +175,7 @@ class DENLightningModule(pl.LightningModule):
         self._log_scores("test")
 
     def _add_scores(self, batch: Any, task: int) -> None:
-        if task > self.current_task:  # its head comes when the task starts (e.g. the sanity check of a resume)
+        if task > self.current_task and self.trainer.sanity_checking:  # a task whose head comes when it starts
             return
         inputs, labels = batch
         logits = self(inputs, task=task)
@@ -212,6 +216,23 @@ class DENLightningModule(pl.LightningModule):
     def _check_task(self, task: int) -> None:
         for block in continual_blocks(self).values():
             block.check_task(task)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, before anything loads, to resume a fit from a checkpoint written in the middle of an epoch.
+
+        Raises:
+            MisconfigurationException: a task-sequence callback's state says it was saved within an epoch.
+        """
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        states = checkpoint.get("callbacks", {}).values()
+        if fitting and any(isinstance(state, dict) and state.get(EPOCH_END) is False for state in states):
+            raise MisconfigurationException(
+                "a task sequence resumes from checkpoints written at the end of a training epoch, and this one was "
+                "written in the middle of one (e.g. `ModelCheckpoint(every_n_train_steps=...)`, or after validation "
+                "run within the epoch): the phase decisions are taken at epoch ends. Resume from an end-of-epoch "
+                "checkpoint (ModelCheckpoint's default with validation once an epoch, or `save_on_train_epoch_end="
+                "True`); to use these weights without resuming, load them with `load_from_checkpoint`."
+            )
 
     def get_extra_state(self) -> dict[str, Any]:
         """The architecture as plain data (saved in ``state_dict`` under ``_extra_state``, ``weights_only``-safe)."""

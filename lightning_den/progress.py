@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 
 
 def task_and_phase(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -45,18 +45,3 @@ def show_task_and_phase(bar: ProgressBar | None) -> None:
 
     bar.get_metrics = get_metrics  # type: ignore[method-assign]
     bar._shows_task_and_phase = True  # type: ignore[attr-defined]
-
-
-class TaskProgressBar(TQDMProgressBar):
-    """TQDM progress bar that shows ``task`` and ``phase`` (see :func:`task_and_phase`) before the metrics.
-
-    Example::
-
-        Trainer(callbacks=[DENCallback(), TaskProgressBar()])
-        # Epoch 12: 100%|██████| 8/8 [..., task=1, phase=selective, train/loss=0.214]
-    """
-
-    _shows_task_and_phase = True
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        return {**task_and_phase(trainer, pl_module), **super().get_metrics(trainer, pl_module)}

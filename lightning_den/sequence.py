@@ -25,7 +25,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, StochasticWeightAveraging, Timer
+from lightning.pytorch.callbacks import Callback, EarlyStopping, StochasticWeightAveraging, Timer, WeightAveraging
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -41,7 +42,7 @@ from lightning_den.boundary import (
 )
 from lightning_den.core.den import PhaseProgress, phase_is_done
 from lightning_den.core.freezing import FrozenEntries
-from lightning_den.module import DENLightningModule, find_block
+from lightning_den.module import EPOCH_END, DENLightningModule, find_block
 from lightning_den.progress import show_task_and_phase
 
 _TASK_STREAM_API = ("num_tasks", "set_task", "current_task")
@@ -140,6 +141,11 @@ class TaskSequenceCallback(Callback):
     # ------------------------------------------------------------------ shared machinery
 
     @property
+    def phase(self) -> str:
+        """The phase being trained (what the progress bar shows)."""
+        return self.progress.phase
+
+    @property
     def model_block(self) -> Any:
         if self._block is None:
             raise RuntimeError(f"{type(self).__name__} is not attached: call `trainer.fit` first")
@@ -188,6 +194,12 @@ class TaskSequenceCallback(Callback):
                 "`limit_train_batches=0` gives every task an empty training set, so the sequence cannot move "
                 "from task to task; remove it or give it a positive value."
             )
+        _warn_of_checkpoints_within_epochs(trainer)
+        show_task_and_phase(trainer.progress_bar_callback)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit without a checkpoint: task 0 of a fresh model, or the first task a loaded model has not learnt."""
+        name, datamodule = type(self).__name__, trainer.datamodule
         if not self._finished and (self.progress.task > 0 or self.progress.epochs > 0):
             raise MisconfigurationException(
                 f"this {name} stopped in the middle of task {self.progress.task} of an earlier fit; to finish that "
@@ -195,23 +207,21 @@ class TaskSequenceCallback(Callback):
                 "ckpt_path=...)`, or create a new callback (and model) for a new sequence"
             )
         self.check_stream(pl_module, datamodule.num_tasks)
-        show_task_and_phase(trainer.progress_bar_callback)
         self.progress = PhaseProgress(phase=self.first_phase())
         self._pending, self._finished, self._continued = None, False, None
         learned = pl_module.tasks_learned
-        if learned == 0:
-            if self.model_block.num_tasks != 1:
-                raise MisconfigurationException(
-                    f"the block {self.block!r} already has {self.model_block.task_parts} for "
-                    f"{self.model_block.num_tasks} tasks but the model has learnt none: {name} starts from a freshly "
-                    "built model or continues one that finished its tasks"
-                )
-            self._check_labels(datamodule, 0)
-            datamodule.set_task(0)
-            pl_module.current_task = 0
-            self._enter_phase(pl_module)
-        else:
+        if learned > 0:
             self._continue_after(trainer, pl_module, learned)
+            return
+        if self.model_block.num_tasks != 1:
+            raise MisconfigurationException(
+                f"the block {self.block!r} already has {self.model_block.task_parts} for "
+                f"{self.model_block.num_tasks} tasks but the model has learnt none: {name} starts from a freshly "
+                "built model or continues one that finished its tasks"
+            )
+        self._check_labels(datamodule, 0)
+        datamodule.set_task(0)
+        pl_module.current_task = 0
 
     def _continue_after(self, trainer: pl.Trainer, pl_module: pl.LightningModule, learned: int) -> None:
         """Start the first task the model has not learnt: ``learned`` tasks are done, the stream has more."""
@@ -261,20 +271,23 @@ class TaskSequenceCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Hook the post-step work onto the optimizers Lightning just built, and check them.
+        """Start or resume the sequence on the model as it now is, then rebuild and check the training objects.
 
-        When resuming, the saved phase is entered again on the rebuilt model and the training objects
-        are rebuilt; Lightning restores the optimizer state into them right after this hook. A checkpoint
-        taken after the last task continues with the next task when the stream now has more tasks.
-        When continuing a model that learnt earlier tasks, listeners now learn of the boundary into the
-        first new task (``TaskEvaluation`` scores the loaded model on the tasks it learnt).
+        Runs after Lightning restored a checkpoint's model and callback state (``setup`` runs before), so a
+        resumed run enters its saved phase, and a fresh one starts task 0, or, for a model that learnt
+        earlier tasks, the first new task (listeners then learn of that boundary: ``TaskEvaluation`` scores
+        the loaded model on the tasks it learnt). A checkpoint taken after the last task goes on with the
+        next task when the stream now has more. Lightning restores the optimizer state into the rebuilt
+        optimizers right after this hook.
         """
-        if self._resumed and self._finished:
-            self._decide_after_last_task(trainer, pl_module)
-        if self._resumed or self._continued is not None:
+        if self._resumed:
             self._resumed = False
-            self._enter_phase(pl_module)  # masks and references on the device the model has now
-            rebuild_training_objects(trainer)
+            if self._finished:
+                self._decide_after_last_task(trainer, pl_module)
+        else:
+            self._start(trainer, pl_module)
+        self._enter_phase(pl_module)  # masks and references on the device the model has now
+        rebuild_training_objects(trainer)
         if self._continued is not None:
             notify_boundary(trainer, pl_module, self._continued)
             self._continued = None
@@ -288,6 +301,7 @@ class TaskSequenceCallback(Callback):
         if target is None:  # nothing left to train
             trainer.should_stop = True
             return
+        self.check_stream(pl_module, trainer.datamodule.num_tasks)
         rank_zero_info(f"{self.method}: the checkpoint ended task {self.progress.task}; continuing with {target.task}")
         self._finished = False
         self._schedule(trainer, target)
@@ -481,7 +495,7 @@ class TaskSequenceCallback(Callback):
             pending = {"target": target.state_dict(), "plan": plan}
         return {
             "format": 1,
-            "epoch_end": not self._in_epoch,
+            EPOCH_END: not self._in_epoch,
             "progress": self.progress.state_dict(),
             "pending": pending,
             "finished": self._finished,
@@ -492,16 +506,9 @@ class TaskSequenceCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take the saved state; the phase is entered again in ``on_fit_start``, once the model is rebuilt.
 
-        Raises:
-            MisconfigurationException: if the checkpoint was written in the middle of an epoch.
+        A checkpoint written in the middle of an epoch was refused before anything loaded
+        (:meth:`~lightning_den.DENLightningModule.on_load_checkpoint`).
         """
-        if not state_dict.get("epoch_end", True):
-            raise MisconfigurationException(
-                f"{type(self).__name__} resumes from checkpoints written at the end of a training epoch, and this one "
-                "was written in the middle of one (e.g. `ModelCheckpoint(every_n_train_steps=...)` or validation "
-                "more than once an epoch): the phase decisions are taken at epoch ends. Resume from an end-of-epoch "
-                "checkpoint (ModelCheckpoint's default, or `save_on_train_epoch_end=True`)."
-            )
         self.progress = PhaseProgress(**state_dict["progress"])
         pending = state_dict.get("pending")
         self._pending = None if pending is None else (PhaseProgress(**pending["target"]), pending["plan"])
@@ -510,16 +517,37 @@ class TaskSequenceCallback(Callback):
         self._resumed = True
 
 
+def _warn_of_checkpoints_within_epochs(trainer: pl.Trainer) -> None:
+    """Warn of ``ModelCheckpoint`` callbacks that will save after validation, before the epoch's end."""
+    validation_within = trainer.check_val_every_n_epoch != 1 or trainer.val_check_interval != 1.0
+    for checkpoint in trainer.checkpoint_callbacks:
+        at_epoch_end = getattr(checkpoint, "_save_on_train_epoch_end", None)
+        if at_epoch_end is False or (at_epoch_end is None and validation_within):
+            rank_zero_warn(
+                f"{type(checkpoint).__name__}(dirpath={checkpoint.dirpath!r}) saves after validation, before the "
+                "end of the training epoch where the task sequence decides its phases: its checkpoints keep the "
+                "weights but cannot resume the sequence. Pass `save_on_train_epoch_end=True` to it."
+            )
+
+
 def _stop_reason(trainer: pl.Trainer) -> str:
     """Why a fit ended before the sequence did, as far as the Trainer tells."""
     if trainer.fast_dev_run:
         return "`fast_dev_run` runs a single batch"
     if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
         return f"`max_steps={trainer.max_steps}` was reached"
-    stoppers = [cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0]
+    stoppers = [
+        cb
+        for cb in trainer.callbacks
+        if isinstance(cb, EarlyStopping) and cb.stopping_reason is not EarlyStoppingReason.NOT_STOPPED
+    ]
     if stoppers:
         return f"EarlyStopping(monitor={stoppers[0].monitor!r}) stopped it"
-    timers = [cb for cb in trainer.callbacks if isinstance(cb, Timer) and (cb.time_remaining() or 1.0) <= 0]
+    timers = [
+        cb
+        for cb in trainer.callbacks
+        if isinstance(cb, Timer) and (left := cb.time_remaining()) is not None and left <= 0
+    ]
     if timers:
         return "`max_time` ran out"
     if trainer.max_epochs not in (-1, None) and trainer.current_epoch >= trainer.max_epochs:
@@ -528,10 +556,6 @@ def _stop_reason(trainer: pl.Trainer) -> str:
 
 
 def _copies_model(callback: Callback) -> bool:
-    try:
-        from lightning.pytorch.callbacks import WeightAveraging
-    except ImportError:  # Lightning < 2.6
-        return isinstance(callback, StochasticWeightAveraging)
     return isinstance(callback, StochasticWeightAveraging | WeightAveraging)
 
 

@@ -338,15 +338,21 @@ def test_task_evaluation_logs_task_indexed_metrics_and_writes_the_report(tmp_pat
     assert evaluation.summary["widths"][0] == HIDDEN and len(evaluation.summary["auroc"]) == 3
 
 
-def test_progress_bar_names_the_task_and_the_phase(tmp_path):
-    from lightning_den.progress import TaskProgressBar
+@pytest.mark.parametrize("method", ["den", "progressive"])
+def test_the_default_progress_bar_names_the_task_and_the_phase(tmp_path, method):
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
-    bar = TaskProgressBar()
-    model = tiny_model()
-    trainer = make_trainer(tmp_path, [DENCallback(**short_phases()), bar], enable_progress_bar=True)
+    from lightning_den.baselines import ProgressiveCallback, ProgressiveNet
+
+    bar = TQDMProgressBar()
+    if method == "den":
+        model, callback, phase = tiny_model(), DENCallback(**short_phases()), "split"
+    else:
+        model, callback, phase = ProgressiveNet(IN_FEATURES, HIDDEN, 2), ProgressiveCallback(epochs_per_task=2), "train"
+    trainer = make_trainer(tmp_path, [callback, bar], enable_progress_bar=True)
     trainer.fit(model, datamodule=tiny_stream(num_tasks=2))
     shown = bar.get_metrics(trainer, model)
-    assert shown["task"] == 1 and shown["phase"] == "split"
+    assert shown["task"] == 1 and shown["phase"] == phase
 
 
 def test_labels_beyond_a_tasks_head_are_refused_before_the_task_starts(tmp_path):

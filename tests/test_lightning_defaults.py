@@ -62,8 +62,9 @@ def test_validation_runs_every_epoch_on_all_seen_tasks_under_stable_names(finish
 
 def test_a_second_test_on_the_same_trainer_tests_every_task_again(finished_run):
     _, trainer, model, _ = finished_run
-    first = trainer.test(model, datamodule=tiny_stream(3), verbose=False)
-    second = trainer.test(model, datamodule=tiny_stream(3), verbose=False)
+    datamodule = tiny_stream(3)
+    first = trainer.test(model, datamodule=datamodule, verbose=False)
+    second = trainer.test(model, datamodule=datamodule, verbose=False)
     assert first == second and {f"test/acc/task_{t}" for t in range(3)} <= set(first[0])
 
 
@@ -108,6 +109,7 @@ def test_early_stopping_and_checkpoints_monitor_validation_metrics(tmp_path):
     model = tiny_model()
     default_trainer(tmp_path, [quick_den(), stopper, checkpoint]).fit(model, datamodule=tiny_stream(2))
     assert model.tasks_learned == 2 and checkpoint.best_model_score is not None
+    assert torch.isfinite(stopper.best_score)  # it read the metric every epoch
 
 
 def test_a_fit_stopped_early_warns_with_the_task_and_phase_and_writes_an_incomplete_report(tmp_path):
@@ -148,17 +150,38 @@ def test_a_checkpoint_from_the_middle_of_an_epoch_is_refused_at_load(tmp_path):
     path = tmp_path / "steps" / "epoch=1-step=5.ckpt"
     assert path.exists()
     model = tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.mlp.state_dict().items()}
     with pytest.raises(MisconfigurationException, match="end of a training epoch"):
         default_trainer(tmp_path, [quick_den()]).fit(model, datamodule=tiny_stream(2), ckpt_path=path)
-    assert model.tasks_learned == 0 and model.mlp.num_tasks == 1  # nothing was changed
+    after = model.mlp.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # refused before anything loaded
+    assert DENMLP.load_from_checkpoint(path).mlp.num_tasks >= 1  # its weights still load for inference
+
+
+def test_a_checkpoint_that_will_save_within_epochs_is_named_at_setup(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match="saves after validation.*save_on_train_epoch_end=True"):
+        default_trainer(tmp_path, [quick_den(), checkpoint], check_val_every_n_epoch=2).fit(
+            tiny_model(), datamodule=tiny_stream(2)
+        )
 
 
 def test_reduce_lr_on_plateau_follows_the_configured_metric(tmp_path):
-    scheduler = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0)
+    # no epoch counts as an improvement (threshold 1): the rate falls after every epoch but a phase's first
+    scheduler = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0, threshold=1.0)
     model = DENMLP(IN_FEATURES, HIDDEN, 2, lr_scheduler=scheduler, lr_scheduler_monitor="val/loss/avg")
-    trainer = default_trainer(tmp_path, [quick_den()])
+
+    class LowestRate(Callback):
+        lowest = float("inf")
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.lowest = min(self.lowest, trainer.optimizers[0].param_groups[0]["lr"])
+
+    rates = LowestRate()
+    trainer = default_trainer(tmp_path, [quick_den(), rates])
     trainer.fit(model, datamodule=tiny_stream(2))
     assert model.tasks_learned == 2 and trainer.lr_scheduler_configs[0].monitor == "val/loss/avg"
+    assert rates.lowest < 1e-3  # Adam's 1e-3 was reduced by the scheduler following the validation loss
 
 
 def test_any_progress_bar_shows_the_task_and_the_phase(tmp_path):
@@ -215,6 +238,37 @@ def test_resuming_a_finished_checkpoint_with_a_longer_stream_goes_on_with_the_ne
     trainer.fit(model, datamodule=tiny_stream(4), ckpt_path=folder / "ckpt" / "last.ckpt")
     assert model.tasks_learned == 4
     assert [len(row) for row in evaluation.accuracy] == [1, 2, 3, 4]  # the whole history, restored and extended
+
+
+def test_a_loaded_model_resumes_from_its_own_final_checkpoint_with_a_longer_stream(finished_run):
+    folder = finished_run[0]
+    restored = DENMLP.load_from_checkpoint(folder / "ckpt" / "last.ckpt", weights_only=True)
+    default_trainer(folder / "loaded", [quick_den(loss_threshold=0.0)]).fit(
+        restored, datamodule=tiny_stream(4), ckpt_path=folder / "ckpt" / "last.ckpt"
+    )
+    assert restored.tasks_learned == 4
+
+
+def test_an_earlier_checkpoint_loads_into_a_model_that_has_grown_since(finished_run):
+    folder = finished_run[0]
+    early = sorted((folder / "best").glob("*.ckpt"))[0]
+    grown = DENMLP.load_from_checkpoint(folder / "ckpt" / "last.ckpt")
+    results = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(
+        grown, datamodule=tiny_stream(3), ckpt_path=early, verbose=False
+    )
+    assert grown.mlp.num_tasks == len(
+        torch.load(early, weights_only=True)["state_dict"]["_extra_state"]["blocks"]["mlp"]["heads"]
+    )
+    assert "test/acc/task_0" in results[0]
+
+
+def test_a_fit_stopped_by_max_steps_resumes_with_the_same_objects(tmp_path):
+    den, model = quick_den(), tiny_model()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    with pytest.warns(UserWarning, match="max_steps"):
+        default_trainer(tmp_path, [den, checkpoint], max_steps=20).fit(model, datamodule=tiny_stream(3))
+    default_trainer(tmp_path, [den, checkpoint]).fit(model, datamodule=tiny_stream(3), ckpt_path="last")
+    assert model.tasks_learned == 3
 
 
 def test_a_model_that_learnt_the_whole_stream_has_nothing_to_continue(finished_run):

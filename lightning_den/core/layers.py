@@ -257,7 +257,8 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         }
 
     def rebuild_(self, architecture: dict[str, Any]) -> None:
-        """Resize layers and heads to ``architecture`` (from :meth:`architecture`); idempotent.
+        """Resize layers and heads to ``architecture`` (from :meth:`architecture`), dropping heads it does not
+        have; idempotent.
 
         Raises:
             ValueError: if the architecture belongs to a network of another input width or depth.
@@ -273,6 +274,8 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         for layer, layer_births in zip(self.hidden, births, strict=True):
             layer.resize_(len(layer_births), width_below, layer_births)
             width_below = len(layer_births)
+        for task in range(len(heads), self.num_tasks):  # an earlier state of a network that has grown since
+            del self.heads[str(task)]
         for task, (outputs, inputs) in enumerate(heads):
             if str(task) not in self.heads:
                 with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten when the checkpoint loads

@@ -309,13 +309,13 @@ class PackNetMLP(PerTaskHeads, nn.Module):
         }
 
     def rebuild_(self, architecture: dict[str, Any]) -> None:
-        """Add heads until there are as many as in ``architecture`` (from :meth:`architecture`); idempotent.
+        """Add or drop heads until there are as many as in ``architecture`` (from :meth:`architecture`); idempotent.
 
         Weights, owner buffers and ``finished_tasks`` then come back through ``load_state_dict``.
 
         Raises:
-            ValueError: if the architecture belongs to a network of another input width, hidden sizes,
-                head sizes, or with fewer tasks than this one.
+            ValueError: if the architecture belongs to a network of another input width, hidden sizes or
+                head sizes, or has no head.
         """
         in_features, hidden_sizes = architecture["in_features"], list(architecture["hidden_sizes"])
         heads = [list(map(int, head)) for head in architecture["heads"]]
@@ -325,11 +325,8 @@ class PackNetMLP(PerTaskHeads, nn.Module):
                 f"{self.in_features} and {list(self.hidden_sizes)}: build the model with the configuration "
                 "the checkpoint was trained with"
             )
-        if len(heads) < self.num_tasks:
-            raise ValueError(
-                f"the saved network has {len(heads)} heads, this one already {self.num_tasks}: load the "
-                "checkpoint into a freshly built model"
-            )
+        if not heads:
+            raise ValueError("the saved network has 0 heads: a PackNet network holds at least task 0's head")
         for task, (outputs, inputs) in enumerate(heads):
             if inputs != self.hidden_sizes[-1] or outputs != self.classes_of(task):
                 raise ValueError(
@@ -337,6 +334,8 @@ class PackNetMLP(PerTaskHeads, nn.Module):
                     f"[{self.classes_of(task)}, {self.hidden_sizes[-1]}]: build the model with the "
                     "configuration the checkpoint was trained with"
                 )
+        for task in range(len(heads), self.num_tasks):  # an earlier state of a network that has grown since
+            del self.heads[str(task)]
         for task in range(self.num_tasks, len(heads)):
             with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten when the checkpoint loads
                 self.heads[str(task)] = self._new_head(heads[task][0], None)
