@@ -6,20 +6,28 @@ methods get DEN's first-task epochs per task), then writes ``comparison.md``, ``
 ``accuracy_vs_parameters.png``:
 
     .venv/bin/python benchmarks/compare.py examples/permuted_mnist.yaml --root ../shared/data/mnist
-    .venv/bin/python benchmarks/compare.py examples/split_digits.yaml --methods den pnn stl --out /tmp/cmp
+    .venv/bin/python benchmarks/compare.py examples/split_digits.yaml --methods den pnn stl --seeds 0 1 2
 
-Columns: parameters after the first and the last task (growth), backward transfer and the largest
-drop of any old task (forgetting), forward transfer (the score on a new task right after learning it
-minus the score of a same-width network trained on it alone, i.e. the ``stl`` run), final average
-accuracy (and AUROC when every task is binary), the epochs each method actually trained, wall time.
-The score of the transfer columns is AUROC when every task is binary, accuracy otherwise.
+Rows: DEN as configured, the paper's ablations of it (DEN without split; DNN-Selective: selective
+retraining only, no expansion and no split), Progressive Networks, PackNet, one network per task,
+fine-tuning and EWC. With several ``--seeds`` (initial weights, new units and shuffling; the stream stays
+the same) every number is the mean over the seeds and the final averages carry their standard deviation.
+
+Columns: parameters after the first and the last task (growth), the share of each hidden layer's units
+DEN's selective retraining selected (mean over tasks), backward transfer and the largest drop of any old
+task (forgetting), forward transfer (the score on a new task right after learning it minus the score of
+a same-width network trained on it alone, i.e. the ``stl`` run), final average accuracy (and AUROC when
+every task is binary), the epochs each method actually trained, wall time. The score of the transfer
+columns is AUROC when every task is binary, accuracy otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +51,8 @@ from lightning_den.sequence import sequence_trainer
 
 METHODS = {
     "den": "DEN",
+    "den-nosplit": "DEN without split",
+    "den-selective": "DNN-Selective (selection only)",
     "pnn": "Progressive Networks",
     "packnet": "PackNet",
     "stl": "one network per task",
@@ -51,10 +61,26 @@ METHODS = {
 }
 
 
-def builders(hparams: dict, optimizer: Callable, den: DENCallback, epochs: int) -> dict[str, tuple[Callable, Callable]]:
+def den_variant(den: DENCallback, seed: int, **changes: Any) -> DENCallback:
+    """A fresh copy of the configuration's DEN callback with ``seed`` and ``changes`` (the paper's ablations)."""
+    variant = copy.deepcopy(den)
+    variant.seed = seed
+    for name, value in changes.items():
+        setattr(variant, name, value)
+    return variant
+
+
+def builders(
+    hparams: dict, optimizer: Callable, den: DENCallback, epochs: int, seed: int
+) -> dict[str, tuple[Callable, Callable]]:
     """For each method: (build the model, build the callback)."""
     return {
-        "den": (lambda: DENMLP(**hparams, optimizer=optimizer), lambda: den),
+        "den": (lambda: DENMLP(**hparams, optimizer=optimizer), lambda: den_variant(den, seed)),
+        "den-nosplit": (lambda: DENMLP(**hparams, optimizer=optimizer), lambda: den_variant(den, seed, split=False)),
+        "den-selective": (
+            lambda: DENMLP(**hparams, optimizer=optimizer),
+            lambda: den_variant(den, seed, expansion=False, split=False),
+        ),
         "pnn": (
             lambda: ProgressiveNet(**hparams, optimizer=optimizer),
             lambda: ProgressiveCallback(epochs_per_task=epochs),
@@ -77,6 +103,7 @@ def builders(hparams: dict, optimizer: Callable, den: DENCallback, epochs: int) 
 
 def run_method(model_fn: Callable, callback_fn: Callable, datamodule, folder: Path, seed: int) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
+    datamodule.seed = seed  # the shuffling too
     evaluation = TaskEvaluation(output_dir=str(folder), plots=False, print_report=False)
     trainer = sequence_trainer([callback_fn(), evaluation], default_root_dir=folder)
     start = time.perf_counter()
@@ -94,10 +121,22 @@ def largest_drop(rows: list[list[float | None]]) -> float:
     return max((drop for drop in drops if not math.isnan(drop)), default=0.0)
 
 
+def mean_selected_fraction(result: dict[str, Any]) -> list[float] | None:
+    """Per hidden layer, the share of its units selective retraining selected, averaged over the tasks."""
+    reports = [report for report in result.get("selection") or [] if report]
+    if not reports:
+        return None
+    return [
+        sum(r["selected_fraction"][layer] for r in reports) / len(reports)
+        for layer in range(len(reports[0]["selected_fraction"]))
+    ]
+
+
 def summarise(name: str, result: dict[str, Any], reference: list[float] | None) -> dict[str, Any]:
     scores = result["auroc"] or result["accuracy"]
     diagonal = [row[i] for i, row in enumerate(scores)]
     return {
+        "selected_fraction": mean_selected_fraction(result),
         "method": METHODS[name],
         "parameters_after_task": result["parameters_after_task"],
         "backward_transfer": backward_transfer(scores),
@@ -113,25 +152,56 @@ def summarise(name: str, result: dict[str, Any], reference: list[float] | None) 
     }
 
 
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a method's runs over several seeds: numbers averaged (with their standard deviation
+    over the seeds for the final averages), every run kept under ``seeds``."""
+
+    def mean(values: list[Any]) -> Any:
+        if values[0] is None:
+            return None
+        if isinstance(values[0], list):
+            return [mean([v[i] for v in values]) for i in range(len(values[0]))]
+        return sum(values) / len(values)
+
+    row = {key: runs[0][key] for key in ("method",)}
+    for key in runs[0]:
+        if key != "method":
+            row[key] = mean([run[key] for run in runs])
+    for key in ("average_accuracy", "average_auroc"):
+        values = [run[key] for run in runs if run[key] is not None]
+        row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else None
+    row["parameters_after_task"] = [round(p) for p in row["parameters_after_task"]]
+    row["seeds"] = runs
+    return row
+
+
 def markdown(rows: list[dict[str, Any]], title: str, binary: bool) -> str:
     score = "AUROC" if binary else "accuracy"
     lines = [
         title,
         "",
-        f"| method | parameters after first → last task | BWT ({score}) | largest drop ({score}) | "
-        f"forward transfer ({score}) | final avg accuracy | final avg AUROC | epochs | wall time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| method | parameters after first → last task | selected (mean per layer) | BWT ({score}) | "
+        f"largest drop ({score}) | forward transfer ({score}) | final avg accuracy | final avg AUROC | epochs | "
+        "wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         params = row["parameters_after_task"]
         fwt = f"{row['forward_transfer']:+.4f}" if row["forward_transfer"] is not None else "-"
-        auroc = f"{row['average_auroc']:.4f}" if row["average_auroc"] is not None else "-"
+        selected = " / ".join(f"{f:.2f}" for f in row["selected_fraction"]) if row["selected_fraction"] else "-"
         lines.append(
-            f"| {row['method']} | {params[0]:,} → {params[-1]:,} | {row['backward_transfer']:+.4f} | "
-            f"{row['largest_drop']:.4f} | {fwt} | {row['average_accuracy']:.4f} | {auroc} | {row['epochs']} | "
-            f"{row['seconds']:.0f} s |"
+            f"| {row['method']} | {params[0]:,} → {params[-1]:,} | {selected} | {row['backward_transfer']:+.4f} | "
+            f"{row['largest_drop']:.4f} | {fwt} | {_with_spread(row, 'average_accuracy')} | "
+            f"{_with_spread(row, 'average_auroc')} | {row['epochs']:.0f} | {row['seconds']:.0f} s |"
         )
     return "\n".join(lines)
+
+
+def _with_spread(row: dict[str, Any], key: str) -> str:
+    if row[key] is None:
+        return "-"
+    spread = row.get(f"{key}_std")
+    return f"{row[key]:.4f}" if spread is None else f"{row[key]:.4f} ± {spread:.4f}"
 
 
 def plot(rows: list[dict[str, Any]], path: Path, binary: bool) -> None:
@@ -157,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--root", default=None, help="MNIST folder, overriding the config's data.init_args.root")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per task of the other methods")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default: the config's)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<config name>)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -169,28 +240,34 @@ def main(argv: list[str] | None = None) -> None:
     hparams = {k: cli.model.hparams[k] for k in ("in_features", "hidden_sizes", "num_classes")}
     epochs = args.epochs or den.epochs.sparse
     datamodule = cli.datamodule
-    seed = int(cli.config.get("seed_everything") or 0)
-    build = builders(hparams, cli.model.optimizer_factory, den, epochs)
+    seeds = args.seeds or [int(cli.config.get("seed_everything") or 0)]
     binary = all(datamodule.num_classes(t) == 2 for t in range(datamodule.num_tasks))
     ordered = sorted(args.methods, key=lambda m: m != "stl")  # the reference for forward transfer first
-    results, reference = {}, None
-    for method in ordered:
-        result = run_method(*build[method], datamodule, out / method, seed)
-        results[method] = summarise(method, result, reference)
-        if method == "stl":
-            reference = results[method]["diagonal"]
-            for done in results.values():
-                done["forward_transfer"] = forward_transfer(
-                    done["accuracy"] if not binary else done["auroc"], reference
-                )
-    rows = [results[m] for m in args.methods]
+    runs: dict[str, list[dict[str, Any]]] = {method: [] for method in args.methods}
+    for seed in seeds:
+        build = builders(hparams, cli.model.optimizer_factory, den, epochs, seed)
+        results, reference = {}, None
+        for method in ordered:
+            result = run_method(*build[method], datamodule, out / f"seed_{seed}" / method, seed)
+            results[method] = summarise(method, result, reference)
+            if method == "stl":
+                reference = results[method]["diagonal"]
+                for done in results.values():
+                    done["forward_transfer"] = forward_transfer(
+                        done["accuracy"] if not binary else done["auroc"], reference
+                    )
+        for method, result in results.items():
+            runs[method].append(result)
+    rows = [aggregate(runs[m]) for m in args.methods]
+    spread = f"; mean over seeds {seeds} (± their standard deviation)" if len(seeds) > 1 else f"; seed {seeds[0]}"
     title = (
         f"{name}: {datamodule.num_tasks} tasks, widths {hparams['hidden_sizes']}; DEN's phases as configured, "
-        f"the other methods {epochs} epochs per task (PackNet plus {max(1, epochs // 4)} of retraining)"
+        f"the other methods {epochs} epochs per task (PackNet plus {max(1, epochs // 4)} of retraining){spread}"
     )
     table = markdown(rows, title, binary)
     (out / "comparison.md").write_text(table + "\n")
-    (out / "comparison.json").write_text(json.dumps({"config": args.config, "epochs": epochs, "rows": rows}, indent=2))
+    record = {"config": args.config, "epochs": epochs, "seeds": seeds, "rows": rows}
+    (out / "comparison.json").write_text(json.dumps(record, indent=2))
     plot(rows, out / "accuracy_vs_parameters.png", binary)
     print(table)
 

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_den.boundary import TaskBoundary
 from lightning_den.core.den import (
     DENPhase,
     PhaseEpochs,
@@ -33,7 +34,13 @@ from lightning_den.core.den import (
 )
 from lightning_den.core.layers import ExpandableLinear, ExpandableMLP
 from lightning_den.core.prox import add_drift_penalty_grad_, proximal_step_
-from lightning_den.core.selection import dead_new_units, select_subnetwork, unit_drift, units_to_split
+from lightning_den.core.selection import (
+    dead_new_units,
+    select_subnetwork,
+    selection_report,
+    unit_drift,
+    units_to_split,
+)
 from lightning_den.core.surgery import Snapshot, add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
 from lightning_den.sequence import TaskSequenceCallback
 
@@ -54,6 +61,13 @@ class DENCallback(TaskSequenceCallback):
         units_per_expansion: :math:`k`, units added to every hidden layer by an expansion.
         split_threshold: :math:`\sigma`; old units whose incoming weights moved farther (L2) are split.
         max_splits_per_layer: most units split per layer and task (most drifted first); ``None``: all.
+        selection_budget: most units of each hidden layer that selective retraining may select, as a
+            fraction of the layer (the strongest-connected of those BFS reaches); ``None``: all BFS reaches,
+            as in the paper. A deviation from the paper that keeps the selection a proper subset when
+            L1 has not made the network sparse enough for the search to stop by itself.
+        expansion: add units when the loss stays above ``loss_threshold`` (Alg. 3); ``False`` never does.
+        split: split drifted units and retrain (Alg. 4); ``False`` ends each task after selective
+            retraining or expansion. Both ``False``: the paper's DNN-Selective ablation.
         first_task_epochs: most epochs of the first task (sparse training, Eq. 2).
         head_fit_epochs: most epochs fitting a new task's head alone (Eq. 3).
         selective_epochs: most epochs of selective retraining (Eq. 4).
@@ -93,6 +107,9 @@ class DENCallback(TaskSequenceCallback):
         units_per_expansion: int = 10,
         split_threshold: float = 0.05,
         max_splits_per_layer: int | None = None,
+        selection_budget: float | None = None,
+        expansion: bool = True,
+        split: bool = True,
         first_task_epochs: int = 30,
         head_fit_epochs: int = 10,
         selective_epochs: int = 20,
@@ -124,6 +141,16 @@ class DENCallback(TaskSequenceCallback):
             raise MisconfigurationException(
                 f"`max_splits_per_layer` must be None (no cap) or an integer >= 0, got {max_splits_per_layer!r}"
             )
+        if selection_budget is not None and (
+            not isinstance(selection_budget, int | float) or not 0 < selection_budget <= 1
+        ):
+            raise MisconfigurationException(
+                f"`selection_budget` must be None (select all that BFS reaches) or a fraction in (0, 1], "
+                f"got {selection_budget!r}"
+            )
+        self.selection_budget = None if selection_budget is None else float(selection_budget)
+        self.expansion = bool(expansion)
+        self.split = bool(split)
         self.sparsity_l1 = float(sparsity_l1)
         self.group_sparsity = float(group_sparsity)
         self.drift_penalty = float(drift_penalty)
@@ -140,6 +167,7 @@ class DENCallback(TaskSequenceCallback):
         )
         self._snapshot: Snapshot = {}
         self._selection: list[list[int]] | None = None
+        self._selected_fraction: list[float] | None = None
         self._first_new_units: list[int] = []
         self._prox_plans: dict[torch.optim.Optimizer, tuple[list[dict[str, Any]], list[_ProxGroup]]] = {}
         self._drift_terms: list[_DriftTerm] | None = None
@@ -157,6 +185,25 @@ class DENCallback(TaskSequenceCallback):
     def mlp(self) -> ExpandableMLP:
         return self.model_block
 
+    def status(self) -> dict[str, Any]:
+        """The phase, and in selective retraining the share of each hidden layer's units it trains."""
+        shown = super().status()
+        if self.phase is DENPhase.SELECTIVE and self._selected_fraction:
+            shown["selected"] = "/".join(f"{fraction:.2f}" for fraction in self._selected_fraction)
+        return shown
+
+    def on_task_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, boundary: TaskBoundary) -> None:
+        """Log what selective retraining selected (step: the task) to every logger of the Trainer."""
+        if "selected_fraction" not in boundary.changes:
+            return
+        changes = boundary.changes
+        metrics = {f"selection/fraction/layer_{i}": f for i, f in enumerate(changes["selected_fraction"])}
+        metrics["selection/inputs"] = changes["selected_inputs"]
+        metrics.update({f"sparsity/zero_fraction/layer_{i}": z for i, z in enumerate(changes["zero_fraction"])})
+        metrics["sparsity/zero_fraction/head"] = changes["head_zero_fraction"]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=boundary.task)
+
     # ------------------------------------------------------------------ phases
 
     def first_phase(self) -> str:
@@ -169,42 +216,46 @@ class DENCallback(TaskSequenceCallback):
         return self.epochs.total(num_tasks)
 
     def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
-        return next_phase(progress, mean_loss, self.loss_threshold, num_tasks)
+        return next_phase(progress, mean_loss, self.loss_threshold, num_tasks, self.expansion, self.split)
 
     # ------------------------------------------------------------------ surgery
 
-    def plan(self, target: PhaseProgress) -> dict[str, Any]:
+    def plan(self, target: PhaseProgress | None) -> dict[str, Any]:
         """BFS selection, expansion sizes, or dead and drifted units, as plain ints."""
         mlp = self.mlp
-        phase = DENPhase(target.phase)
+        phase = None if target is None else DENPhase(target.phase)
         if phase is DENPhase.SELECTIVE:
-            return {"selection": select_subnetwork(mlp, target.task)}
+            selection = select_subnetwork(mlp, target.task, self.selection_budget)
+            return {"selection": selection, **selection_report(mlp, target.task, selection)}
         if phase is DENPhase.EXPANSION:
             return {"added": [self.units_per_expansion] * len(mlp.hidden)}
+        plan: dict[str, Any] = {}
+        if self.phase is DENPhase.EXPANSION:  # leaving expansion (for the split, or the next task): prune
+            plan["pruned"] = [dead_new_units(mlp, i) for i in range(len(mlp.hidden))]
         if phase is DENPhase.SPLIT:
-            expanded = self.phase is DENPhase.EXPANSION
-            pruned = [dead_new_units(mlp, i) for i in range(len(mlp.hidden))] if expanded else []
-            split = [
+            plan["split"] = [
                 units_to_split(unit_drift(mlp, i, self._snapshot), self.split_threshold, self.max_splits_per_layer)
                 for i in range(len(mlp.hidden))
             ]
-            return {"pruned": pruned, "split": split}
-        return {}
+        return plan
 
-    def apply(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> None:
-        """New task: snapshot W^{t-1} and add its head; then expansion, pruning and split as planned."""
+    def apply(self, pl_module: pl.LightningModule, target: PhaseProgress | None, plan: dict[str, Any]) -> None:
+        """Pruning and split as planned; for a new task, snapshot W^{t-1} and add its head; expansion."""
         mlp = self.mlp
-        if target.task != self.progress.task:
-            self._snapshot = snapshot(mlp)
-            mlp.add_head_(self.generator(target.task, stream=0))
-        if DENPhase(target.phase) is DENPhase.EXPANSION:
-            add_units_(mlp, plan["added"], self.generator(target.task, stream=1))
         for layer, units in enumerate(plan.get("pruned", [])):
             prune_units_(mlp, layer, units)
         for layer, units in enumerate(plan.get("split", [])):
             duplicate_units_(mlp, layer, units)
             restore_units_(mlp, layer, units, self._snapshot)
+        if target is None:  # the end of the stream
+            return
+        if target.task != self.progress.task:
+            self._snapshot = snapshot(mlp)
+            mlp.add_head_(self.generator(target.task, stream=0))
+        if DENPhase(target.phase) is DENPhase.EXPANSION:
+            add_units_(mlp, plan["added"], self.generator(target.task, stream=1))
         self._selection = plan.get("selection")
+        self._selected_fraction = plan.get("selected_fraction")
 
     def trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
         """The phase's entries of the block; parameters outside it learn in the first task only."""
@@ -329,11 +380,13 @@ class DENCallback(TaskSequenceCallback):
         return {
             "snapshot": {name: tensor.detach().cpu() for name, tensor in self._snapshot.items()},
             "selection": self._selection,
+            "selected_fraction": self._selected_fraction,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._snapshot = dict(state.get("snapshot", {}))
         self._selection = state.get("selection")
+        self._selected_fraction = state.get("selected_fraction")
 
 
 @dataclass(frozen=True)

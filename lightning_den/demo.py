@@ -27,7 +27,13 @@ from lightning_den.sequence import sequence_trainer
 HIDDEN_SIZES = (48, 24)
 LEARNING_RATE = 5e-3
 # Few optimizer steps per phase (about 8 per epoch), so stronger regularisers than the defaults.
-DEN_SETTINGS = {"sparsity_l1": 0.05, "group_sparsity": 0.5, "drift_penalty": 1.0, "loss_threshold": 0.05}
+DEN_SETTINGS = {
+    "sparsity_l1": 0.05,
+    "group_sparsity": 0.5,
+    "drift_penalty": 1.0,
+    "loss_threshold": 0.05,
+    "selection_budget": 0.5,  # selective retraining trains at most half of each layer's units
+}
 
 
 @dataclass
@@ -53,7 +59,12 @@ class _PrintTaskEnds(Callback):
         row = self.evaluation.accuracy[-1]
         cells = "".join(f"{a:>7.3f}" for a in row) + " " * 7 * (trainer.datamodule.num_tasks - len(row))
         widths = "-".join(str(w) for w in self.evaluation.widths[-1])
-        print(f"{boundary.ended_task:>5} |{cells} | {widths:>9} | {self.evaluation.parameters[-1]:>7}", flush=True)
+        report = self.evaluation.selection.get(boundary.ended_task)
+        selected = "-".join(f"{f:.2f}" for f in report["selected_fraction"]) if report else "-"
+        print(
+            f"{boundary.ended_task:>5} |{cells} | {widths:>9} | {self.evaluation.parameters[-1]:>7} | {selected:>9}",
+            flush=True,
+        )
 
 
 def run_split_digits(
@@ -79,8 +90,9 @@ def run_split_digits(
         callbacks.append(_PrintTaskEnds(evaluation))
         header = "".join(f"{'t' + str(j):>7}" for j in range(num_tasks))
         print(
-            f"accuracy on each task after training task i, widths of hidden layers, parameters\n"
-            f"task i|{header} |    widths |  params",
+            f"accuracy on each task after training task i, widths of hidden layers, parameters, share of each\n"
+            f"hidden layer's units selective retraining selected for task i\n"
+            f"task i|{header} |    widths |  params |  selected",
             flush=True,
         )
     trainer = sequence_trainer(callbacks, accelerator=accelerator, precision=precision, deterministic=True)

@@ -118,6 +118,9 @@ class TaskEvaluation(Callback):
         auroc: the same for AUROC (``None`` for tasks that are not binary, NaN where it is undefined).
         widths: ``widths[i]``, units per hidden layer used by task ``i`` (``None``: not measured).
         parameters: ``parameters[i]``, parameters the network held when task ``i`` ended (``None``: not measured).
+        selection: per task, what its selective retraining selected (DEN): ``selected_fraction`` of each
+            hidden layer's units, ``selected_inputs``, ``zero_fraction`` of each hidden layer's weights and
+            ``head_zero_fraction`` of the new head's, when the selection was made.
         summary: the dict written to ``continual_metrics.json`` (after the last task, or when the fit
             ends early); undefined numbers are ``None`` in it, as in the file.
 
@@ -152,6 +155,7 @@ class TaskEvaluation(Callback):
         self.widths: list[tuple[int, ...] | None] = []
         self.parameters: list[int | None] = []
         self.summary: dict[str, Any] = {}
+        self.selection: dict[int, dict[str, Any]] = {}
         self._directory: Path | None = None
         self._fitting = False
         self._stream_ended = False
@@ -166,7 +170,12 @@ class TaskEvaluation(Callback):
         self._stream_ended = False
 
     def on_task_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, boundary: TaskBoundary) -> None:
-        """Evaluate every task seen so far when ``boundary`` ends a task; report after the last one."""
+        """Evaluate every task seen so far when ``boundary`` ends a task; report after the last one.
+
+        A boundary whose surgery selected a subnetwork (DEN's selective retraining) is recorded too.
+        """
+        if SELECTION_KEYS[0] in boundary.changes:
+            self.selection[boundary.task] = {key: boundary.changes[key] for key in SELECTION_KEYS}
         if boundary.ended_task is None:
             return
         ended = boundary.ended_task
@@ -213,6 +222,7 @@ class TaskEvaluation(Callback):
             "auroc": [list(row) for row in self.auroc],
             "widths": [None if w is None else list(w) for w in self.widths],
             "parameters": list(self.parameters),
+            "selection": {str(task): report for task, report in self.selection.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -220,6 +230,7 @@ class TaskEvaluation(Callback):
         self.auroc = [list(row) for row in state_dict["auroc"]]
         self.widths = [None if w is None else tuple(w) for w in state_dict["widths"]]
         self.parameters = list(state_dict["parameters"])
+        self.selection = {int(task): report for task, report in state_dict.get("selection", {}).items()}
 
     def _make_room(self, task: int) -> None:
         """Make ``task``'s row the next one: rows this run did not measure before it become ``None`` rows,
@@ -324,8 +335,13 @@ class TaskEvaluation(Callback):
                 "widths_by_birth": [[[b.count(born) for born in range(i + 1)] for b in births] for i in range(tasks)],
                 "parameters_after_task": self.parameters,
                 "parameters_per_task": [mlp.num_parameters(t) for t in range(tasks)],
+                "selection": [self.selection.get(t) for t in range(tasks)] if self.selection else None,
             }
         )
+
+
+#: what a boundary's ``changes`` say of a selected subnetwork (:func:`lightning_den.core.selection.selection_report`)
+SELECTION_KEYS = ("selected_fraction", "selected_inputs", "zero_fraction", "head_zero_fraction")
 
 
 def _defined(value: float | None) -> bool:

@@ -14,14 +14,15 @@ from lightning.pytorch.callbacks import ProgressBar
 
 
 def task_and_phase(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-    """``task`` (the module's ``current_task``) and ``phase`` (of the first callback that has one)."""
+    """``task`` (the module's ``current_task``) and the ``status()`` of the first callback that has one:
+    the ``phase``, and e.g. the share of units DEN's selective retraining ``selected`` per layer."""
     shown: dict[str, Any] = {}
     if hasattr(pl_module, "current_task"):
         shown["task"] = pl_module.current_task
     for callback in trainer.callbacks:
-        phase = getattr(callback, "phase", None)
-        if phase is not None:
-            shown["phase"] = str(getattr(phase, "value", phase))
+        status = getattr(callback, "status", None)
+        if callable(status):
+            shown.update(status())
             break
     return shown
 

@@ -73,11 +73,19 @@ def format_report(summary: dict[str, Any]) -> str:
     if summary.get("widths"):
         widths = ("-" if w is None else "-".join(map(str, w)) for w in summary["widths"])
         lines.append("widths per task: " + ", ".join(widths))
+    selected = [(task, report) for task, report in enumerate(summary.get("selection") or []) if report]
+    if selected:
+        lines.append("selective retraining, per task: share of each hidden layer's units selected | zero weights")
+        for task, report in selected:
+            fractions = " ".join(f"{f:.2f}" for f in report["selected_fraction"])
+            zeros = " ".join(f"{z:.2f}" for z in report["zero_fraction"])
+            lines.append(f"  task {task}: {fractions} | {zeros} (head {report['head_zero_fraction']:.2f})")
     return "\n".join(lines)
 
 
 def plot_report(summary: dict[str, Any], directory: str | Path) -> list[Path]:
-    """Write ``accuracy_matrix.png``, ``widths.png`` and ``parameters.png`` into ``directory``.
+    """Write ``accuracy_matrix.png``, ``widths.png``, ``parameters.png`` and, when the run selected
+    subnetworks (DEN), ``selection.png`` (share of each hidden layer's units selected per task) into ``directory``.
 
     The figures are plain :class:`matplotlib.figure.Figure` objects saved straight to PNG: no pyplot, no
     ``matplotlib.use``, so drawing a report leaves the process's backend (a notebook's, say) as it was.
@@ -142,5 +150,22 @@ def plot_report(summary: dict[str, Any], directory: str | Path) -> list[Path]:
         ax.set_xticks(range(size))
         ax.legend(fontsize=7)
         written.append(directory / "parameters.png")
+        fig.savefig(written[-1], dpi=100, bbox_inches="tight")
+
+    selected = [(task, report) for task, report in enumerate(summary.get("selection") or []) if report]
+    if selected:
+        fig = Figure(figsize=(4.0, 3.0))
+        ax = fig.add_subplot()
+        tasks = [task for task, _ in selected]
+        for layer in range(len(selected[0][1]["selected_fraction"])):
+            fractions = [report["selected_fraction"][layer] for _, report in selected]
+            ax.plot(tasks, fractions, marker="o", label=f"hidden layer {layer}")
+        ax.set_ylim(0.0, 1.05)
+        ax.set_xlabel("task")
+        ax.set_ylabel("share of units selected")
+        ax.set_xticks(tasks)
+        ax.set_title("selective retraining")
+        ax.legend(fontsize=7)
+        written.append(directory / "selection.png")
         fig.savefig(written[-1], dpi=100, bbox_inches="tight")
     return written

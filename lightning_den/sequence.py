@@ -102,12 +102,14 @@ class TaskSequenceCallback(Callback):
         """The phase after ``progress``'s, or ``None`` after the last task's last phase."""
         raise NotImplementedError
 
-    def plan(self, target: PhaseProgress) -> dict[str, Any]:
-        """The surgery for entering ``target``, as plain data (computed on rank 0 and broadcast)."""
+    def plan(self, target: PhaseProgress | None) -> dict[str, Any]:
+        """The surgery for entering ``target`` (``None``: the end of the stream), as plain data (computed on
+        rank 0 and broadcast)."""
         return {}
 
-    def apply(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> None:
-        """Carry out ``plan`` before ``target`` is entered (a new task's head or column, growth, pruning)."""
+    def apply(self, pl_module: pl.LightningModule, target: PhaseProgress | None, plan: dict[str, Any]) -> None:
+        """Carry out ``plan`` before ``target`` is entered (a new task's head or column, growth, pruning);
+        at the end of the stream (``target is None``) only a non-empty plan is applied."""
 
     def trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
         """What the current phase trains: per parameter of the module, True, False or a boolean mask."""
@@ -144,6 +146,10 @@ class TaskSequenceCallback(Callback):
     def phase(self) -> str:
         """The phase being trained (what the progress bar shows)."""
         return self.progress.phase
+
+    def status(self) -> dict[str, Any]:
+        """What the progress bar shows beside the task: the phase (methods may add more)."""
+        return {"phase": str(self.phase)}
 
     @property
     def model_block(self) -> Any:
@@ -390,7 +396,8 @@ class TaskSequenceCallback(Callback):
             trainer.should_stop = True
             self._finished = True
             pl_module.tasks_learned = progress.task + 1
-            cross_boundary(trainer, pl_module, lambda: self._boundary(self.progress, None, {}), rebuild=False)
+            plan = trainer.strategy.broadcast(self.plan(None), src=0)
+            cross_boundary(trainer, pl_module, lambda: self._end(pl_module, plan), rebuild=False)
             return
         self._schedule(trainer, target)
 
@@ -402,6 +409,11 @@ class TaskSequenceCallback(Callback):
         if target.task != self.progress.task:
             trainer.datamodule.set_task(target.task)
         self._pending = (target, plan)
+
+    def _end(self, pl_module: pl.LightningModule, plan: dict[str, Any]) -> TaskBoundary:
+        if plan:
+            self.apply(pl_module, None, plan)
+        return self._boundary(self.progress, None, plan)
 
     def _cross(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> TaskBoundary:
         previous = self.progress

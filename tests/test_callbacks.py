@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import functools
+import math
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 
 from lightning_den import DENCallback, DENLightningModule, DENPhase, ExpandableMLP, TaskBoundary
 from lightning_den.core.den import trainable_entries
+from lightning_den.core.selection import dead_new_units
 from tests.conftest import HIDDEN, IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
 
 
@@ -384,3 +387,76 @@ def test_an_empty_training_limit_is_refused(tmp_path):
     trainer = make_trainer(tmp_path, [DENCallback(**short_phases())], limit_train_batches=0)
     with pytest.raises(MisconfigurationException, match="limit_train_batches=0"):
         trainer.fit(tiny_model(), datamodule=tiny_stream(2))
+
+
+class RecordSelectiveRetraining(Callback):
+    """The block's weights when selective retraining starts and when it ends, with the selection."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[list[list[int]], dict, dict, dict]] = []
+        self._start: tuple[list[list[int]], dict, dict] | None = None
+
+    def on_task_boundary(self, trainer, pl_module, boundary: TaskBoundary) -> None:
+        weights = {name: p.detach().clone() for name, p in pl_module.mlp.named_parameters()}
+        if boundary.phase == "selective":
+            self._start = (boundary.changes["selection"], dict(boundary.changes), weights)
+        elif self._start is not None:
+            self.runs.append((*self._start, weights))
+            self._start = None
+
+
+def test_selective_retraining_trains_a_proper_subset_and_leaves_the_rest_bit_identical(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_den import TaskEvaluation
+
+    record, evaluation = RecordSelectiveRetraining(), TaskEvaluation(print_report=False)
+    den = DENCallback(**short_phases(selection_budget=0.5, loss_threshold=0.0))
+    logger = CSVLogger(tmp_path, name="run")
+    make_trainer(tmp_path, [den, record, evaluation], logger=logger).fit(tiny_model(), datamodule=tiny_stream(3))
+    assert len(record.runs) == 2  # tasks 1 and 2
+    for task, (selection, changes, before, after) in enumerate(record.runs, start=1):
+        widths = [before[f"hidden.{i}.bias"].numel() for i in range(len(HIDDEN))]
+        counted = [len(units) / width for units, width in zip(selection[1:], widths, strict=True)]
+        caps = [max(1, math.floor(0.5 * width)) for width in widths]
+        assert all(0 < len(units) <= cap < width for units, cap, width in zip(selection[1:], caps, widths, strict=True))
+        assert changes["selected_fraction"] == counted == evaluation.selection[task]["selected_fraction"]
+        zeros = [
+            int((before[f"hidden.{i}.weight"] == 0).sum()) / before[f"hidden.{i}.weight"].numel() for i in range(2)
+        ]
+        assert changes["zero_fraction"] == zeros
+        for index in range(len(HIDDEN)):  # every entry outside the selected rows x columns kept its value
+            rows = torch.zeros(widths[index], dtype=torch.bool)
+            rows[selection[index + 1]] = True
+            cols = torch.zeros(before[f"hidden.{index}.weight"].shape[1], dtype=torch.bool)
+            cols[selection[index]] = True
+            frozen = ~(rows[:, None] & cols[None, :])
+            weight, bias = f"hidden.{index}.weight", f"hidden.{index}.bias"
+            trained = after[weight][: frozen.shape[0], : frozen.shape[1]]  # the units expansion added come after
+            assert torch.equal(trained[frozen], before[weight][frozen])
+            assert torch.equal(after[bias][: widths[index]][~rows], before[bias][~rows])
+            assert not torch.equal(trained, before[weight])  # and the selected entries did train
+    assert evaluation.summary["selection"][0] is None and len(evaluation.summary["selection"]) == 3
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("selection/fraction/layer_0")]
+    assert [float(row["selection/fraction/layer_0"]) for row in logged] == [
+        changes["selected_fraction"][0] for _, changes, _, _ in record.runs
+    ]
+
+
+@pytest.mark.parametrize(
+    ("variant", "phases"),
+    [
+        ({"expansion": False, "split": False}, ["head_fit", "selective"]),  # the paper's DNN-Selective
+        ({"split": False}, ["head_fit", "selective", "expansion"]),  # DEN without split
+    ],
+)
+def test_ablation_variants_run_only_their_phases_and_prune_what_expansion_left(tmp_path, variant, phases):
+    record = RecordBoundaries()
+    den = DENCallback(**short_phases(loss_threshold=0.0, group_sparsity=100.0), **variant)
+    model = tiny_model()
+    make_trainer(tmp_path, [den, record]).fit(model, datamodule=tiny_stream(3))
+    assert [b.phase for b in record.boundaries] == phases * 2 + [None]
+    if "expansion" in phases:  # leaving expansion, dead new units are pruned, at the end of the stream too
+        assert all("pruned" in b.changes for b in record.boundaries if b.previous_phase == "expansion")
+        assert all(not dead_new_units(model.mlp, layer) for layer in range(len(HIDDEN)))

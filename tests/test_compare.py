@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.test_cli import TINY
 
@@ -23,6 +26,7 @@ def test_compare_writes_every_row_and_column(tmp_path):
     header = table[2]
     for column in (
         "parameters after first",
+        "selected (mean per layer)",
         "BWT",
         "largest drop",
         "forward transfer",
@@ -31,7 +35,16 @@ def test_compare_writes_every_row_and_column(tmp_path):
         "wall time",
     ):
         assert column in header
-    methods = ["DEN", "Progressive Networks", "PackNet", "one network per task", "fine-tuning", "EWC"]
+    methods = [
+        "DEN",
+        "DEN without split",
+        "DNN-Selective (selection only)",
+        "Progressive Networks",
+        "PackNet",
+        "one network per task",
+        "fine-tuning",
+        "EWC",
+    ]
     rows = [line for line in table[4:] if line.startswith("|")]
     assert [row.split("|")[1].strip() for row in rows] == methods
     assert all(" - |" not in row.split("|", 5)[-1] for row in rows[:1])  # forward transfer is filled for DEN
@@ -44,3 +57,27 @@ def test_compare_writes_every_row_and_column(tmp_path):
     assert params["PackNet"][-1] - params["PackNet"][0] == 2 * head  # fixed trunk: only heads come on top
     assert params["Progressive Networks"][-1] > params["Progressive Networks"][0]  # a column per task
     assert (out / "accuracy_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
+    fractions = by_method["DEN"]["selected_fraction"]  # mean over tasks 1 and 2 of what the boundaries recorded
+    assert len(fractions) == 2 and all(0 < f <= 1 for f in fractions)
+    assert by_method["PackNet"]["selected_fraction"] is None
+
+
+def test_compare_averages_over_seeds_with_their_spread(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    out = tmp_path / "cmp"
+    methods = ["--methods", "den", "den-selective", "--seeds", "0", "1"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(config), *methods, "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["seeds"] == [0, 1]
+    for row in saved["rows"]:
+        per_seed = [run["average_accuracy"] for run in row["seeds"]]
+        assert len(per_seed) == 2 and row["average_accuracy"] == pytest.approx(sum(per_seed) / 2)
+        assert row["average_accuracy_std"] is not None
+    selective = next(row for row in saved["rows"] if row["method"].startswith("DNN-Selective"))
+    for run in selective["seeds"]:  # no expansion, no split: only the new heads (8 inputs, 2 classes) come on top
+        params = run["parameters_after_task"]
+        assert [after - before for before, after in itertools.pairwise(params)] == [8 * 2 + 2] * (len(params) - 1)
+    assert " ± " in (out / "comparison.md").read_text()

@@ -52,3 +52,14 @@ def test_the_tasks_that_arrive_later_example_runs_as_printed(tmp_path):
     _, later = python_examples("Use it from Python")
     run_python(FIRST_THREE_TASKS, tmp_path)
     run_python(later + "\nassert model.tasks_learned == 5, model.tasks_learned\n", tmp_path)
+
+
+def test_the_measured_tables_are_the_committed_results():
+    sys.path.insert(0, str(README.parent / "benchmarks"))
+    try:
+        from readme_tables import BLOCK, render
+    finally:
+        sys.path.pop(0)
+    text = README.read_text()
+    assert {match["name"] for match in BLOCK.finditer(text)} == {"permuted_mnist", "mnist_variation"}
+    assert render(text, README.parent / "benchmarks" / "results") == text, "run benchmarks/readme_tables.py"

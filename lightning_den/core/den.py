@@ -101,9 +101,17 @@ def phase_is_done(progress: PhaseProgress, epochs: int, mean_loss: float, tolera
 
 
 def next_phase(
-    progress: PhaseProgress, mean_loss: float, loss_threshold: float, num_tasks: int
+    progress: PhaseProgress,
+    mean_loss: float,
+    loss_threshold: float,
+    num_tasks: int,
+    expansion: bool = True,
+    split: bool = True,
 ) -> PhaseProgress | None:
     """The phase after the current one, or ``None`` when the last task is done.
+
+    ``expansion=False`` never expands and ``split=False`` ends a task without the split (the paper's
+    ablations DNN-Selective, both off, and DEN without split).
 
     Example:
         >>> next_phase(PhaseProgress(task=1, phase="selective"), 0.5, 0.1, 3).phase
@@ -112,18 +120,18 @@ def next_phase(
         'split'
         >>> next_phase(PhaseProgress(task=2, phase="split"), 0.05, 0.1, 3) is None
         True
+        >>> next_phase(PhaseProgress(task=1, phase="selective"), 0.5, 0.1, 3, expansion=False, split=False).phase
+        'head_fit'
     """
     phase = DENPhase(progress.phase)
     task = progress.task
-    if phase in (DENPhase.SPARSE, DENPhase.SPLIT):
-        return PhaseProgress(task=task + 1, phase=DENPhase.HEAD_FIT.value) if task + 1 < num_tasks else None
     if phase is DENPhase.HEAD_FIT:
-        following = DENPhase.SELECTIVE
-    elif phase is DENPhase.SELECTIVE:
-        following = DENPhase.EXPANSION if mean_loss > loss_threshold else DENPhase.SPLIT
-    else:
-        following = DENPhase.SPLIT
-    return PhaseProgress(task=task, phase=following.value)
+        return PhaseProgress(task=task, phase=DENPhase.SELECTIVE.value)
+    if phase is DENPhase.SELECTIVE and expansion and mean_loss > loss_threshold:
+        return PhaseProgress(task=task, phase=DENPhase.EXPANSION.value)
+    if phase in (DENPhase.SELECTIVE, DENPhase.EXPANSION) and split:
+        return PhaseProgress(task=task, phase=DENPhase.SPLIT.value)
+    return PhaseProgress(task=task + 1, phase=DENPhase.HEAD_FIT.value) if task + 1 < num_tasks else None
 
 
 Trainable = bool | Tensor

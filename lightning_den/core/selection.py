@@ -6,6 +6,7 @@ to the others as it is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -14,12 +15,17 @@ from torch import Tensor
 from lightning_den.core.layers import ExpandableMLP
 
 
-def select_subnetwork(mlp: ExpandableMLP, task: int) -> list[list[int]]:
+def select_subnetwork(mlp: ExpandableMLP, task: int, budget: float | None = None) -> list[list[int]]:
     """Breadth-first search from **all** outputs of ``task``'s head down the nonzero weights (Alg. 2).
 
     The top layer keeps unit ``j`` if any output of the head has a nonzero weight from it; each lower
     layer keeps unit ``i`` if it has a nonzero weight into a kept unit above. The official code looked
     at output column 0 only (bug B2); here every output counts. Zeros are exact (proximal steps).
+
+    ``budget`` (a deviation from the paper, off when ``None``) caps each hidden layer at
+    ``max(1, floor(budget * width))`` units: of the units the search reaches, those with the largest total
+    ``|w|`` into the units kept above (into the head's outputs for the top layer), ties to the lower
+    index. The input features are not capped.
 
     Returns:
         ``selected[0]`` the input features, then ``selected[l + 1]`` the units of hidden layer ``l``,
@@ -32,17 +38,60 @@ def select_subnetwork(mlp: ExpandableMLP, task: int) -> list[list[int]]:
         ...     _ = mlp.heads["0"].weight.copy_(torch.tensor([[0.0, 3.0]]))
         >>> select_subnetwork(mlp, 0)
         [[2], [1]]
+        >>> _ = mlp.heads["0"].weight.data.fill_(1.0)   # both units reached; a budget of half keeps one
+        >>> select_subnetwork(mlp, 0, budget=0.5)
+        [[0], [0]]
     """
     mlp.check_task(task)
     widths = mlp.widths(task)
-    head = mlp.heads[str(task)].weight.detach()
-    above = (head[:, : widths[-1]] != 0).any(dim=0)
+    head = mlp.heads[str(task)].weight.detach()[:, : widths[-1]]
+    above = _strongest(head.abs().sum(dim=0), budget)
     selected = [above]
-    for layer, width_below in zip(reversed(mlp.hidden), reversed((mlp.in_features, *widths[:-1])), strict=True):
+    below_widths = (mlp.in_features, *widths[:-1])
+    for depth, (layer, width_below) in enumerate(zip(reversed(mlp.hidden), reversed(below_widths), strict=True)):
         rows = layer.weight.detach()[: above.numel(), :width_below]
-        above = (rows[above] != 0).any(dim=0)
+        inputs = depth == len(mlp.hidden) - 1  # the features below the first layer are never capped
+        above = _strongest(rows[above].abs().sum(dim=0), None if inputs else budget)
         selected.append(above)
     return [torch.nonzero(mask).flatten().tolist() for mask in reversed(selected)]
+
+
+def _strongest(strength: Tensor, budget: float | None) -> Tensor:
+    """Mask of the entries with a nonzero ``strength``; with ``budget``, at most ``max(1, floor(budget * n))``
+    of them, the strongest (ties to the lower index)."""
+    reached = strength != 0
+    if budget is None:
+        return reached
+    cap = max(1, math.floor(budget * strength.numel()))
+    if int(reached.sum()) <= cap:
+        return reached
+    order = torch.sort(strength, descending=True, stable=True).indices[:cap]
+    kept = torch.zeros_like(reached)
+    kept[order] = True
+    return kept & reached
+
+
+def selection_report(mlp: ExpandableMLP, task: int, selection: list[list[int]]) -> dict[str, list[float] | float]:
+    """What a selection holds, as plain floats: the share of each hidden layer's units and of the input
+    features it selected, the share of exactly-zero weights in each hidden layer and in ``task``'s head.
+
+    Example:
+        >>> mlp = ExpandableMLP(3, [2], head_classes=1)
+        >>> report = selection_report(mlp, 0, [[0, 2], [1]])
+        >>> report["selected_fraction"], round(report["selected_inputs"], 3), report["zero_fraction"]
+        ([0.5], 0.667, [0.0])
+    """
+    widths = mlp.widths(task)
+    return {
+        "selected_fraction": [len(units) / width for units, width in zip(selection[1:], widths, strict=True)],
+        "selected_inputs": len(selection[0]) / mlp.in_features,
+        "zero_fraction": [_zero_share(layer.weight) for layer in mlp.hidden],
+        "head_zero_fraction": _zero_share(mlp.heads[str(task)].weight),
+    }
+
+
+def _zero_share(weight: Tensor) -> float:
+    return int((weight.detach() == 0).sum()) / weight.numel()
 
 
 def unit_drift(mlp: ExpandableMLP, layer: int, reference: Mapping[str, Tensor]) -> Tensor:

@@ -16,9 +16,15 @@ from hypothesis import strategies as st
 
 from lightning_den.core.layers import ExpandableMLP
 from lightning_den.core.prox import add_drift_penalty_grad_, group_lasso_prox_, l1_prox_
-from lightning_den.core.selection import dead_new_units, select_subnetwork, unit_drift, units_to_split
+from lightning_den.core.selection import (
+    dead_new_units,
+    select_subnetwork,
+    selection_report,
+    unit_drift,
+    units_to_split,
+)
 from lightning_den.core.surgery import add_units_, prune_units_, snapshot
-from tests.core.helpers import FAST, outputs_by_task, random_inputs, random_mlp
+from tests.core.helpers import FAST, mlp_configs, outputs_by_task, random_inputs, random_mlp
 
 float32s = st.floats(-4.0, 4.0, width=32, allow_subnormal=False)
 thresholds = st.floats(2.0**-10, 2.0, width=32, allow_subnormal=False)
@@ -217,6 +223,41 @@ def test_select_subnetwork_with_a_zero_head_selects_nothing():
     with torch.no_grad():
         mlp.heads["0"].weight.zero_()
     assert select_subnetwork(mlp, 0) == [[], [], []]
+
+
+@FAST
+@given(config=mlp_configs(), budget=st.floats(0.01, 1.0), sparsity=st.floats(0.0, 0.9), data=st.data())
+def test_a_selection_budget_caps_each_layer_and_keeps_the_strongest_of_what_bfs_reaches(config, budget, sparsity, data):
+    in_features, hidden, classes, seed = config
+    mlp = random_mlp(in_features, hidden, classes, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # exact zeros, as L1 leaves them
+        for layer in (*mlp.hidden, mlp.heads["0"]):
+            layer.weight.mul_(torch.rand(layer.weight.shape, generator=generator) >= sparsity)
+    free, capped = select_subnetwork(mlp, 0), select_subnetwork(mlp, 0, budget=budget)
+    for layer, width in enumerate(hidden):
+        assert set(capped[layer + 1]) <= set(free[layer + 1])  # never beyond the paper's BFS
+        assert len(capped[layer + 1]) <= max(1, math.floor(budget * width))
+    assert set(capped[0]) <= set(free[0])
+    assert select_subnetwork(mlp, 0, budget=1.0) == free
+    # the top layer keeps the units most strongly connected to the head: none left out is stronger
+    strength = mlp.heads["0"].weight.detach().abs().sum(dim=0)
+    kept, dropped = capped[-1], sorted(set(free[-1]) - set(capped[-1]))
+    if kept and dropped:
+        assert float(strength[dropped].max()) <= float(strength[kept].min())
+
+
+def test_the_selection_report_counts_units_inputs_and_exact_zeros():
+    mlp = hand_made_network()
+    selection = select_subnetwork(mlp, 0)
+    report = selection_report(mlp, 0, selection)
+    widths = mlp.widths(0)
+    assert report["selected_fraction"] == [len(selection[i + 1]) / widths[i] for i in range(len(widths))]
+    assert report["selected_inputs"] == len(selection[0]) / mlp.in_features
+    for layer, zeros in zip(mlp.hidden, report["zero_fraction"], strict=True):
+        assert zeros == int((layer.weight == 0).sum()) / layer.weight.numel()
+    head = mlp.heads["0"].weight
+    assert report["head_zero_fraction"] == int((head == 0).sum()) / head.numel()
 
 
 # --- drift and splitting (Alg. 4) ---
