@@ -46,6 +46,8 @@ from lightning_den.baselines import (
     ProgressiveNet,
 )
 from lightning_den.cli import DENCLI
+from lightning_den.data import TaskSequenceDataModule
+from lightning_den.data.streams import train_test_split
 from lightning_den.metrics import average_score, backward_transfer, forward_transfer, task_matrix
 from lightning_den.sequence import sequence_trainer
 
@@ -71,7 +73,7 @@ def den_variant(den: DENCallback, seed: int, **changes: Any) -> DENCallback:
 
 
 def builders(
-    hparams: dict, optimizer: Callable, den: DENCallback, epochs: int, seed: int
+    hparams: dict, optimizer: Callable, den: DENCallback, epochs: int, seed: int, ewc_lambda: float = 100.0
 ) -> dict[str, tuple[Callable, Callable]]:
     """For each method: (build the model, build the callback)."""
     return {
@@ -97,7 +99,10 @@ def builders(
             lambda: DENMLP(**hparams, optimizer=optimizer),
             lambda: FineTuningCallback(epochs_per_task=epochs),
         ),
-        "ewc": (lambda: DENMLP(**hparams, optimizer=optimizer), lambda: EWCCallback(epochs_per_task=epochs)),
+        "ewc": (
+            lambda: DENMLP(**hparams, optimizer=optimizer),
+            lambda: EWCCallback(epochs_per_task=epochs, ewc_lambda=ewc_lambda),
+        ),
     }
 
 
@@ -110,6 +115,30 @@ def run_method(model_fn: Callable, callback_fn: Callable, datamodule, folder: Pa
     trainer.fit(model_fn(), datamodule=datamodule)
     seconds = time.perf_counter() - start
     return {**evaluation.summary, "seconds": seconds, "epochs": trainer.current_epoch}
+
+
+def validation_stream(datamodule: TaskSequenceDataModule, seed: int, fraction: float = 0.2) -> TaskSequenceDataModule:
+    """The stream with each task's training data cut into training and validation data (per class, with
+    ``seed``); the test data are left out, so what is chosen on it never saw them."""
+    train, validation = [], []
+    for inputs, labels in datamodule.train_tasks:
+        kept, held_out = train_test_split(inputs, labels, test_fraction=fraction, seed=seed)
+        train.append(kept)
+        validation.append(held_out)
+    return TaskSequenceDataModule.from_tensors(train=train, test=validation, batch_size=datamodule.batch_size)
+
+
+def tune_ewc(
+    lambdas: list[float], build: Callable[[float], tuple[Callable, Callable]], held_out, folder: Path, seed: int
+) -> tuple[float, dict[str, float]]:
+    """The ``lambda`` of EWC with the best final average score (AUROC when every task is binary) on
+    ``held_out``, and every candidate's score."""
+    scores = {}
+    for strength in lambdas:
+        result = run_method(*build(strength), held_out, folder / f"ewc_lambda_{strength:g}", seed)
+        scores[f"{strength:g}"] = average_score(result["auroc"] or result["accuracy"])
+    best = max(scores, key=scores.__getitem__)
+    return float(best), scores
 
 
 def largest_drop(rows: list[list[float | None]]) -> float:
@@ -228,6 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default=None, help="MNIST folder, overriding the config's data.init_args.root")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per task of the other methods")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default: the config's)")
+    parser.add_argument(
+        "--ewc-lambdas",
+        nargs="+",
+        type=float,
+        default=None,
+        help="tune EWC's lambda: the best of these on a validation split of each task's training data",
+    )
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<config name>)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -243,9 +279,20 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seeds or [int(cli.config.get("seed_everything") or 0)]
     binary = all(datamodule.num_classes(t) == 2 for t in range(datamodule.num_tasks))
     ordered = sorted(args.methods, key=lambda m: m != "stl")  # the reference for forward transfer first
+    optimizer = cli.model.optimizer_factory
+    ewc_lambda, tuning = 100.0, None
+    if args.ewc_lambdas and "ewc" in args.methods:
+        held_out = validation_stream(datamodule, seeds[0])
+        ewc_lambda, tuning = tune_ewc(
+            args.ewc_lambdas,
+            lambda strength: builders(hparams, optimizer, den, epochs, seeds[0], strength)["ewc"],
+            held_out,
+            out / "tuning",
+            seeds[0],
+        )
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in args.methods}
     for seed in seeds:
-        build = builders(hparams, cli.model.optimizer_factory, den, epochs, seed)
+        build = builders(hparams, optimizer, den, epochs, seed, ewc_lambda)
         results, reference = {}, None
         for method in ordered:
             result = run_method(*build[method], datamodule, out / f"seed_{seed}" / method, seed)
@@ -260,13 +307,23 @@ def main(argv: list[str] | None = None) -> None:
             runs[method].append(result)
     rows = [aggregate(runs[m]) for m in args.methods]
     spread = f"; mean over seeds {seeds} (± their standard deviation)" if len(seeds) > 1 else f"; seed {seeds[0]}"
+    if "ewc" in args.methods:
+        how = "chosen on a validation split of the training data" if tuning else "not tuned"
+        spread += f"; EWC lambda {ewc_lambda:g} ({how})"
     title = (
         f"{name}: {datamodule.num_tasks} tasks, widths {hparams['hidden_sizes']}; DEN's phases as configured, "
         f"the other methods {epochs} epochs per task (PackNet plus {max(1, epochs // 4)} of retraining){spread}"
     )
     table = markdown(rows, title, binary)
     (out / "comparison.md").write_text(table + "\n")
-    record = {"config": args.config, "epochs": epochs, "seeds": seeds, "rows": rows}
+    record = {
+        "config": args.config,
+        "epochs": epochs,
+        "seeds": seeds,
+        "ewc_lambda": ewc_lambda,
+        "ewc_validation_scores": tuning,
+        "rows": rows,
+    }
     (out / "comparison.json").write_text(json.dumps(record, indent=2))
     plot(rows, out / "accuracy_vs_parameters.png", binary)
     print(table)

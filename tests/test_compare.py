@@ -81,3 +81,34 @@ def test_compare_averages_over_seeds_with_their_spread(tmp_path):
         params = run["parameters_after_task"]
         assert [after - before for before, after in itertools.pairwise(params)] == [8 * 2 + 2] * (len(params) - 1)
     assert " ± " in (out / "comparison.md").read_text()
+
+
+def test_ewc_lambda_is_tuned_on_a_validation_split_of_the_training_data(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    out = tmp_path / "cmp"
+    options = ["--methods", "ewc", "--epochs", "1", "--ewc-lambdas", "1", "1000", "--out", str(out)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(config), *options]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = json.loads((out / "comparison.json").read_text())
+    scores = saved["ewc_validation_scores"]
+    assert set(scores) == {"1", "1000"} and saved["ewc_lambda"] == float(max(scores, key=scores.__getitem__))
+    assert "chosen on a validation split" in (out / "comparison.md").read_text()
+
+
+def test_the_validation_stream_holds_out_part_of_each_tasks_training_data_and_no_test_data():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from compare import validation_stream
+    finally:
+        sys.path.pop(0)
+    from lightning_den import SplitDigits
+
+    stream = SplitDigits(num_tasks=2)
+    held_out = validation_stream(stream, seed=0)
+    for task in range(2):
+        (train, _), (validation, _) = held_out.train_tasks[task], held_out.test_tasks[task]
+        assert len(train) + len(validation) == len(stream.train_tasks[task][0])
+        rows = {tuple(row.tolist()) for row in stream.train_tasks[task][0]}
+        assert all(tuple(row.tolist()) in rows for row in validation)  # taken from the training data

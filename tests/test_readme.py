@@ -63,3 +63,14 @@ def test_the_measured_tables_are_the_committed_results():
     text = README.read_text()
     assert {match["name"] for match in BLOCK.finditer(text)} == {"permuted_mnist", "mnist_variation"}
     assert render(text, README.parent / "benchmarks" / "results") == text, "run benchmarks/readme_tables.py"
+
+
+@pytest.mark.slow
+def test_the_demo_prints_the_table_the_readme_shows(tmp_path):
+    command = [sys.executable, "-m", "lightning_den.demo", "--output-dir", str(tmp_path / "demo")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout[result.stdout.index("task i|") :].split("\nwall time")[0].strip()
+    text = README.read_text()
+    start = text.index("```\ntask i|") + len("```\n")
+    assert text[start : text.index("```", start)].strip() == printed
