@@ -73,7 +73,7 @@ def den_variant(den: DENCallback, seed: int, **changes: Any) -> DENCallback:
 
 
 def builders(
-    hparams: dict, optimizer: Callable, den: DENCallback, epochs: int, seed: int, ewc_lambda: float = 100.0
+    hparams: dict, optimizer: Callable, den: DENCallback, epochs: int, seed: int, ewc_lambda: float | None = None
 ) -> dict[str, tuple[Callable, Callable]]:
     """For each method: (build the model, build the callback)."""
     return {
@@ -85,23 +85,25 @@ def builders(
         ),
         "pnn": (
             lambda: ProgressiveNet(**hparams, optimizer=optimizer),
-            lambda: ProgressiveCallback(epochs_per_task=epochs),
+            lambda: ProgressiveCallback(epochs_per_task=epochs, seed=seed),
         ),
         "packnet": (
             lambda: PackNetModel(**hparams, optimizer=optimizer),
-            lambda: PackNetCallback(train_epochs=epochs, retrain_epochs=max(1, epochs // 4)),
+            lambda: PackNetCallback(train_epochs=epochs, retrain_epochs=max(1, epochs // 4), seed=seed),
         ),
         "stl": (
             lambda: ProgressiveNet(**hparams, lateral=False, optimizer=optimizer),
-            lambda: ProgressiveCallback(epochs_per_task=epochs),
+            lambda: ProgressiveCallback(epochs_per_task=epochs, seed=seed),
         ),
         "finetune": (
             lambda: DENMLP(**hparams, optimizer=optimizer),
-            lambda: FineTuningCallback(epochs_per_task=epochs),
+            lambda: FineTuningCallback(epochs_per_task=epochs, seed=seed),
         ),
         "ewc": (
             lambda: DENMLP(**hparams, optimizer=optimizer),
-            lambda: EWCCallback(epochs_per_task=epochs, ewc_lambda=ewc_lambda),
+            lambda: EWCCallback(
+                epochs_per_task=epochs, seed=seed, **({} if ewc_lambda is None else {"ewc_lambda": ewc_lambda})
+            ),
         ),
     }
 
@@ -135,8 +137,11 @@ def tune_ewc(
     ``held_out``, and every candidate's score."""
     scores = {}
     for strength in lambdas:
-        result = run_method(*build(strength), held_out, folder / f"ewc_lambda_{strength:g}", seed)
-        scores[f"{strength:g}"] = average_score(result["auroc"] or result["accuracy"])
+        try:
+            result = run_method(*build(strength), held_out, folder / f"ewc_lambda_{strength!r}", seed)
+            scores[repr(strength)] = average_score(result["auroc"] or result["accuracy"])
+        except FloatingPointError:  # the loss diverged with this strength
+            scores[repr(strength)] = -math.inf
     best = max(scores, key=scores.__getitem__)
     return float(best), scores
 
@@ -186,11 +191,12 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     over the seeds for the final averages), every run kept under ``seeds``."""
 
     def mean(values: list[Any]) -> Any:
-        if values[0] is None:
+        present = [value for value in values if value is not None]
+        if not present:
             return None
-        if isinstance(values[0], list):
-            return [mean([v[i] for v in values]) for i in range(len(values[0]))]
-        return sum(values) / len(values)
+        if isinstance(present[0], list):
+            return [mean([v[i] for v in present]) for i in range(len(present[0]))]
+        return sum(present) / len(present)
 
     row = {key: runs[0][key] for key in ("method",)}
     for key in runs[0]:
@@ -198,7 +204,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             row[key] = mean([run[key] for run in runs])
     for key in ("average_accuracy", "average_auroc"):
         values = [run[key] for run in runs if run[key] is not None]
-        row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else None
+        row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
     row["parameters_after_task"] = [round(p) for p in row["parameters_after_task"]]
     row["seeds"] = runs
     return row
@@ -280,8 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     binary = all(datamodule.num_classes(t) == 2 for t in range(datamodule.num_tasks))
     ordered = sorted(args.methods, key=lambda m: m != "stl")  # the reference for forward transfer first
     optimizer = cli.model.optimizer_factory
-    ewc_lambda, tuning = 100.0, None
-    if args.ewc_lambdas and "ewc" in args.methods:
+    if args.ewc_lambdas and "ewc" not in args.methods:
+        parser.error("--ewc-lambdas tunes EWC: add `ewc` to --methods")
+    ewc_lambda, tuning = None, None
+    if args.ewc_lambdas:
         held_out = validation_stream(datamodule, seeds[0])
         ewc_lambda, tuning = tune_ewc(
             args.ewc_lambdas,
@@ -306,10 +314,11 @@ def main(argv: list[str] | None = None) -> None:
         for method, result in results.items():
             runs[method].append(result)
     rows = [aggregate(runs[m]) for m in args.methods]
-    spread = f"; mean over seeds {seeds} (± their standard deviation)" if len(seeds) > 1 else f"; seed {seeds[0]}"
+    spread = f"; mean over seeds {seeds} (± sample standard deviation)" if len(seeds) > 1 else f"; seed {seeds[0]}"
     if "ewc" in args.methods:
         how = "chosen on a validation split of the training data" if tuning else "not tuned"
-        spread += f"; EWC lambda {ewc_lambda:g} ({how})"
+        strength = EWCCallback().ewc_lambda if ewc_lambda is None else ewc_lambda
+        spread += f"; EWC lambda {strength:g} ({how})"
     title = (
         f"{name}: {datamodule.num_tasks} tasks, widths {hparams['hidden_sizes']}; DEN's phases as configured, "
         f"the other methods {epochs} epochs per task (PackNet plus {max(1, epochs // 4)} of retraining){spread}"

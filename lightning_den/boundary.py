@@ -39,8 +39,11 @@ class TaskBoundary:
         ended_task: the task that has just been completed, or ``None`` for a boundary between phases.
         widths: units per hidden layer after the boundary (all units, newest task included).
         loss: mean training loss of the last epoch of the phase that ended.
-        changes: the surgery plan that was applied, as plain lists of ints: ``selection`` (BFS result,
-            inputs then units per hidden layer), ``added`` (units per layer), ``pruned`` and ``split``
+        changes: the surgery plan that was applied, as plain data (lists of ints, floats): for DEN
+            ``selection`` (BFS result, inputs then units per hidden layer) with its report
+            (:data:`~lightning_den.core.selection.SELECTION_KEYS`: shares of units selected, of inputs,
+            of zero weights), ``added`` (units per layer), ``pruned`` (dead new units per layer, when an
+            expansion ends: before the split, the next task or the end of the stream) and ``split``
             (unit indices per layer).
     """
 

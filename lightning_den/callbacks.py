@@ -142,15 +142,20 @@ class DENCallback(TaskSequenceCallback):
                 f"`max_splits_per_layer` must be None (no cap) or an integer >= 0, got {max_splits_per_layer!r}"
             )
         if selection_budget is not None and (
-            not isinstance(selection_budget, int | float) or not 0 < selection_budget <= 1
+            not isinstance(selection_budget, int | float)
+            or isinstance(selection_budget, bool)
+            or not 0 < selection_budget <= 1
         ):
             raise MisconfigurationException(
                 f"`selection_budget` must be None (select all that BFS reaches) or a fraction in (0, 1], "
                 f"got {selection_budget!r}"
             )
         self.selection_budget = None if selection_budget is None else float(selection_budget)
-        self.expansion = bool(expansion)
-        self.split = bool(split)
+        for name, value in (("expansion", expansion), ("split", split)):
+            if not isinstance(value, bool):
+                raise MisconfigurationException(f"`{name}` must be True or False, got {value!r}")
+        self.expansion = expansion
+        self.split = split
         self.sparsity_l1 = float(sparsity_l1)
         self.group_sparsity = float(group_sparsity)
         self.drift_penalty = float(drift_penalty)
@@ -220,18 +225,16 @@ class DENCallback(TaskSequenceCallback):
 
     # ------------------------------------------------------------------ surgery
 
-    def plan(self, target: PhaseProgress | None) -> dict[str, Any]:
-        """BFS selection, expansion sizes, or dead and drifted units, as plain ints."""
+    def plan(self, target: PhaseProgress) -> dict[str, Any]:
+        """BFS selection (with its report), expansion sizes, or dead and drifted units, as plain data."""
         mlp = self.mlp
-        phase = None if target is None else DENPhase(target.phase)
+        phase = DENPhase(target.phase)
         if phase is DENPhase.SELECTIVE:
             selection = select_subnetwork(mlp, target.task, self.selection_budget)
             return {"selection": selection, **selection_report(mlp, target.task, selection)}
         if phase is DENPhase.EXPANSION:
             return {"added": [self.units_per_expansion] * len(mlp.hidden)}
-        plan: dict[str, Any] = {}
-        if self.phase is DENPhase.EXPANSION:  # leaving expansion (for the split, or the next task): prune
-            plan["pruned"] = [dead_new_units(mlp, i) for i in range(len(mlp.hidden))]
+        plan = self.end_plan()  # leaving expansion, for the split or the next task: prune its dead units
         if phase is DENPhase.SPLIT:
             plan["split"] = [
                 units_to_split(unit_drift(mlp, i, self._snapshot), self.split_threshold, self.max_splits_per_layer)
@@ -239,23 +242,31 @@ class DENCallback(TaskSequenceCallback):
             ]
         return plan
 
-    def apply(self, pl_module: pl.LightningModule, target: PhaseProgress | None, plan: dict[str, Any]) -> None:
+    def end_plan(self) -> dict[str, Any]:
+        """The new units expansion left dead, when the phase ending is an expansion (no split follows)."""
+        if self.phase is not DENPhase.EXPANSION:
+            return {}
+        return {"pruned": [dead_new_units(self.mlp, i) for i in range(len(self.mlp.hidden))]}
+
+    def apply(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> None:
         """Pruning and split as planned; for a new task, snapshot W^{t-1} and add its head; expansion."""
         mlp = self.mlp
-        for layer, units in enumerate(plan.get("pruned", [])):
-            prune_units_(mlp, layer, units)
+        self.apply_end(pl_module, plan)
         for layer, units in enumerate(plan.get("split", [])):
             duplicate_units_(mlp, layer, units)
             restore_units_(mlp, layer, units, self._snapshot)
-        if target is None:  # the end of the stream
-            return
-        if target.task != self.progress.task:
+        if target.task != self.progress.task:  # after pruning: the snapshot is of the pruned network
             self._snapshot = snapshot(mlp)
             mlp.add_head_(self.generator(target.task, stream=0))
         if DENPhase(target.phase) is DENPhase.EXPANSION:
             add_units_(mlp, plan["added"], self.generator(target.task, stream=1))
         self._selection = plan.get("selection")
         self._selected_fraction = plan.get("selected_fraction")
+
+    def apply_end(self, pl_module: pl.LightningModule, plan: dict[str, Any]) -> None:
+        """Prune the units the plan names (new units with all-zero inputs: the function is unchanged)."""
+        for layer, units in enumerate(plan.get("pruned", [])):
+            prune_units_(self.mlp, layer, units)
 
     def trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
         """The phase's entries of the block; parameters outside it learn in the first task only."""

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_den.boundary import TaskBoundary
+from lightning_den.core.selection import SELECTION_KEYS
 from lightning_den.metrics import functional as M
 from lightning_den.module import continual_blocks
 from lightning_den.report import format_report, plot_report
@@ -338,10 +339,6 @@ class TaskEvaluation(Callback):
                 "selection": [self.selection.get(t) for t in range(tasks)] if self.selection else None,
             }
         )
-
-
-#: what a boundary's ``changes`` say of a selected subnetwork (:func:`lightning_den.core.selection.selection_report`)
-SELECTION_KEYS = ("selected_fraction", "selected_inputs", "zero_fraction", "head_zero_fraction")
 
 
 def _defined(value: float | None) -> bool:

@@ -102,14 +102,19 @@ class TaskSequenceCallback(Callback):
         """The phase after ``progress``'s, or ``None`` after the last task's last phase."""
         raise NotImplementedError
 
-    def plan(self, target: PhaseProgress | None) -> dict[str, Any]:
-        """The surgery for entering ``target`` (``None``: the end of the stream), as plain data (computed on
-        rank 0 and broadcast)."""
+    def plan(self, target: PhaseProgress) -> dict[str, Any]:
+        """The surgery for entering ``target``, as plain data (computed on rank 0 and broadcast)."""
         return {}
 
-    def apply(self, pl_module: pl.LightningModule, target: PhaseProgress | None, plan: dict[str, Any]) -> None:
-        """Carry out ``plan`` before ``target`` is entered (a new task's head or column, growth, pruning);
-        at the end of the stream (``target is None``) only a non-empty plan is applied."""
+    def apply(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> None:
+        """Carry out ``plan`` before ``target`` is entered (a new task's head or column, growth, pruning)."""
+
+    def end_plan(self) -> dict[str, Any]:
+        """The surgery at the end of the stream, after the last phase (e.g. pruning), as plain data."""
+        return {}
+
+    def apply_end(self, pl_module: pl.LightningModule, plan: dict[str, Any]) -> None:
+        """Carry out :meth:`end_plan`'s plan (called only when it is not empty)."""
 
     def trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
         """What the current phase trains: per parameter of the module, True, False or a boolean mask."""
@@ -396,7 +401,7 @@ class TaskSequenceCallback(Callback):
             trainer.should_stop = True
             self._finished = True
             pl_module.tasks_learned = progress.task + 1
-            plan = trainer.strategy.broadcast(self.plan(None), src=0)
+            plan = trainer.strategy.broadcast(self.end_plan(), src=0)
             cross_boundary(trainer, pl_module, lambda: self._end(pl_module, plan), rebuild=False)
             return
         self._schedule(trainer, target)
@@ -412,7 +417,7 @@ class TaskSequenceCallback(Callback):
 
     def _end(self, pl_module: pl.LightningModule, plan: dict[str, Any]) -> TaskBoundary:
         if plan:
-            self.apply(pl_module, None, plan)
+            self.apply_end(pl_module, plan)
         return self._boundary(self.progress, None, plan)
 
     def _cross(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> TaskBoundary:

@@ -204,6 +204,11 @@ def test_parameters_outside_the_block_learn_only_in_the_first_task(tmp_path):
         ({"units_per_expansion": 0}, "units_per_expansion"),
         ({"selective_epochs": 0}, "selective_epochs"),
         ({"max_splits_per_layer": -2}, "max_splits_per_layer"),
+        ({"selection_budget": 0.0}, r"`selection_budget` must be None .* or a fraction in \(0, 1\], got 0.0"),
+        ({"selection_budget": 1.5}, "selection_budget"),
+        ({"selection_budget": True}, "selection_budget"),
+        ({"split": 1}, "`split` must be True or False, got 1"),
+        ({"expansion": "no"}, "`expansion` must be True or False"),
     ],
 )
 def test_bad_hyperparameters_are_refused_at_construction(kwargs, match):
@@ -458,5 +463,7 @@ def test_ablation_variants_run_only_their_phases_and_prune_what_expansion_left(t
     make_trainer(tmp_path, [den, record]).fit(model, datamodule=tiny_stream(3))
     assert [b.phase for b in record.boundaries] == phases * 2 + [None]
     if "expansion" in phases:  # leaving expansion, dead new units are pruned, at the end of the stream too
-        assert all("pruned" in b.changes for b in record.boundaries if b.previous_phase == "expansion")
+        leaving = [b for b in record.boundaries if b.previous_phase == "expansion"]
+        assert [b.phase for b in leaving] == ["head_fit", None]
+        assert all(any(layer for layer in b.changes["pruned"]) for b in leaving)  # units really were pruned
         assert all(not dead_new_units(model.mlp, layer) for layer in range(len(HIDDEN)))

@@ -76,6 +76,8 @@ def test_compare_averages_over_seeds_with_their_spread(tmp_path):
         per_seed = [run["average_accuracy"] for run in row["seeds"]]
         assert len(per_seed) == 2 and row["average_accuracy"] == pytest.approx(sum(per_seed) / 2)
         assert row["average_accuracy_std"] is not None
+        first, second = (run["accuracy"] for run in row["seeds"])
+        assert first != second  # the seeds really trained different networks
     selective = next(row for row in saved["rows"] if row["method"].startswith("DNN-Selective"))
     for run in selective["seeds"]:  # no expansion, no split: only the new heads (8 inputs, 2 classes) come on top
         params = run["parameters_after_task"]
@@ -83,26 +85,47 @@ def test_compare_averages_over_seeds_with_their_spread(tmp_path):
     assert " ± " in (out / "comparison.md").read_text()
 
 
-def test_ewc_lambda_is_tuned_on_a_validation_split_of_the_training_data(tmp_path):
+def test_ewc_lambda_is_tuned_on_a_validation_split_of_the_training_data(tmp_path, monkeypatch):
+    compare = load_compare()
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
+    streams, scores = [], {1.0: 0.7, 1000.0: 0.9}
+
+    def recorded_run(model_fn, callback_fn, datamodule, folder, seed):
+        callback = callback_fn()
+        streams.append((datamodule, callback.ewc_lambda))
+        accuracy = scores.get(callback.ewc_lambda, 0.5) if len(streams) <= 2 else 0.5
+        rows = [[accuracy] * (i + 1) for i in range(3)]
+        return {"auroc": rows, "accuracy": rows, "parameters_after_task": [1, 2, 3], "seconds": 0.0, "epochs": 3}
+
+    monkeypatch.setattr(compare, "run_method", recorded_run)
     out = tmp_path / "cmp"
-    options = ["--methods", "ewc", "--epochs", "1", "--ewc-lambdas", "1", "1000", "--out", str(out)]
-    command = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(config), *options]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    compare.main([str(config), "--methods", "ewc", "--ewc-lambdas", "1", "1000", "--epochs", "1", "--out", str(out)])
+    (tuning_1, lambda_1), (tuning_2, lambda_2), (final, lambda_final) = streams
+    assert (lambda_1, lambda_2, lambda_final) == (1.0, 1000.0, 1000.0)  # the best on validation is used
+    assert tuning_1 is tuning_2 and final is not tuning_1
+    for task in range(final.num_tasks):  # tuning saw training rows only: its "test" split is held-out training data
+        train_rows = {tuple(row.tolist()) for row in final.train_tasks[task][0]}
+        test_rows = {tuple(row.tolist()) for row in final.test_tasks[task][0]}
+        held_out = {tuple(row.tolist()) for row in tuning_1.test_tasks[task][0]}
+        assert held_out <= train_rows and not held_out & test_rows
     saved = json.loads((out / "comparison.json").read_text())
-    scores = saved["ewc_validation_scores"]
-    assert set(scores) == {"1", "1000"} and saved["ewc_lambda"] == float(max(scores, key=scores.__getitem__))
-    assert "chosen on a validation split" in (out / "comparison.md").read_text()
+    assert saved["ewc_lambda"] == 1000.0
+    assert saved["ewc_validation_scores"] == {"1.0": pytest.approx(0.7), "1000.0": pytest.approx(0.9)}
+    assert "EWC lambda 1000 (chosen on a validation split" in (out / "comparison.md").read_text()
+
+
+def load_compare():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import compare
+    finally:
+        sys.path.pop(0)
+    return compare
 
 
 def test_the_validation_stream_holds_out_part_of_each_tasks_training_data_and_no_test_data():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from compare import validation_stream
-    finally:
-        sys.path.pop(0)
+    validation_stream = load_compare().validation_stream
     from lightning_den import SplitDigits
 
     stream = SplitDigits(num_tasks=2)

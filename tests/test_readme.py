@@ -66,11 +66,15 @@ def test_the_measured_tables_are_the_committed_results():
 
 
 @pytest.mark.slow
-def test_the_demo_prints_the_table_the_readme_shows(tmp_path):
+def test_the_demo_prints_a_row_per_task_with_the_selected_share(tmp_path):
     command = [sys.executable, "-m", "lightning_den.demo", "--output-dir", str(tmp_path / "demo")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    printed = result.stdout[result.stdout.index("task i|") :].split("\nwall time")[0].strip()
-    text = README.read_text()
-    start = text.index("```\ntask i|") + len("```\n")
-    assert text[start : text.index("```", start)].strip() == printed
+    lines = result.stdout[result.stdout.index("task i|") :].splitlines()
+    assert lines[0].split("|")[-1].strip() == "selected"
+    rows = [line.split("|") for line in lines[1:6]]
+    assert [int(row[0]) for row in rows] == [0, 1, 2, 3, 4] and rows[0][-1].strip() == "-"
+    for row in rows[1:]:  # at most half of each hidden layer's units (the demo's selection_budget)
+        assert all(0 < float(share) <= 0.5 for share in row[-1].strip().split("-"))
+    widths = [tuple(map(int, row[2].strip().split("-"))) for row in rows]
+    assert all(w[0] >= 48 and w[1] >= 24 for w in widths)  # DEN only grows past the starting 48-24

@@ -11,7 +11,8 @@ Per task ``t``: ``t == 0`` trains the whole network with L1 (Eq. 2). ``t >= 1`` 
 4. ``SPLIT``: old units that drifted more than ``sigma`` are duplicated, most drifted first (bug B4),
    the copy keeping the drifted weights and the bias (bug B5), the original restored from a deep copy
    of W^{t-1} (bug B3); then the network is retrained with the pull toward W^{t-1} (Eq. 6). This runs
-   whether or not the network was expanded (the official code split only after an expansion, B9).
+   whether or not the network was expanded (the official code split only after an expansion, B9),
+   unless the split is switched off (``next_phase(..., split=False)``, the paper's ablations).
    Drift is measured on the weights left by selective retraining, which already trains old units
    under the pull toward W^{t-1}; the paper runs a separate Eq.-6 training before measuring it.
 

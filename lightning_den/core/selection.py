@@ -62,7 +62,7 @@ def _strongest(strength: Tensor, budget: float | None) -> Tensor:
     reached = strength != 0
     if budget is None:
         return reached
-    cap = max(1, math.floor(budget * strength.numel()))
+    cap = max(1, math.floor(budget * strength.numel() + 1e-9))  # 0.29 * 100 is 28.999999999999996
     if int(reached.sum()) <= cap:
         return reached
     order = torch.sort(strength, descending=True, stable=True).indices[:cap]
@@ -71,9 +71,14 @@ def _strongest(strength: Tensor, budget: float | None) -> Tensor:
     return kept & reached
 
 
+#: the keys of :func:`selection_report`, which DEN's plan for selective retraining carries
+SELECTION_KEYS = ("selected_fraction", "selected_inputs", "zero_fraction", "head_zero_fraction")
+
+
 def selection_report(mlp: ExpandableMLP, task: int, selection: list[list[int]]) -> dict[str, list[float] | float]:
-    """What a selection holds, as plain floats: the share of each hidden layer's units and of the input
-    features it selected, the share of exactly-zero weights in each hidden layer and in ``task``'s head.
+    """What a selection holds, as plain floats (keys :data:`SELECTION_KEYS`): the share of each hidden
+    layer's units and of the input features it selected, and the share of exactly-zero weights in each
+    hidden layer and in ``task``'s head when the selection is made (after the head fit).
 
     Example:
         >>> mlp = ExpandableMLP(3, [2], head_classes=1)
