@@ -18,7 +18,7 @@ def task_and_phase(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[s
     the ``phase``, and e.g. the share of units DEN's selective retraining ``selected`` per layer."""
     shown: dict[str, Any] = {}
     if hasattr(pl_module, "current_task"):
-        shown["task"] = pl_module.current_task
+        shown["task"] = str(pl_module.current_task)  # text: bars show numbers as floats
     for callback in trainer.callbacks:
         status = getattr(callback, "status", None)
         if callable(status):

@@ -249,11 +249,11 @@ class TaskSequenceCallback(Callback):
                 f"{self.model_block.num_tasks} tasks, {learned} learnt): resume that run with `trainer.fit(model, "
                 "datamodule=dm, ckpt_path=...)` from its last checkpoint instead of continuing it with new callbacks"
             )
-        previous = PhaseProgress(task=learned - 1, phase=self.first_phase())
-        target = self.following_phase(previous, math.inf, tasks)
-        while target is not None and target.task == previous.task:  # walk to the phase that ends the task
+        # walk the phases from task 0 to the one that ends task learned - 1 (expanding wherever it may)
+        previous, target = None, PhaseProgress(phase=self.first_phase())
+        while target is not None and target.task < learned:
             previous, target = target, self.following_phase(target, math.inf, tasks)
-        assert target is not None, "a task after the learnt ones exists"
+        assert previous is not None and target is not None, "a task after the learnt ones exists"
         self._check_labels(trainer.datamodule, target.task)
         self.progress = replace(previous, epochs=1, last_loss=math.nan)
         plan = trainer.strategy.broadcast(self.plan(target), src=0)
@@ -490,9 +490,9 @@ class TaskSequenceCallback(Callback):
             changes=dict(plan),
         )
         step = "end of stream" if target is None else f"task {target.task}, phase {target.phase}"
+        loss = f" (loss {previous.last_loss:.4f})" if math.isfinite(previous.last_loss) else " (learnt earlier)"
         rank_zero_info(
-            f"{self.method}: task {previous.task} {previous.phase} (loss {previous.last_loss:.4f}) -> {step}; "
-            f"widths {list(boundary.widths)}"
+            f"{self.method}: task {previous.task} {previous.phase}{loss} -> {step}; widths {list(boundary.widths)}"
         )
         return boundary
 

@@ -360,7 +360,7 @@ def test_the_default_progress_bar_names_the_task_and_the_phase(tmp_path, method)
     trainer = make_trainer(tmp_path, [callback, bar], enable_progress_bar=True)
     trainer.fit(model, datamodule=tiny_stream(num_tasks=2))
     shown = bar.get_metrics(trainer, model)
-    assert shown["task"] == 1 and shown["phase"] == phase
+    assert shown["task"] == "1" and shown["phase"] == phase
 
 
 def test_labels_beyond_a_tasks_head_are_refused_before_the_task_starts(tmp_path):

@@ -193,7 +193,7 @@ def test_any_progress_bar_shows_the_task_and_the_phase(tmp_path):
     trainer = default_trainer(tmp_path, [quick_den(), bar], logger=False, enable_checkpointing=False)
     trainer.fit(model, datamodule=tiny_stream(2))
     shown = bar.get_metrics(trainer, model)
-    assert shown["task"] == 1 and shown["phase"] == "split"
+    assert shown["task"] == "1" and shown["phase"] == "split"
 
 
 # ---------------------------------------------------------------------------- continuing a finished sequence
