@@ -35,6 +35,7 @@ from lightning_den.core.den import (
 from lightning_den.core.layers import ExpandableLinear, ExpandableMLP
 from lightning_den.core.prox import add_drift_penalty_grad_, proximal_step_
 from lightning_den.core.selection import (
+    SELECTION_KEYS,
     dead_new_units,
     select_subnetwork,
     selection_report,
@@ -199,7 +200,7 @@ class DENCallback(TaskSequenceCallback):
 
     def on_task_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, boundary: TaskBoundary) -> None:
         """Log what selective retraining selected (step: the task) to every logger of the Trainer."""
-        if "selected_fraction" not in boundary.changes:
+        if SELECTION_KEYS[0] not in boundary.changes:
             return
         changes = boundary.changes
         metrics = {f"selection/fraction/layer_{i}": f for i, f in enumerate(changes["selected_fraction"])}

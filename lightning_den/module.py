@@ -202,7 +202,6 @@ class DENLightningModule(pl.LightningModule):
         values = torch.cat([loss, accuracy, loss.mean()[None], accuracy.mean()[None]]).tolist()
         names = [f"{stage}/{kind}/task_{t}" for kind in ("loss", "acc") for t in tasks]
         self.log_dict(dict(zip([*names, f"{stage}/loss/avg", f"{stage}/acc/avg"], values, strict=True)))
-        self._score_sums = {}
 
     def on_predict_start(self) -> None:
         if self.predict_task is not None:
