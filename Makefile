@@ -1,7 +1,9 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
 # Each creates .venv (if missing) and installs the project into it with the exact versions of
-# constraints.txt (pyproject.toml holds the package's own, wider ranges). `make bench` runs the
-# performance suite (a few minutes; writes benchmarks/results/perf.json and perf.md).
+# constraints.txt (pyproject.toml holds the package's own, wider ranges). `make test` is the fast lane
+# (lint and every test not marked `slow`); `make test-slow` runs the end-to-end runs marked `slow` (DDP,
+# CLI, examples in subprocesses); CI runs both. `make bench` runs the performance suite (a few minutes;
+# writes benchmarks/results/perf.json and perf.md).
 #
 # .venv is made by $(PYTHON) if given (`make PYTHON=/path/to/python3.12 test`), otherwise by the first of
 # $(PYTHON_CANDIDATES) that runs and is Python >= 3.11 with the venv module.
@@ -16,7 +18,7 @@ CONSTRAINTS := constraints.txt
 LINT_PATHS := lightning_den tests examples benchmarks
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-slow bench lint clean
 
 $(BIN)/python:
 	@py="$(PYTHON)"; \
@@ -49,7 +51,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check $(LINT_PATHS)
 	$(BIN)/python -m ruff format --check $(LINT_PATHS)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/perf.py

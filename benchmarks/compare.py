@@ -48,8 +48,8 @@ from lightning_den.baselines import (
 from lightning_den.cli import DENCLI
 from lightning_den.data import TaskSequenceDataModule
 from lightning_den.data.streams import train_test_split
+from lightning_den.driver import sequence_trainer
 from lightning_den.metrics import average_score, backward_transfer, forward_transfer, task_matrix
-from lightning_den.sequence import sequence_trainer
 
 METHODS = {
     "den": "DEN",
@@ -66,9 +66,9 @@ METHODS = {
 def den_variant(den: DENCallback, seed: int, **changes: Any) -> DENCallback:
     """A fresh copy of the configuration's DEN callback with ``seed`` and ``changes`` (the paper's ablations)."""
     variant = copy.deepcopy(den)
-    variant.seed = seed
+    variant.method.seed = seed
     for name, value in changes.items():
-        setattr(variant, name, value)
+        setattr(variant.method, name, value)
     return variant
 
 
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     cli = DENCLI(args=["--config", args.config, *overrides], run=False, save_config_callback=None)
     den = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DENCallback))
     hparams = {k: cli.model.hparams[k] for k in ("in_features", "hidden_sizes", "num_classes")}
-    epochs = args.epochs or den.epochs.sparse
+    epochs = args.epochs or den.method.epochs.sparse
     datamodule = cli.datamodule
     seeds = args.seeds or [int(cli.config.get("seed_everything") or 0)]
     binary = all(datamodule.num_classes(t) == 2 for t in range(datamodule.num_tasks))
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     spread = f"; mean over seeds {seeds} (± sample standard deviation)" if len(seeds) > 1 else f"; seed {seeds[0]}"
     if "ewc" in args.methods:
         how = "chosen on a validation split of the training data" if tuning else "not tuned"
-        strength = EWCCallback().ewc_lambda if ewc_lambda is None else ewc_lambda
+        strength = EWCCallback().method.ewc_lambda if ewc_lambda is None else ewc_lambda
         spread += f"; EWC lambda {strength:g} ({how})"
     title = (
         f"{name}: {datamodule.num_tasks} tasks, widths {hparams['hidden_sizes']}; DEN's phases as configured, "

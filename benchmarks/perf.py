@@ -55,10 +55,11 @@ from benchmarks.timing import (
 )
 from lightning_den import DENCallback
 from lightning_den.baselines import PackNetCallback, PackNetModel, ProgressiveCallback, ProgressiveNet
-from lightning_den.core.den import DENPhase, trainable_entries
-from lightning_den.core.layers import ExpandableMLP
-from lightning_den.core.surgery import add_units_, duplicate_units_
-from lightning_den.sequence import sequence_trainer
+from lightning_den.core.den.entries import trainable_entries
+from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.den.phases import DENPhase
+from lightning_den.core.den.surgery import add_units_, duplicate_units_
+from lightning_den.driver import sequence_trainer
 
 #: the issue's targets: step time vs plain Lightning, boundary share of a task, task-0 inference vs dense
 TARGETS = {"step": 1.15, "boundary_share": 0.02, "task0_inference": 1.10}
@@ -170,7 +171,7 @@ def optimizer_on_frozen_entries(args: argparse.Namespace, optimizer: str) -> dic
     device = device_of(args.accelerator)
     mlp = ExpandableMLP(args.width_in, args.hidden, head_classes=10)
     generator = torch.Generator().manual_seed(0)
-    mlp.add_head_(generator)
+    mlp.add_task_(generator)
     add_units_(mlp, [10] * len(args.hidden), generator)
     mlp = mlp.to(device)
     masks = trainable_entries(mlp, DENPhase.EXPANSION)
@@ -274,7 +275,7 @@ def timestamped_inference(args: argparse.Namespace) -> dict[str, Any]:
     mlp = ExpandableMLP(args.width_in, args.hidden, head_classes=10)
     generator = torch.Generator().manual_seed(0)
     for _ in range(9):
-        mlp.add_head_(generator)
+        mlp.add_task_(generator)
         add_units_(mlp, [max(1, h // 8) for h in args.hidden], generator)
         duplicate_units_(mlp, 0, list(range(max(1, args.hidden[0] // 16))))
     mlp = mlp.to(device).eval()

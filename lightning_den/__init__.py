@@ -1,15 +1,31 @@
 """lightning_den: Dynamically Expandable Networks (Yoon et al., ICLR 2018) as a PyTorch Lightning callback.
 
-The pure-torch core (:mod:`lightning_den.core`) imports without Lightning; the Lightning-facing
-names below are loaded on first use.
+The pure-torch core (:mod:`lightning_den.core`) imports without Lightning; the Lightning-facing names
+below are loaded on first use (``dir(lightning_den)`` and type checkers see them all).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-from lightning_den.core import DENPhase, ExpandableLinear, ExpandableMLP
+from lightning_den._lazy import lazy_exports
+from lightning_den.core import DENMethod, DENPhase, ExpandableLinear, ExpandableMLP, TaskBlock, TaskMethod
+
+if TYPE_CHECKING:
+    from lightning_den.baselines import (
+        EWCCallback,
+        FineTuningCallback,
+        PackNetCallback,
+        PackNetModel,
+        ProgressiveCallback,
+        ProgressiveNet,
+    )
+    from lightning_den.boundary import TaskBoundary
+    from lightning_den.callbacks import DENCallback
+    from lightning_den.data import MNISTStream, SplitDigits, TaskSequenceDataModule, TensorFileStream
+    from lightning_den.driver import TaskSequenceCallback, sequence_trainer
+    from lightning_den.evaluation import TaskEvaluation
+    from lightning_den.module import DENMLP, DENLightningModule, ReadyModel
 
 __version__ = "0.1.0"
 
@@ -17,22 +33,48 @@ _LAZY = {
     "DENCallback": "lightning_den.callbacks",
     "DENLightningModule": "lightning_den.module",
     "DENMLP": "lightning_den.module",
-    "find_block": "lightning_den.module",
-    "TaskSequenceCallback": "lightning_den.sequence",
+    "ReadyModel": "lightning_den.module",
+    "TaskSequenceCallback": "lightning_den.driver",
+    "sequence_trainer": "lightning_den.driver",
     "TaskBoundary": "lightning_den.boundary",
-    "cross_boundary": "lightning_den.boundary",
+    "ProgressiveCallback": "lightning_den.baselines",
+    "ProgressiveNet": "lightning_den.baselines",
+    "PackNetCallback": "lightning_den.baselines",
+    "PackNetModel": "lightning_den.baselines",
+    "FineTuningCallback": "lightning_den.baselines",
+    "EWCCallback": "lightning_den.baselines",
     "TaskSequenceDataModule": "lightning_den.data",
     "SplitDigits": "lightning_den.data",
     "MNISTStream": "lightning_den.data",
     "TensorFileStream": "lightning_den.data",
     "TaskEvaluation": "lightning_den.evaluation",
-    "task_scores": "lightning_den.evaluation",
 }
 
-__all__ = ["DENPhase", "ExpandableLinear", "ExpandableMLP", *sorted(_LAZY)]
+__all__ = [
+    "DENMLP",
+    "DENCallback",
+    "DENLightningModule",
+    "DENMethod",
+    "DENPhase",
+    "EWCCallback",
+    "ExpandableLinear",
+    "ExpandableMLP",
+    "FineTuningCallback",
+    "MNISTStream",
+    "PackNetCallback",
+    "PackNetModel",
+    "ProgressiveCallback",
+    "ProgressiveNet",
+    "ReadyModel",
+    "SplitDigits",
+    "TaskBlock",
+    "TaskBoundary",
+    "TaskEvaluation",
+    "TaskMethod",
+    "TaskSequenceCallback",
+    "TaskSequenceDataModule",
+    "TensorFileStream",
+    "sequence_trainer",
+]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'lightning_den' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

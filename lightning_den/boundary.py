@@ -41,7 +41,7 @@ class TaskBoundary:
         loss: mean training loss of the last epoch of the phase that ended.
         changes: the surgery plan that was applied, as plain data (lists of ints, floats): for DEN
             ``selection`` (BFS result, inputs then units per hidden layer) with its report
-            (:data:`~lightning_den.core.selection.SELECTION_KEYS`: shares of units selected, of inputs,
+            (:data:`~lightning_den.core.den.selection.SELECTION_KEYS`: shares of units selected, of inputs,
             of zero weights), ``added`` (units per layer), ``pruned`` (dead new units per layer, when an
             expansion ends: before the split, the next task or the end of the stream) and ``split``
             (unit indices per layer).

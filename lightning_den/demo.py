@@ -20,9 +20,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning_den.boundary import TaskBoundary
 from lightning_den.callbacks import DENCallback
 from lightning_den.data import SplitDigits
+from lightning_den.driver import sequence_trainer
 from lightning_den.evaluation import TaskEvaluation
 from lightning_den.module import DENMLP
-from lightning_den.sequence import sequence_trainer
 
 HIDDEN_SIZES = (48, 24)
 LEARNING_RATE = 5e-3

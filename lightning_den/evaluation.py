@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_den.boundary import TaskBoundary
-from lightning_den.core.selection import SELECTION_KEYS
+from lightning_den.core.den.selection import SELECTION_KEYS
 from lightning_den.metrics import functional as M
 from lightning_den.module import continual_blocks
 from lightning_den.report import format_report, plot_report

@@ -22,7 +22,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_den.core.layers import ExpandableMLP
+from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.method import TaskBlock
 
 #: key of a task-sequence callback's checkpoint state: False when it was saved in the middle of an epoch
 EPOCH_END = "epoch_end"
@@ -62,9 +63,9 @@ def find_block(module: nn.Module, block_type: type[nn.Module], name: str | None 
     )
 
 
-def continual_blocks(module: nn.Module) -> dict[str, Any]:
-    """Every submodule that can describe and rebuild its architecture (``architecture()``/``rebuild_()``)."""
-    return {n: m for n, m in module.named_modules() if hasattr(m, "architecture") and hasattr(m, "rebuild_")}
+def continual_blocks(module: nn.Module) -> dict[str, TaskBlock]:
+    """Every submodule of ``module`` that is a :class:`~lightning_den.core.method.TaskBlock`."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, TaskBlock)}
 
 
 def batch_inputs(batch: Any) -> Tensor:
@@ -264,8 +265,43 @@ class DENLightningModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
-class DENMLP(DENLightningModule):
-    """The ready-made DEN model: an :class:`ExpandableMLP` on flattened inputs.
+class ReadyModel(DENLightningModule):
+    """A ready model: one task block on flattened inputs, ``forward(x, task)`` routed to it.
+
+    The ready models (:class:`DENMLP`, :class:`~lightning_den.baselines.ProgressiveNet`,
+    :class:`~lightning_den.baselines.PackNetModel`) only build their block.
+
+    Args:
+        name: attribute name of the block (what checkpoints' keys and the callbacks' ``block=`` use).
+        block: the task block, called as ``block(x, task)``.
+        optimizer: see :class:`DENLightningModule`.
+        lr_scheduler: see :class:`DENLightningModule`.
+        lr_scheduler_monitor: see :class:`DENLightningModule`.
+
+    Example:
+        >>> model = ReadyModel("mlp", ExpandableMLP(4, [3], head_classes=2))
+        >>> model(torch.zeros(5, 2, 2), task=0).shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(
+        self,
+        name: str,
+        block: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_monitor: str = "train/loss",
+    ) -> None:
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_scheduler_monitor=lr_scheduler_monitor)
+        self.block_name = name
+        self.add_module(name, block)
+
+    def forward(self, x: Tensor, task: int | None = None) -> Tensor:
+        return self._modules[self.block_name](x.flatten(1), self.current_task if task is None else task)
+
+
+class DENMLP(ReadyModel):
+    """The ready-made DEN model: an :class:`ExpandableMLP` (attribute ``mlp``) on flattened inputs.
 
     Args:
         in_features: input width after flattening.
@@ -290,9 +326,6 @@ class DENMLP(DENLightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_monitor: str = "train/loss",
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_scheduler_monitor=lr_scheduler_monitor)
+        mlp = ExpandableMLP(in_features, hidden_sizes, num_classes)
+        super().__init__("mlp", mlp, optimizer, lr_scheduler, lr_scheduler_monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.mlp = ExpandableMLP(in_features, hidden_sizes, num_classes)
-
-    def forward(self, x: Tensor, task: int | None = None) -> Tensor:
-        return self.mlp(x.flatten(1), self.current_task if task is None else task)

@@ -22,23 +22,23 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_den import DENCallback, TaskEvaluation
-from tests.conftest import short_phases, tiny_model, tiny_stream
+from lightning_den import DENCallback, DENMethod, TaskEvaluation
+from tests.helpers import short_phases, tiny_model, tiny_stream
 
 
-class WrongPlansOnRankOne(DENCallback):
+class WrongPlansOnRankOne(DENMethod):
     """Rank 1 computes deliberately different surgery plans; counts how often its plan differed."""
 
     wrong_plans = 0
 
-    def plan(self, target):
-        plan = super().plan(target)
+    def plan(self, block, progress, target, num_tasks):
+        plan = super().plan(block, progress, target, num_tasks)
         if int(os.environ.get("LOCAL_RANK", "0")) == 1:
             wrong = dict(plan)
             if "selection" in plan:
                 wrong["selection"] = [[] for _ in plan["selection"]]
             if "split" in plan:
-                wrong["split"] = [list(range(len(layer.birth) // 2)) for layer in self.mlp.hidden]
+                wrong["split"] = [list(range(len(layer.birth) // 2)) for layer in block.hidden]
             self.wrong_plans += wrong != plan
             plan = wrong
         return plan
@@ -88,7 +88,10 @@ def main() -> None:
     pl.seed_everything(int(os.environ.get("LOCAL_RANK", "0")))  # different seeds: DDP must reconcile them
     torch.set_num_threads(1)
     compare = CompareRanks()
-    den = WrongPlansOnRankOne(**short_phases(loss_threshold=0.0, split_threshold=0.0))
+    settings = short_phases(loss_threshold=0.0, split_threshold=0.0)
+    den = DENCallback(**settings)
+    settings.pop("convergence_tol")
+    den.method = WrongPlansOnRankOne(**settings)  # DENCallback's logging, with the wrong plans on rank 1
     worker_digest = out.with_suffix(".rank0")
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -119,7 +122,7 @@ def main() -> None:
             )
         )
         return
-    wrong = trainer.strategy.reduce(torch.tensor(float(den.wrong_plans)), reduce_op="sum")
+    wrong = trainer.strategy.reduce(torch.tensor(float(den.method.wrong_plans)), reduce_op="sum")
     if trainer.is_global_zero:
         Path(out).write_text(json.dumps({"boundaries": compare.records, "wrong_plans_on_rank_1": float(wrong)}))
     dist.barrier()

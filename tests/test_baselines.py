@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_den import TaskBoundary
 from lightning_den.baselines import EWCCallback, FineTuningCallback, ProgressiveCallback, ProgressiveNet
-from tests.conftest import HIDDEN, IN_FEATURES, make_trainer, tiny_model, tiny_stream
+from tests.helpers import HIDDEN, IN_FEATURES, make_trainer, tiny_model, tiny_stream
 
 PROBE = torch.randn(9, IN_FEATURES, generator=torch.Generator().manual_seed(3))
 
@@ -116,7 +116,7 @@ def test_ewc_fisher_is_the_mean_squared_per_example_gradient(tmp_path):
     model = tiny_model()
     datamodule = tiny_stream(2)
     make_trainer(tmp_path, [callback]).fit(model, datamodule=datamodule)
-    fisher = callback.task_fisher(model, 0)
+    fisher = callback.method.task_fisher(model, model.mlp, 0, datamodule.task_dataloader(0, "train"))
     x, y = datamodule.train_tasks[0]
     expected = {name: torch.zeros_like(p) for name, p in model.mlp.hidden.named_parameters()}
     for i in range(len(y)):  # one example at a time, by plain autograd

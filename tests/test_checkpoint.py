@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_den import DENMLP, DENCallback
-from tests.conftest import IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
+from tests.helpers import IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
 
 
 @pytest.fixture(scope="module")

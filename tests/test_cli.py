@@ -11,38 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-TINY = """
-seed_everything: 0
-model:
-  class_path: lightning_den.DENMLP
-  init_args:
-    in_features: 64
-    hidden_sizes: [12, 8]
-    num_classes: 2
-    optimizer:
-      class_path: torch.optim.Adam
-      init_args:
-        lr: 0.01
-data:
-  class_path: lightning_den.data.SplitDigits
-  init_args:
-    num_tasks: 3
-trainer:
-  accelerator: cpu
-  devices: 1
-  enable_progress_bar: false
-  callbacks:
-    - class_path: lightning_den.DENCallback
-      init_args:
-        first_task_epochs: 3
-        head_fit_epochs: 2
-        selective_epochs: 2
-        expansion_epochs: 2
-        split_epochs: 2
-        loss_threshold: 0.0
-        sparsity_l1: 0.05
-    - class_path: lightning_den.TaskEvaluation
-"""
+from tests.helpers import TINY_CONFIG as TINY
+
+#: slow lane (`make test-slow`): every test runs the `lightning-den` command in a subprocess
+pytestmark = pytest.mark.slow
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -116,7 +88,6 @@ def test_a_finished_run_goes_on_with_more_tasks_from_its_checkpoint(fitted):
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config", ["split_digits.yaml", "progressive_digits.yaml", "packnet_digits.yaml"])
 def test_the_digit_configs_run_as_printed_with_validation_on(tmp_path, config):
     run_cli("fit", "--config", str(EXAMPLES / config), "--trainer.enable_progress_bar", "false", cwd=tmp_path)
@@ -132,7 +103,6 @@ def test_the_digit_configs_run_as_printed_with_validation_on(tmp_path, config):
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not MNIST.exists(), reason="needs the shared MNIST files")
 @pytest.mark.parametrize("config", ["permuted_mnist.yaml", "mnist_variation.yaml"])
 def test_the_mnist_configs_run_with_validation_on(tmp_path, config):

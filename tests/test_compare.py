@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import TINY
+from tests.helpers import TINY_CONFIG as TINY
+
+#: slow lane (`make test-slow`): every test runs benchmarks/compare.py end to end
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,8 +96,8 @@ def test_ewc_lambda_is_tuned_on_a_validation_split_of_the_training_data(tmp_path
 
     def recorded_run(model_fn, callback_fn, datamodule, folder, seed):
         callback = callback_fn()
-        streams.append((datamodule, callback.ewc_lambda))
-        accuracy = scores.get(callback.ewc_lambda, 0.5) if len(streams) <= 2 else 0.5
+        streams.append((datamodule, callback.method.ewc_lambda))
+        accuracy = scores.get(callback.method.ewc_lambda, 0.5) if len(streams) <= 2 else 0.5
         rows = [[accuracy] * (i + 1) for i in range(3)]
         return {"auroc": rows, "accuracy": rows, "parameters_after_task": [1, 2, 3], "seconds": 0.0, "epochs": 3}
 

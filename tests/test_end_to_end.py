@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lightning_den.demo import HIDDEN_SIZES, run_split_digits
 from lightning_den.metrics import mlp_parameters
+
+#: slow lane (`make test-slow`): a whole sequence on the digits with the report
+pytestmark = pytest.mark.slow
 
 
 def test_split_digits_accuracy_forgetting_size_and_report(tmp_path):

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_den import DENMLP, DENCallback, SplitDigits, TaskBoundary, TaskEvaluation, TaskSequenceDataModule
 from lightning_den.boundary import notify_boundary
+from lightning_den.driver import sequence_trainer
 from lightning_den.evaluation import task_scores
 from lightning_den.metrics import mlp_parameters
 from lightning_den.report import format_report
-from lightning_den.sequence import sequence_trainer
 
 
 def one_epoch_phases() -> DENCallback:
@@ -264,8 +264,8 @@ class ContinueFromTask(Callback):
 
 def test_a_continued_sequence_starts_at_a_later_row_and_summarises_what_it_measured(tmp_path):
     model = digits_model()
-    model.mlp.add_head_()
-    model.mlp.add_head_()  # a model with heads for tasks 0..2, as one loaded after an earlier run of 0..1
+    model.mlp.add_task_()
+    model.mlp.add_task_()  # a model with heads for tasks 0..2, as one loaded after an earlier run of 0..1
     evaluation = quiet_evaluation(tmp_path, plots=True)
     trainer = sequence_trainer([ContinueFromTask(1), evaluation], max_epochs=1, limit_train_batches=1)
     trainer.fit(model, datamodule=SplitDigits(3))
@@ -299,8 +299,8 @@ def test_a_row_measured_again_replaces_the_old_one(tmp_path):
         {"accuracy": [[0.5], [0.4, 0.6]], "auroc": [[0.5], [0.4, 0.6]], "widths": [[8], [9]], "parameters": [1, 2]}
     )
     model = digits_model()
-    model.mlp.add_head_()
-    model.mlp.add_head_()
+    model.mlp.add_task_()
+    model.mlp.add_task_()
     trainer = sequence_trainer([ContinueFromTask(1), evaluation], max_epochs=1, limit_train_batches=1)
     trainer.fit(model, datamodule=SplitDigits(3))
     assert len(evaluation.accuracy) == 3 and evaluation.accuracy[0] == [0.5] and evaluation.accuracy[1] != [0.4, 0.6]

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from lightning_den import DENCallback
-from lightning_den.core.den import DENPhase
-from tests.conftest import make_trainer, short_phases, tiny_model, tiny_stream
+from lightning_den.core.den.phases import DENPhase
 from tests.core.helpers import recorded_ops
+from tests.helpers import make_trainer, short_phases, tiny_model, tiny_stream
 
 #: operators whose result must be known on the host (the value, or a data-dependent size)
 HOST_READS = {

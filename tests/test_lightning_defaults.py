@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_den import DENMLP, DENCallback, TaskEvaluation
 from lightning_den.baselines import PackNetCallback, PackNetModel, ProgressiveCallback, ProgressiveNet
-from tests.conftest import HIDDEN, IN_FEATURES, short_phases, tiny_model, tiny_stream
+from tests.helpers import HIDDEN, IN_FEATURES, short_phases, tiny_model, tiny_stream
 
 
 def default_trainer(tmp_path, callbacks: list[Callback], **overrides) -> pl.Trainer:

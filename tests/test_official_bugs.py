@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_den import DENMLP, DENCallback, TaskBoundary
-from lightning_den.core.prox import group_lasso_prox_, l1_prox_, proximal_step_
-from tests.conftest import IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
+from lightning_den.core.den.entries import ProximalTarget
+from lightning_den.core.den.prox import group_lasso_prox_, l1_prox_
+from tests.helpers import IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
 
 
 class PhaseLog(Callback):
@@ -86,7 +87,7 @@ def test_b6_group_lasso_acts_on_the_l1_result():
     l1_prox_([expected], 0.1)
     group_lasso_prox_([expected[3:]], 0.4)
     stepped = weight.clone()
-    proximal_step_([stepped], [stepped[3:]], l1=0.1, group=0.4)
+    ProximalTarget(stepped, blocks=(stepped,), new_rows=stepped[3:]).step_(l1=0.1, group=0.4)
     assert torch.equal(stepped, expected)
     # the other order gives a different result, so the order is part of the contract
     other = weight.clone()

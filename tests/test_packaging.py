@@ -12,6 +12,7 @@ import tomllib
 import zlib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -149,3 +150,15 @@ def test_plot_report_writes_only_the_plots_its_summary_has(tmp_path):
     assert [path.name for path in paths] == ["accuracy_matrix.png"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["accuracy_matrix.png"]
     _png_size(paths[0])
+
+
+def test_every_public_name_resolves_and_dir_lists_it():
+    import lightning_den
+    import lightning_den.data
+
+    for package in (lightning_den, lightning_den.data):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, name
+        assert set(package.__all__) <= set(dir(package))
+    with pytest.raises(AttributeError, match="has no attribute 'find_block'"):
+        lightning_den.find_block  # noqa: B018 - an internal, no longer exported

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_den.core.den import DENPhase
+from lightning_den.core.den.phases import DENPhase
+
+#: slow lane (`make test-slow`): every test runs benchmarks/perf.py in a subprocess
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -30,7 +33,6 @@ def run_perf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-@pytest.mark.slow
 def test_every_measurement_runs_and_reports_consistent_figures(tmp_path):
     result = run_perf(*TINY, "--out", str(tmp_path / "perf"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

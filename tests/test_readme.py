@@ -14,7 +14,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 FIRST_THREE_TASKS = """
 import lightning.pytorch as pl
 from lightning_den import DENCallback, DENMLP, SplitDigits
-from lightning_den.sequence import sequence_trainer
+from lightning_den.driver import sequence_trainer
 
 model = DENMLP(in_features=64, hidden_sizes=[48, 24], num_classes=2)
 den = DENCallback(first_task_epochs=3, head_fit_epochs=2, selective_epochs=2, expansion_epochs=2, split_epochs=2)

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_den import DENMLP, DENCallback, TaskEvaluation
-from tests.conftest import IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
+from tests.helpers import IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
 
 # short_phases: task 0 = epochs 0-2; task 1: head_fit 3-4, selective 5-6, expansion 7-8, split 9-10; task 2 ...
 SETTINGS = short_phases(loss_threshold=0.0, split_threshold=0.0)

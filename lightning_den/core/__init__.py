@@ -1,37 +1,28 @@
-"""Pure-torch core of DEN: expandable layers, surgery, proximal steps, selection, phases (no Lightning)."""
+"""Pure-torch core (no Lightning): the two protocols (:mod:`~lightning_den.core.method`), one package per
+method (``den``, ``progressive``, ``packnet``; ``trunk`` for the fine-tuning and EWC baselines), and what
+they share: freezing of single entries, the initialiser, the argument checks, per-task heads."""
 
-from lightning_den.core.den import DENPhase, PhaseEpochs, PhaseProgress, next_phase, phase_is_done, trainable_entries
+from lightning_den.core.den import DENMethod, DENPhase, ExpandableLinear, ExpandableMLP
 from lightning_den.core.freezing import FrozenEntries
-from lightning_den.core.layers import ExpandableLinear, ExpandableMLP
-from lightning_den.core.packnet import PackNetMLP
-from lightning_den.core.progressive import ProgressiveMLP
-from lightning_den.core.prox import add_drift_penalty_grad_, group_lasso_prox_, l1_prox_, proximal_step_
-from lightning_den.core.selection import dead_new_units, select_subnetwork, unit_drift, units_to_split
-from lightning_den.core.surgery import add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
+from lightning_den.core.method import EpochsPerTaskMethod, PhaseProgress, TaskBlock, TaskMethod
+from lightning_den.core.packnet import PackNetMethod, PackNetMLP
+from lightning_den.core.progressive import ProgressiveMethod, ProgressiveMLP
+from lightning_den.core.trunk import EWCMethod, FineTuningMethod
 
 __all__ = [
+    "DENMethod",
     "DENPhase",
+    "EWCMethod",
+    "EpochsPerTaskMethod",
     "ExpandableLinear",
     "ExpandableMLP",
+    "FineTuningMethod",
     "FrozenEntries",
     "PackNetMLP",
-    "PhaseEpochs",
+    "PackNetMethod",
     "PhaseProgress",
     "ProgressiveMLP",
-    "add_drift_penalty_grad_",
-    "add_units_",
-    "dead_new_units",
-    "duplicate_units_",
-    "group_lasso_prox_",
-    "l1_prox_",
-    "next_phase",
-    "phase_is_done",
-    "proximal_step_",
-    "prune_units_",
-    "restore_units_",
-    "select_subnetwork",
-    "snapshot",
-    "trainable_entries",
-    "unit_drift",
-    "units_to_split",
+    "ProgressiveMethod",
+    "TaskBlock",
+    "TaskMethod",
 ]

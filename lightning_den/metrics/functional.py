@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_den.core.layers import mlp_parameters
+from lightning_den.core.den.layers import mlp_parameters
 
 Matrix = Tensor | Sequence[Sequence[float | None]]
 

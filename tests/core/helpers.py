@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from lightning_den.core.layers import ExpandableMLP
-from lightning_den.core.surgery import add_units_, duplicate_units_, prune_units_
+from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.den.surgery import add_units_, duplicate_units_, prune_units_
 
 #: Most tasks a random history may create (a per-task ``head_classes`` list has one more, for a test to add).
 MAX_TASKS = 4
@@ -154,7 +154,7 @@ def apply_random_operation(
     """Draw one operation of ``kinds`` with valid random arguments, apply it, and return its name."""
     kind = data.draw(st.sampled_from(kinds), label="operation")
     if kind == "head" and mlp.num_tasks < MAX_TASKS:
-        mlp.add_head_()
+        mlp.add_task_()
     elif kind == "add":
         add_units_(mlp, draw_counts(data, mlp), generator)
     elif kind == "duplicate":

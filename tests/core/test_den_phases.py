@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_den.core.den`: the phase state machine and what each phase trains."""
+"""Tests of :mod:`lightning_den.core.den.phases`: the phase state machine and what each phase trains."""
 
 from __future__ import annotations
 
@@ -7,16 +7,11 @@ import math
 import pytest
 import torch
 
-from lightning_den.core.den import (
-    DENPhase,
-    PhaseEpochs,
-    PhaseProgress,
-    next_phase,
-    phase_is_done,
-    trainable_entries,
-)
-from lightning_den.core.layers import ExpandableMLP
-from lightning_den.core.surgery import add_units_, duplicate_units_
+from lightning_den.core.den.entries import trainable_entries
+from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.den.phases import DENPhase, PhaseEpochs, next_phase
+from lightning_den.core.den.surgery import add_units_, duplicate_units_
+from lightning_den.core.method import PhaseProgress, phase_is_done
 from tests.core.helpers import as_mask, random_mlp
 
 BUDGET = PhaseEpochs(sparse=7, head_fit=3, selective=4, expansion=5, split=6)
@@ -52,7 +47,7 @@ def test_a_single_task_ends_after_the_sparse_phase():
 
 
 def test_walking_the_phases_visits_every_task_in_order():
-    progress, visited = PhaseProgress(), []
+    progress, visited = PhaseProgress(phase=DENPhase.SPARSE), []
     while progress is not None:
         visited.append((progress.task, progress.phase))
         loss = 1.0 if progress.task == 1 else 0.0  # task 1 expands, task 2 does not
@@ -110,7 +105,7 @@ def test_phase_progress_state_dict_is_plain_data():
 def two_task_network() -> ExpandableMLP:
     """Task 0: in=4, hidden [3, 2]. Task 1 (newest): +2 units in layer 0 (rows 3, 4), +1 in layer 1 (row 2)."""
     mlp = random_mlp(4, [3, 2], head_classes=[2, 3], seed=0)
-    mlp.add_head_()
+    mlp.add_task_()
     add_units_(mlp, [2, 1], torch.Generator().manual_seed(0))
     return mlp
 
@@ -167,7 +162,7 @@ def test_expansion_counts_duplicated_units_as_new():
 
 def test_expansion_in_four_layers():
     mlp = random_mlp(3, [2, 2, 2, 2], head_classes=1, seed=1)
-    mlp.add_head_()
+    mlp.add_task_()
     add_units_(mlp, [1, 0, 1, 0], torch.Generator().manual_seed(1))
     masks = masks_of(mlp, DENPhase.EXPANSION)
     assert not masks["hidden.1.weight"][:, :2].any() and masks["hidden.1.weight"][:, 2].all()

@@ -72,8 +72,9 @@ def test_frozen_entries_stay_bit_identical_and_the_others_train(optimizer_name, 
 
 @pytest.mark.parametrize("kind", ["random", "leading block"])
 @pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
-def test_a_gradient_mask_alone_does_not_freeze(optimizer_name, kind):
-    # The reason FrozenEntries exists: decay and momentum move entries whose gradient is zero.
+def test_torch_behaviour_a_gradient_mask_alone_does_not_freeze(optimizer_name, kind):
+    # Documents torch, not this package: the reason FrozenEntries exists (decay and momentum move entries whose
+    # gradient is zero).
     _, masks, start = train_with_freezing(optimizer_name, kind, use_frozen_entries=False)
     for p, mask in masks.items():
         assert (p[~mask] != start[p][~mask]).all()

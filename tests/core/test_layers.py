@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_den.core.layers`: timestamped inference over the prefix of each layer, and errors.
+"""Tests of :mod:`lightning_den.core.den.layers`: timestamped inference over the prefix of each layer, and errors.
 
 The central property: whatever surgery happened, ``mlp(x, task=s)`` is, bit for bit, the plain network
 made only of the units born at or before task ``s`` (Yoon et al., 2018, "Timestamped inference").
@@ -16,8 +16,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_den.core.layers import ExpandableMLP
-from lightning_den.core.surgery import add_units_, duplicate_units_, prune_units_
+from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.den.surgery import add_units_, duplicate_units_, prune_units_
 from tests.core.helpers import (
     FAST,
     apply_random_operation,
@@ -61,7 +61,7 @@ def test_timestamped_inference_ignores_later_units_even_with_nonzero_weights():
     x = random_inputs(mlp)
     with torch.no_grad():
         task0 = mlp(x, task=0).clone()
-        mlp.add_head_()
+        mlp.add_task_()
         for layer in mlp.hidden:
             layer.append_units_(torch.full((1, layer.in_features), 5.0), torch.full((1,), 5.0), birth_task=1)
         mlp.hidden[1].append_inputs_(torch.full((3, 1), 5.0))
@@ -88,7 +88,7 @@ def test_inputs_that_are_not_a_batch_of_vectors_are_refused():
 @pytest.mark.parametrize("task", [2, 7, -1])
 def test_untrained_task_names_the_trained_range(task):
     mlp = ExpandableMLP(4, [3], head_classes=2)
-    mlp.add_head_()
+    mlp.add_task_()
     with pytest.raises(ValueError, match=rf"task {task} was never trained.*tasks 0\.\.1"):
         mlp(torch.ones(2, 4), task=task)
     with pytest.raises(ValueError, match=r"tasks 0\.\.1"):
@@ -122,10 +122,10 @@ def test_non_positive_sizes_are_refused_at_construction(in_features, hidden_size
 def test_per_task_head_sizes_and_missing_head_size():
     mlp = ExpandableMLP(4, [3], head_classes=[2, 5])
     assert mlp(torch.ones(1, 4), task=0).shape == (1, 2)
-    mlp.add_head_()
+    mlp.add_task_()
     assert mlp(torch.ones(1, 4), task=1).shape == (1, 5)
     with pytest.raises(ValueError, match="no head size for task 2"):
-        mlp.add_head_()
+        mlp.add_task_()
 
 
 def test_pruning_refuses_to_empty_a_layer_and_changes_nothing():
@@ -139,12 +139,13 @@ def test_pruning_refuses_to_empty_a_layer_and_changes_nothing():
     mlp.check_prefix_invariant()
 
 
-def test_core_imports_without_lightning():
+def test_core_and_stream_builders_import_without_lightning():
     code = (
         "import sys\n"
         "sys.modules['lightning'] = None\n"
         "sys.modules['pytorch_lightning'] = None\n"
-        "import lightning_den.core\n"
+        "import lightning_den, lightning_den.core, lightning_den.data.streams\n"
+        "assert lightning_den.DENMethod is lightning_den.core.DENMethod\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -155,7 +156,7 @@ def test_a_grown_network_pickles_and_seeded_heads_are_reproducible():
 
     first, second = ExpandableMLP(3, [4], head_classes=2), ExpandableMLP(3, [4], head_classes=2)
     for mlp in (first, second):
-        mlp.add_head_(torch.Generator().manual_seed(7))
+        mlp.add_task_(torch.Generator().manual_seed(7))
     assert torch.equal(first.heads["1"].weight, second.heads["1"].weight)
     clone = pickle.loads(pickle.dumps(first))
     x = torch.randn(2, 3)
@@ -163,12 +164,12 @@ def test_a_grown_network_pickles_and_seeded_heads_are_reproducible():
 
 
 def test_parameters_through_a_task_equal_what_the_network_held_when_it_ended():
-    from lightning_den.core.surgery import add_units_, duplicate_units_
+    from lightning_den.core.den.surgery import add_units_, duplicate_units_
 
     mlp = ExpandableMLP(5, [4, 3], head_classes=2)
     held = [mlp.num_parameters()]
     for task in (1, 2):
-        mlp.add_head_()
+        mlp.add_task_()
         add_units_(mlp, [2, 1], torch.Generator().manual_seed(task))
         duplicate_units_(mlp, 0, [0])
         held.append(mlp.num_parameters())
@@ -202,7 +203,7 @@ def test_timestamped_inference_and_newest_task_training_cost_what_a_dense_mlp_co
     generator = torch.Generator().manual_seed(0)
     mlp = ExpandableMLP(8, [6, 5], head_classes=2)
     for _ in range(2):
-        mlp.add_head_(generator)
+        mlp.add_task_(generator)
         add_units_(mlp, [3, 2], generator)
         duplicate_units_(mlp, 0, [1])
     x = torch.randn(4, 8)

@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_den.core.packnet`: owner masks, pruning, zero forgetting, checkpoints, errors.
+"""Tests of :mod:`lightning_den.core.packnet.block`: owner masks, pruning, zero forgetting, checkpoints, errors.
 
 The central property: once a task is pruned, its outputs never change again (``torch.equal``), whatever
 later tasks train with a real optimizer, provided owned weights are written back after each step
@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from lightning_den.core.den.layers import mlp_parameters
 from lightning_den.core.freezing import FrozenEntries
-from lightning_den.core.layers import mlp_parameters
-from lightning_den.core.packnet import PackNetMLP, free_fraction
+from lightning_den.core.packnet.block import PackNetMLP, free_fraction
 
 HEAD_CLASSES = [3, 2, 4, 3, 2]
 
@@ -137,7 +137,7 @@ def run_tasks(net: PackNetMLP, fractions: list[float | None], optimizer: str = "
     owned: dict[int, list[Tensor]] = {}
     for task, fraction in enumerate(fractions):
         if task > 0:
-            assert net.add_head_() == task
+            assert net.add_task_() == task
         train_task(net, task, optimizer, steps=steps)
         if fraction is None:
             net.claim_free_()
@@ -159,7 +159,7 @@ def test_earlier_tasks_are_remembered_bit_for_bit(optimizer):
     fractions = [0.5, 0.6, 0.5, None]
     for task, fraction in enumerate(fractions):
         if task > 0:
-            net.add_head_(torch.Generator().manual_seed(task))
+            net.add_task_(torch.Generator().manual_seed(task))
         before = [layer.weight.detach().clone() for layer in net.hidden]
         free = [mask.clone() for mask in net.trainable_masks().values()]
         train_task(net, task, optimizer)
@@ -180,7 +180,7 @@ def test_masking_gradients_alone_forgets_under_weight_decay():
     train_task(net, 0)
     net.prune_(0.5)
     recorded = outputs_of(net, x, 0)
-    net.add_head_()
+    net.add_task_()
     train_task(net, 1, "adamw", restore=False)
     assert not torch.equal(outputs_of(net, x, 0), recorded)
 
@@ -219,7 +219,7 @@ def test_newest_task_uses_free_and_owned_weights():
     net = random_net(4, [6, 5], HEAD_CLASSES, seed=2)
     train_task(net, 0, steps=3)
     net.prune_(0.5)
-    net.add_head_()
+    net.add_task_()
     with torch.no_grad():
         for layer, trainable in zip(net.hidden, net.trainable_masks().values(), strict=True):
             layer.weight[trainable] = torch.randn(int(trainable.sum()), generator=torch.Generator().manual_seed(3))
@@ -236,7 +236,7 @@ def test_trainable_masks_are_exactly_the_free_weights():
     assert list(masks) == [name for name in names if name.startswith("hidden.") and name.endswith(".weight")]
     assert all(mask.dtype == torch.bool and mask.all() for mask in masks.values())
     net.prune_(0.5)
-    net.add_head_()
+    net.add_task_()
     for mask, owner, layer in zip(net.trainable_masks().values(), net.owners(), net.hidden, strict=True):
         assert mask.shape == layer.weight.shape
         assert torch.equal(mask, owner == 0)
@@ -250,7 +250,7 @@ def test_trainable_masks_are_exactly_the_free_weights():
 def test_prune_keeps_the_largest_free_weights(fraction):
     net = random_net(5, [9, 7], HEAD_CLASSES, seed=4)
     net.prune_(0.5)
-    net.add_head_()
+    net.add_task_()
     train_task(net, 1, steps=5)
     owners_before = [owner.clone() for owner in net.owners()]
     weights_before = [layer.weight.detach().clone() for layer in net.hidden]
@@ -284,7 +284,7 @@ def test_claim_free_gives_every_free_weight_to_the_newest_task():
     net = random_net(4, [6, 5], HEAD_CLASSES, seed=5)
     net.prune_(0.75)
     free = [int((owner == 0).sum()) for owner in net.owners()]
-    net.add_head_()
+    net.add_task_()
     weights = [layer.weight.detach().clone() for layer in net.hidden]
     assert net.claim_free_() == free
     assert all(bool((owner > 0).all()) for owner in net.owners())
@@ -315,7 +315,7 @@ def test_add_head_refuses_a_full_network_and_changes_nothing(hidden, fraction):
     x = probe(net)
     output = outputs_of(net, x, 0)
     with pytest.raises(ValueError, match="the network is full; use wider layers or prune a larger fraction"):
-        net.add_head_()
+        net.add_task_()
     assert net.num_tasks == 1 and list(net.heads) == ["0"]
     assert_same_state(net, before)
     assert torch.equal(outputs_of(net, x, 0), output)
@@ -325,7 +325,7 @@ def test_add_head_refuses_to_start_a_task_before_the_newest_is_finished():
     net = random_net(3, [4], 2, seed=8)
     before = state_copy(net)
     with pytest.raises(ValueError, match=r"task 0 is still training: call prune_\(fraction\) or claim_free_\(\)"):
-        net.add_head_()
+        net.add_task_()
     assert net.num_tasks == 1
     assert_same_state(net, before)
 
@@ -336,7 +336,7 @@ def test_a_finished_task_uses_only_the_weights_it_owns():
     kept = net.prune_(0.5)
     assert not net.training_newest and int(net.finished_tasks) == 1
     assert [int(used.sum()) for used in net.used_by(0)] == kept
-    net.add_head_()
+    net.add_task_()
     assert net.training_newest
     assert [int(used.sum()) for used in net.used_by(0)] == kept
 
@@ -345,7 +345,7 @@ def test_add_head_draws_from_the_generator():
     a, b = (random_net(3, [4], 2, seed=8) for _ in range(2))
     a.prune_(0.5)
     b.prune_(0.5)
-    assert a.add_head_(torch.Generator().manual_seed(1)) == b.add_head_(torch.Generator().manual_seed(1)) == 1
+    assert a.add_task_(torch.Generator().manual_seed(1)) == b.add_task_(torch.Generator().manual_seed(1)) == 1
     assert torch.equal(a.heads["1"].weight, b.heads["1"].weight)
     assert torch.equal(a.heads["1"].bias, b.heads["1"].bias)
     assert a.heads["1"].weight.abs().max() <= 1 / math.sqrt(4)
@@ -361,7 +361,7 @@ def test_num_parameters_counts_the_weights_each_task_uses():
     kept = net.prune_(0.5)
     biases = 6 + 4
     assert net.num_parameters(0) == sum(kept) + biases + 4 * HEAD_CLASSES[0] + HEAD_CLASSES[0]
-    net.add_head_()
+    net.add_task_()
     assert net.num_parameters(1) == 5 * 6 + 6 * 4 + biases + 4 * HEAD_CLASSES[1] + HEAD_CLASSES[1]
     assert net.num_parameters(0) == sum(kept) + biases + 4 * HEAD_CLASSES[0] + HEAD_CLASSES[0]
     assert net.num_parameters() == sum(p.numel() for p in net.parameters())
@@ -373,7 +373,7 @@ def test_num_parameters_counts_the_weights_each_task_uses():
 def test_state_dict_round_trip_through_architecture_and_rebuild():
     net = random_net(5, [7, 6], HEAD_CLASSES, seed=10)
     run_tasks(net, [0.5, 0.5], steps=3)
-    net.add_head_()
+    net.add_task_()
     train_task(net, 2, steps=3)  # task 2 is still training: its free weights are used too
     buffer = io.BytesIO()
     torch.save({"architecture": net.architecture(), "state": net.state_dict()}, buffer)
@@ -400,7 +400,7 @@ def test_state_dict_round_trip_through_architecture_and_rebuild():
 def test_masks_follow_the_dtype():
     net = random_net(4, [5], HEAD_CLASSES, seed=11)
     net.prune_(0.5)
-    net.add_head_()
+    net.add_task_()
     x = probe(net)
     single = outputs_of(net, x, 0)
     net.double()
@@ -469,7 +469,7 @@ def test_heads_beyond_the_listed_classes_are_refused():
     net = PackNetMLP(4, [3], head_classes=[2])
     net.prune_(0.5)
     with pytest.raises(ValueError, match="lists 1 tasks"):
-        net.add_head_()
+        net.add_task_()
     assert net.num_tasks == 1
 
 
@@ -509,9 +509,9 @@ def test_masks_stay_disjoint_and_earlier_outputs_are_preserved(in_features, hidd
         if task > 0:
             if any(not bool((owner == 0).any()) for owner in net.owners()):
                 with pytest.raises(ValueError, match="network is full"):
-                    net.add_head_()
+                    net.add_task_()
                 break
-            net.add_head_()
+            net.add_task_()
         train_task(net, task, optimizer, steps=3, lr=0.1)
         kept = net.prune_(fraction)
         owned[task] = owned_masks(net, task)

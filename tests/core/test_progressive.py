@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_den.core.progressive`: zero forgetting, laterals, parameter counts, checkpoints, errors.
+"""Tests of the Progressive Networks block: zero forgetting, laterals, parameter counts, checkpoints, errors.
 
 The central property: once a later column exists, a task's outputs are, bit for bit, what they were when
 its own column was the newest, however the later columns are trained (Rusu et al., 2016).
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_den.core.layers import mlp_parameters
-from lightning_den.core.progressive import ProgressiveMLP
+from lightning_den.core.den.layers import mlp_parameters
+from lightning_den.core.progressive.block import ProgressiveMLP
 
 
 def inputs(pnn: ProgressiveMLP, seed: int = 0, batch: int = 6) -> Tensor:
@@ -56,7 +56,7 @@ def grow_and_train(pnn: ProgressiveMLP, x: Tensor, columns: int, seed: int) -> d
     recorded = {}
     for task in range(columns):
         if task > 0:
-            assert pnn.add_column_(generator) == task
+            assert pnn.add_task_(generator) == task
         perturb_trainable_(pnn, generator)
         train_newest_(pnn, x)
         recorded[task] = outputs(pnn, x, task)
@@ -84,8 +84,8 @@ def test_add_column_freezes_every_earlier_column_and_an_optimizer_over_all_param
     optimizer = torch.optim.SGD(pnn.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     pnn(x, 0).square().sum().backward()
     optimizer.step()
-    pnn.add_column_(torch.Generator().manual_seed(3))
-    pnn.add_column_(torch.Generator().manual_seed(4))
+    pnn.add_task_(torch.Generator().manual_seed(3))
+    pnn.add_task_(torch.Generator().manual_seed(4))
     for task in (0, 1):
         assert all(not p.requires_grad for p in pnn.column_parameters(task)), f"column {task} is not frozen"
         assert all(p.grad is None for p in pnn.column_parameters(task)), f"column {task} kept its gradients"
@@ -109,7 +109,7 @@ def test_add_column_freezes_every_earlier_column_and_an_optimizer_over_all_param
 def test_columns_after_the_task_are_never_run():
     pnn = ProgressiveMLP(3, [4, 4], head_classes=2)
     for _ in range(3):
-        pnn.add_column_()
+        pnn.add_task_()
     calls: list[str] = []
     for task in (2, 3):
         for name, module in pnn.columns[task].named_modules():
@@ -135,8 +135,8 @@ def change_column_(pnn: ProgressiveMLP, task: int) -> None:
 def test_the_newest_task_reads_earlier_columns_only_when_lateral(lateral):
     torch.manual_seed(0)
     pnn = ProgressiveMLP(5, [8, 8], head_classes=3, lateral=lateral)
-    pnn.add_column_()
-    pnn.add_column_()
+    pnn.add_task_()
+    pnn.add_task_()
     x = inputs(pnn)
     before = {task: outputs(pnn, x, task) for task in (1, 2)}
     change_column_(pnn, 0)
@@ -147,8 +147,8 @@ def test_the_newest_task_reads_earlier_columns_only_when_lateral(lateral):
 def test_gradients_of_the_newest_task_reach_every_lateral_adapter_and_scale():
     torch.manual_seed(0)
     pnn = ProgressiveMLP(4, [6, 5, 3], head_classes=2)
-    pnn.add_column_()
-    pnn.add_column_()
+    pnn.add_task_()
+    pnn.add_task_()
     pnn(inputs(pnn), 2).square().sum().backward()
     adapters = pnn.columns[2].laterals
     assert len(adapters) == 3
@@ -162,7 +162,7 @@ def test_the_first_hidden_layer_has_no_lateral_adapter():
     hidden = [7, 5, 3]
     pnn = ProgressiveMLP(6, hidden, head_classes=2)
     for _ in range(3):
-        pnn.add_column_()
+        pnn.add_task_()
     assert len(pnn.columns[0].laterals) == 0
     for k in range(1, 4):
         adapters = pnn.columns[k].laterals
@@ -186,8 +186,8 @@ def test_the_first_hidden_layer_has_no_lateral_adapter():
 
 def test_num_parameters_matches_a_hand_count():
     pnn = ProgressiveMLP(3, [4, 2], head_classes=2)
-    pnn.add_column_()
-    pnn.add_column_()
+    pnn.add_task_()
+    pnn.add_task_()
     plain = (3 * 4 + 4) + (4 * 2 + 2) + (2 * 2 + 2)  # 16 + 10 + 6 = 32: layers and head of one column
     head = 2 * 2 + 2  # 6
     # adapter = alpha (1) + V (k·h_{l-1} -> h_{l-1}, with bias) + U (h_{l-1} -> width, no bias)
@@ -209,8 +209,8 @@ def test_num_parameters_matches_a_hand_count():
 def test_independent_columns_are_separate_networks():
     classes = [2, 5, 3]
     pnn = ProgressiveMLP(9, [6, 4], head_classes=classes, lateral=False)
-    pnn.add_column_()
-    pnn.add_column_()
+    pnn.add_task_()
+    pnn.add_task_()
     separate = [mlp_parameters(9, [6, 4], c) for c in classes]
     assert pnn.num_parameters() == sum(separate)
     assert [pnn.num_parameters(t) for t in range(3)] == separate
@@ -219,8 +219,8 @@ def test_independent_columns_are_separate_networks():
 
 def test_column_parameters_partition_the_parameters():
     pnn = ProgressiveMLP(3, [4, 2], head_classes=2)
-    pnn.add_column_()
-    pnn.add_column_()
+    pnn.add_task_()
+    pnn.add_task_()
     by_column = [{id(p) for p in pnn.column_parameters(t)} for t in range(3)]
     assert set().union(*by_column) == {id(p) for p in pnn.parameters()}
     assert sum(len(ids) for ids in by_column) == len(list(pnn.parameters()))
@@ -233,7 +233,7 @@ def test_a_seeded_generator_draws_the_same_column_in_every_process():
     def grown(seed: int) -> ProgressiveMLP:
         torch.manual_seed(0)
         pnn = ProgressiveMLP(5, [4, 3], head_classes=2)
-        pnn.add_column_(torch.Generator().manual_seed(seed))
+        pnn.add_task_(torch.Generator().manual_seed(seed))
         torch.rand(7)  # the global RNG moves differently between processes; the column must not care
         return pnn
 
@@ -247,7 +247,7 @@ def test_a_seeded_generator_draws_the_same_column_in_every_process():
 
 def test_new_columns_take_the_dtype_of_the_network():
     pnn = ProgressiveMLP(3, [4], head_classes=2).double()
-    pnn.add_column_(torch.Generator().manual_seed(0))
+    pnn.add_task_(torch.Generator().manual_seed(0))
     assert {p.dtype for p in pnn.parameters()} == {torch.float64}
     assert pnn(inputs(pnn).double(), 1).dtype == torch.float64
 
@@ -290,7 +290,7 @@ def test_state_dict_round_trip_after_rebuild(lateral):
 )
 def test_rebuild_rejects_another_architecture(change, match):
     saved = ProgressiveMLP(5, [6, 3], head_classes=[2, 4, 3])
-    saved.add_column_()
+    saved.add_task_()
     architecture = {**saved.architecture(), **change}
     fresh = ProgressiveMLP(5, [6, 3], head_classes=[2, 4, 3])
     with pytest.raises(ValueError, match=match):
@@ -311,8 +311,8 @@ def test_inputs_of_the_wrong_shape_are_rejected():
 
 def test_tasks_never_trained_are_rejected():
     pnn = ProgressiveMLP(4, [3], head_classes=2)
-    pnn.add_column_()
-    pnn.add_column_()
+    pnn.add_task_()
+    pnn.add_task_()
     for task in (3, -1):
         with pytest.raises(ValueError, match=rf"task {task} was never trained: .* columns for tasks 0\.\.2"):
             pnn(torch.ones(2, 4), task)
@@ -332,7 +332,7 @@ def test_tasks_never_trained_are_rejected():
         ({"hidden_sizes": [3, 0]}, ValueError, "hidden_sizes"),
         ({"head_classes": 0}, ValueError, "head_classes"),
         ({"head_classes": []}, ValueError, "head_classes"),
-        ({"lateral": "yes"}, TypeError, "lateral"),
+        ({"lateral": "yes"}, ValueError, "lateral"),
     ],
 )
 def test_bad_constructor_arguments_are_rejected(kwargs, error, match):
@@ -342,9 +342,9 @@ def test_bad_constructor_arguments_are_rejected(kwargs, error, match):
 
 def test_a_column_without_a_head_size_is_not_added_and_nothing_is_frozen():
     pnn = ProgressiveMLP(4, [3], head_classes=[2, 2])
-    pnn.add_column_()
+    pnn.add_task_()
     with pytest.raises(ValueError, match="no head size for task 2"):
-        pnn.add_column_()
+        pnn.add_task_()
     assert pnn.num_tasks == 2
     assert all(p.requires_grad for p in pnn.column_parameters(1))
 

@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_den.core.prox` and :mod:`lightning_den.core.selection`.
+"""Tests of :mod:`lightning_den.core.den.prox` and :mod:`lightning_den.core.den.selection`.
 
 Proximal steps must give exact zeros (selection and pruning test ``== 0``); selection must follow every
 output of the head (bug B2) and nonzero (not positive) weights; drift must count only what existed in
@@ -14,16 +14,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_den.core.layers import ExpandableMLP
-from lightning_den.core.prox import add_drift_penalty_grad_, group_lasso_prox_, l1_prox_
-from lightning_den.core.selection import (
+from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.den.prox import add_drift_penalty_grad_, group_lasso_prox_, l1_prox_
+from lightning_den.core.den.selection import (
     dead_new_units,
     select_subnetwork,
     selection_report,
     unit_drift,
     units_to_split,
 )
-from lightning_den.core.surgery import add_units_, prune_units_, snapshot
+from lightning_den.core.den.surgery import add_units_, prune_units_, snapshot
 from tests.core.helpers import FAST, mlp_configs, outputs_by_task, random_inputs, random_mlp
 
 float32s = st.floats(-4.0, 4.0, width=32, allow_subnormal=False)
@@ -139,7 +139,7 @@ def test_drift_penalty_with_zero_strength_does_nothing():
 
 def test_dead_new_units_are_exactly_the_silent_newest_units_and_pruning_them_changes_no_output():
     mlp = random_mlp(3, [4, 3], head_classes=2, seed=0)
-    mlp.add_head_()
+    mlp.add_task_()
     add_units_(mlp, [3, 2], torch.Generator().manual_seed(0))  # layer 0: new 4, 5, 6; layer 1: new 3, 4
     with torch.no_grad():
         mlp.hidden[0].weight[1] = 0.0  # old unit with a zero row: not "dead new"
@@ -208,7 +208,7 @@ def test_select_subnetwork_of_a_new_task_reads_only_its_head_and_the_whole_width
     # Task 1: top {1}; below {0, 3}; inputs {2, 3}   (h0u0 <- x2, h0u3 <- x3).
     # Task 0 is unchanged by the growth: it cannot see h0u3.
     mlp = hand_made_network()
-    mlp.add_head_()
+    mlp.add_task_()
     add_units_(mlp, [1, 0], torch.Generator().manual_seed(0))
     with torch.no_grad():
         mlp.hidden[0].weight[3] = torch.tensor([0.0, 0.0, 0.0, -0.5])
@@ -274,7 +274,7 @@ def test_the_selection_report_counts_units_inputs_and_exact_zeros():
 
 def test_unit_drift_is_the_l2_distance_over_the_snapshot_entries():
     mlp = random_mlp(3, [4, 3], head_classes=2, seed=5)
-    mlp.add_head_()
+    mlp.add_task_()
     reference = snapshot(mlp)
     add_units_(mlp, [2, 1], torch.Generator().manual_seed(5))  # layer 1 grows rows and columns
     generator = torch.Generator().manual_seed(6)
@@ -289,7 +289,7 @@ def test_unit_drift_is_the_l2_distance_over_the_snapshot_entries():
 
 def test_unit_drift_ignores_new_rows_new_columns_and_biases():
     mlp = random_mlp(3, [4, 3], head_classes=2, seed=7)
-    mlp.add_head_()
+    mlp.add_task_()
     reference = snapshot(mlp)
     add_units_(mlp, [2, 1], torch.Generator().manual_seed(7))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_den.core.surgery`: growth, duplication, restoration and pruning of units.
+"""Tests of :mod:`lightning_den.core.den.surgery`: growth, duplication, restoration and pruning of units.
 
 Every operation must preserve the function of every earlier task bit for bit (``torch.equal``), refuse
 bad arguments before changing anything, and work for any number of hidden layers (bug B10).
@@ -11,9 +11,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_den.core.layers import ExpandableMLP
-from lightning_den.core.selection import dead_new_units, unit_drift, units_to_split
-from lightning_den.core.surgery import add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
+from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.den.selection import dead_new_units, unit_drift, units_to_split
+from lightning_den.core.den.surgery import add_units_, duplicate_units_, prune_units_, restore_units_, snapshot
 from tests.core.helpers import (
     FAST,
     assert_same_state,
@@ -45,7 +45,7 @@ def start_task_with_history(data, config) -> tuple[ExpandableMLP, torch.Generato
     mlp, generator = build(config)
     random_history(data, mlp, generator)
     if mlp.num_tasks == 1:
-        mlp.add_head_()
+        mlp.add_task_()
     perturb_(mlp, generator)  # no zero outgoing weights left from earlier growth
     return mlp, generator, random_inputs(mlp, seed=config[-1])
 
@@ -127,7 +127,7 @@ def test_prune_units_of_the_newest_task_preserves_earlier_tasks(config, data):
 @given(config=mlp_configs(), data=st.data())
 def test_duplicate_then_restore_brings_earlier_tasks_back_exactly(config, data):
     mlp, generator, x = start_task_with_history(data, config)
-    mlp.add_head_()
+    mlp.add_task_()
     reference = snapshot(mlp)
     kept_reference = {name: value.clone() for name, value in reference.items()}
     before = outputs_by_task(mlp, x, earlier_tasks(mlp))
@@ -176,7 +176,7 @@ def test_snapshot_is_a_deep_copy():
 def test_restored_unit_does_not_alias_the_snapshot():
     mlp = random_mlp(3, [2], head_classes=1, seed=1)
     reference = snapshot(mlp)
-    mlp.add_head_()
+    mlp.add_task_()
     restore_units_(mlp, 0, [1], reference)
     kept = reference["hidden.0.weight"].clone()
     with torch.no_grad():
@@ -191,7 +191,7 @@ def grown_network() -> tuple[ExpandableMLP, torch.Generator]:
     """Task 0 with [3, 2] units, then task 1 with [2, 1] new units: old units 0..2 and 0..1."""
     mlp = random_mlp(4, [3, 2], head_classes=2, seed=3)
     generator = torch.Generator().manual_seed(3)
-    mlp.add_head_()
+    mlp.add_task_()
     add_units_(mlp, [2, 1], generator)
     perturb_(mlp, generator)
     return mlp, generator
@@ -217,7 +217,7 @@ def test_add_units_refuses_wrong_counts_and_changes_nothing(counts):
 
 def test_restore_refuses_units_that_were_not_in_the_snapshot():
     mlp = random_mlp(4, [3, 2], head_classes=2, seed=4)
-    mlp.add_head_()
+    mlp.add_task_()
     reference = snapshot(mlp)
     add_units_(mlp, [2, 1], torch.Generator().manual_seed(4))
     before = state_copy(mlp)
@@ -260,7 +260,7 @@ def test_den_task_cycle_preserves_earlier_tasks_at_any_depth(depth):
     generator = torch.Generator().manual_seed(100 + depth)
     x = random_inputs(mlp, seed=depth)
     for task in (1, 2):
-        assert mlp.add_head_() == task
+        assert mlp.add_task_() == task
         reference = snapshot(mlp)
         before = outputs_by_task(mlp, x, range(task))
         with torch.no_grad():  # selective retraining: old units 0 and 2 of every layer drift, plus the new head

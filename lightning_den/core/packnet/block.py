@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_den.core.layers import uniform_init
+from lightning_den.core.checks import check_count, check_sizes
+from lightning_den.core.init import draw_linear_
 from lightning_den.core.tasks import PerTaskHeads, parse_head_classes
 
 
@@ -34,9 +35,9 @@ class PackNetMLP(PerTaskHeads, nn.Module):
     the newest task while it is still training (until :meth:`prune_` or :meth:`claim_free_`). The number of
     finished tasks is the int64 buffer ``finished_tasks``; like the owners it travels in ``state_dict``.
 
-    Protocol per task ``t``: ``add_head_()`` (not for task 0, whose head exists), train the entries of
+    Protocol per task ``t``: ``add_task_()`` (not for task 0, whose head exists), train the entries of
     :meth:`trainable_masks` (plus the new head; plus the biases in task 0 only), then :meth:`prune_` (or
-    :meth:`claim_free_` for the last task). ``add_head_()`` refuses to start a task before the newest one
+    :meth:`claim_free_` for the last task). ``add_task_()`` refuses to start a task before the newest one
     is finished, as that task would own nothing.
 
     Args:
@@ -50,7 +51,7 @@ class PackNetMLP(PerTaskHeads, nn.Module):
         torch.Size([5, 2])
         >>> net.prune_(0.5)          # task 0 keeps half of each layer's weights
         [24, 12]
-        >>> net.add_head_()
+        >>> net.add_task_()
         1
         >>> int(net.trainable_masks()["hidden.0.weight"].sum())   # the 24 pruned weights are free for task 1
         24
@@ -58,14 +59,11 @@ class PackNetMLP(PerTaskHeads, nn.Module):
 
     def __init__(self, in_features: int, hidden_sizes: Sequence[int], head_classes: int | Sequence[int]) -> None:
         super().__init__()
-        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"`in_features` must be a positive integer, got {in_features!r}")
-        sizes = list(hidden_sizes)
-        if not sizes or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in sizes):
-            raise ValueError(f"`hidden_sizes` must be one or more positive integers, got {sizes}")
+        check_count("in_features", in_features)
+        sizes = check_sizes("hidden_sizes", hidden_sizes)
         parsed_classes = parse_head_classes(head_classes)
         self.in_features = in_features
-        self.hidden_sizes = tuple(sizes)
+        self.hidden_sizes = sizes
         self.head_classes = parsed_classes
         widths = [in_features, *sizes]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
@@ -177,7 +175,7 @@ class PackNetMLP(PerTaskHeads, nn.Module):
         if not self.training_newest:
             raise ValueError(
                 f"task {task} is already finished (prune_ or claim_free_ was called for it), so `{operation}` "
-                "would give it more weights; add the next task's head with add_head_() first"
+                "would give it more weights; add the next task's head with add_task_() first"
             )
         return task
 
@@ -261,13 +259,10 @@ class PackNetMLP(PerTaskHeads, nn.Module):
         top = self.hidden[-1].weight
         head = nn.Linear(top.shape[0], outputs).to(device=top.device, dtype=top.dtype)
         if generator is not None:
-            weight, bias = uniform_init(head.out_features, head.in_features, generator, head.weight)
-            with torch.no_grad():
-                head.weight.copy_(weight)
-                head.bias.copy_(bias)
+            draw_linear_(head, generator)
         return head
 
-    def add_head_(self, generator: torch.Generator | None = None) -> int:
+    def add_task_(self, generator: torch.Generator | None = None) -> int:
         """Add the head of the next task and return its task id.
 
         ``generator`` draws its initial weights (``nn.Linear``'s distribution); the global RNG if ``None``.

@@ -1,4 +1,4 @@
-"""Shape-changing operations on an :class:`~lightning_den.core.layers.ExpandableMLP`.
+"""Shape-changing operations on an :class:`~lightning_den.core.den.layers.ExpandableMLP`.
 
 Every operation checks its arguments before it changes anything, returns plain data (lists of ints)
 describing what it did, and preserves the function of every earlier task bit for bit: new units are
@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_den.core.layers import ExpandableMLP, uniform_init
+from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.init import uniform_init
 
 Snapshot = dict[str, Tensor]
 
@@ -129,7 +130,7 @@ def prune_units_(mlp: ExpandableMLP, layer: int, units: Sequence[int]) -> None:
 
     Example:
         >>> mlp = ExpandableMLP(4, [3], head_classes=2)
-        >>> mlp.add_head_()
+        >>> mlp.add_task_()
         1
         >>> _ = add_units_(mlp, [2], torch.Generator().manual_seed(0))
         >>> prune_units_(mlp, 0, [3])

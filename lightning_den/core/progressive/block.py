@@ -15,7 +15,6 @@ later columns exist (zero forgetting), and the parameters grow roughly quadratic
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,21 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_den.core.checks import check_count, check_flag, check_sizes
+from lightning_den.core.init import draw_linear_
 from lightning_den.core.tasks import PerTaskHeads, parse_head_classes
 
 #: Initial value of every adapter's learned scale ``alpha``: laterals start as a small perturbation.
 ALPHA_INIT = 0.01
-
-
-@torch.no_grad()
-def _draw_linear_(linear: nn.Linear, generator: torch.Generator) -> None:
-    """Redraw ``linear``'s weight (then bias) from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as ``nn.Linear`` does."""
-    bound = 1.0 / math.sqrt(linear.in_features)
-    weight = torch.empty(linear.out_features, linear.in_features).uniform_(-bound, bound, generator=generator)
-    linear.weight.copy_(weight)
-    if linear.bias is not None:
-        bias = torch.empty(linear.out_features).uniform_(-bound, bound, generator=generator)
-        linear.bias.copy_(bias)
 
 
 class LateralAdapter(nn.Module):
@@ -71,8 +61,8 @@ class LateralAdapter(nn.Module):
         """Redraw ``V`` and ``U`` from ``generator`` (``nn.Linear``'s distribution); ``alpha`` is reset."""
         with torch.no_grad():
             self.alpha.fill_(ALPHA_INIT)
-        _draw_linear_(self.V, generator)
-        _draw_linear_(self.U, generator)
+        draw_linear_(self.V, generator)
+        draw_linear_(self.U, generator)
 
 
 class ProgressiveColumn(nn.Module):
@@ -108,7 +98,7 @@ class ProgressiveColumn(nn.Module):
     def draw_(self, generator: torch.Generator) -> None:
         """Redraw every layer from ``generator``: hidden layers bottom-up, head, then adapters."""
         for linear in [*self.hidden, self.head]:
-            _draw_linear_(linear, generator)
+            draw_linear_(linear, generator)
         for adapter in self.laterals:
             adapter.draw_(generator)
 
@@ -132,7 +122,7 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
 
     Example:
         >>> pnn = ProgressiveMLP(8, [6, 4], head_classes=2)
-        >>> pnn.add_column_(torch.Generator().manual_seed(0))
+        >>> pnn.add_task_(torch.Generator().manual_seed(0))
         1
         >>> pnn(torch.ones(5, 8), task=1).shape
         torch.Size([5, 2])
@@ -150,15 +140,12 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         lateral: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"`in_features` must be a positive integer, got {in_features}")
-        if len(hidden_sizes) < 1 or any(int(h) < 1 for h in hidden_sizes):
-            raise ValueError(f"`hidden_sizes` must be one or more positive integers, got {list(hidden_sizes)}")
+        check_count("in_features", in_features)
+        hidden_sizes = check_sizes("hidden_sizes", hidden_sizes)
         parsed_classes = parse_head_classes(head_classes)
-        if not isinstance(lateral, bool):
-            raise TypeError(f"`lateral` must be a bool, got {type(lateral).__name__}")
+        check_flag("lateral", lateral)
         self.in_features = in_features
-        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        self.hidden_sizes = hidden_sizes
         self.head_classes = parsed_classes
         self.lateral = lateral
         self.columns = nn.ModuleList([self._new_column(0)])
@@ -175,7 +162,7 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
     def _new_column(self, task: int) -> ProgressiveColumn:
         return ProgressiveColumn(self.in_features, self.hidden_sizes, self.classes_of(task), task, self.lateral)
 
-    def add_column_(self, generator: torch.Generator | None = None) -> int:
+    def add_task_(self, generator: torch.Generator | None = None) -> int:
         """Add the column of the next task, freeze every earlier column, and return the new task id.
 
         ``generator`` draws the new column's weights (``nn.Linear``'s distribution), so every process with
@@ -287,7 +274,7 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
                 )
         with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten when the checkpoint loads
             while self.num_tasks < columns:
-                self.add_column_()
+                self.add_task_()
 
     # --- forward ---
 
@@ -323,7 +310,7 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
 
         Example:
             >>> pnn = ProgressiveMLP(3, [4, 2], head_classes=1)
-            >>> _ = pnn.add_column_()
+            >>> _ = pnn.add_task_()
             >>> [[tuple(h.shape) for h in column] for column in pnn.hidden_states(torch.ones(5, 3), task=1)]
             [[(5, 4), (5, 2)], [(5, 4), (5, 2)]]
         """

@@ -102,28 +102,16 @@ def add_drift_penalty_grad_(
     torch._foreach_add_(list(grads), difference, alpha=2.0 * strength)
 
 
-def proximal_step_(
-    weights: Sequence[Tensor],
-    new_unit_rows: Sequence[Tensor],
-    l1: float,
-    group: float,
-    new_unit_biases: Sequence[Tensor] | None = None,
-) -> None:
-    """DEN's step after the optimizer: L1 on ``weights``, *then* group lasso on ``new_unit_rows``.
-
-    The official code issued both assignments at once on the same variables, so whichever ran last
-    won (bug B6); here the group step always sees the L1 result.
-
-    Args:
-        weights: tensors to sparsify with threshold ``l1`` (``lr * mu``).
-        new_unit_rows: views whose rows are new units' incoming weights, threshold ``group`` (``lr * gamma``).
-        new_unit_biases: the matching bias views; see :func:`group_lasso_prox_`.
+@torch.no_grad()
+def l1_prox_masked_(tensor: Tensor, mask: Tensor, threshold: float) -> None:
+    """Soft-threshold the entries of ``tensor`` where ``mask`` is True; the others keep their bits.
 
     Example:
-        >>> w = torch.tensor([[0.5, 0.5], [0.3, 0.0]])
-        >>> proximal_step_([w], [w], l1=0.25, group=0.1)
-        >>> (w[1] == 0).all().item(), (w[0] != 0).all().item()
-        (True, True)
+        >>> w = torch.tensor([0.5, 0.5])
+        >>> l1_prox_masked_(w, torch.tensor([True, False]), 0.25)
+        >>> w.tolist()
+        [0.25, 0.5]
     """
-    l1_prox_(weights, l1)
-    group_lasso_prox_(new_unit_rows, group, new_unit_biases)
+    if threshold <= 0:
+        return
+    tensor.copy_(torch.where(mask, torch.nn.functional.softshrink(tensor, threshold), tensor))

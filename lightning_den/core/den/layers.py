@@ -10,7 +10,6 @@ a view, no masks, at a cost proportional to the active width.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,24 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_den.core.checks import check_count, check_sizes
+from lightning_den.core.init import draw_linear_
 from lightning_den.core.tasks import PerTaskHeads, parse_head_classes
-
-
-def uniform_init(rows: int, fan_in: int, generator: torch.Generator, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Weights and biases for ``rows`` new units, drawn as ``nn.Linear`` draws them.
-
-    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` from an explicit generator, so every process that uses the
-    same seed draws the same values (ranks of a DDP job take the same surgery).
-
-    Example:
-        >>> w, b = uniform_init(3, 4, torch.Generator().manual_seed(0), torch.zeros(1))
-        >>> tuple(w.shape), tuple(b.shape)
-        ((3, 4), (3,))
-    """
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    weight = torch.empty(rows, fan_in).uniform_(-bound, bound, generator=generator)
-    bias = torch.empty(rows).uniform_(-bound, bound, generator=generator)
-    return weight.to(like), bias.to(like)
 
 
 def mlp_parameters(in_features: int, hidden_sizes: Sequence[int], classes: int) -> int:
@@ -188,14 +172,12 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
 
     def __init__(self, in_features: int, hidden_sizes: Sequence[int], head_classes: int | Sequence[int]) -> None:
         super().__init__()
-        if in_features < 1:
-            raise ValueError(f"`in_features` must be a positive integer, got {in_features}")
-        if len(hidden_sizes) < 1 or any(int(h) < 1 for h in hidden_sizes):
-            raise ValueError(f"`hidden_sizes` must be one or more positive integers, got {list(hidden_sizes)}")
+        check_count("in_features", in_features)
+        hidden_sizes = check_sizes("hidden_sizes", hidden_sizes)
         parsed_classes = parse_head_classes(head_classes)
         self.in_features = in_features
         self.head_classes = parsed_classes
-        sizes = [in_features, *map(int, hidden_sizes)]
+        sizes = [in_features, *hidden_sizes]
         self.hidden = nn.ModuleList(ExpandableLinear(a, b) for a, b in itertools.pairwise(sizes))
         self.heads = nn.ModuleDict({"0": ExpandableLinear(sizes[-1], self.classes_of(0))})
         self._width_cache: dict[int, tuple[int, ...]] = {}
@@ -279,7 +261,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         for task, (outputs, inputs) in enumerate(heads):
             if str(task) not in self.heads:
                 with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten when the checkpoint loads
-                    self.add_head_()
+                    self.add_task_()
             head = self.heads[str(task)]
             head.resize_(outputs, inputs, [task] * outputs)
         self.structure_changed()
@@ -305,7 +287,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
 
     # --- heads ---
 
-    def add_head_(self, generator: torch.Generator | None = None) -> int:
+    def add_task_(self, generator: torch.Generator | None = None) -> int:
         """Add the head of the next task, reading all current top-layer units; return its task id.
 
         ``generator`` draws its initial weights (``nn.Linear``'s distribution); the global RNG if ``None``.
@@ -315,10 +297,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         head = ExpandableLinear(top.out_features, self.classes_of(task), birth_task=task)
         head = head.to(device=top.weight.device, dtype=top.weight.dtype)
         if generator is not None:
-            weight, bias = uniform_init(head.out_features, head.in_features, generator, head.weight)
-            with torch.no_grad():
-                head.weight.copy_(weight)
-                head.bias.copy_(bias)
+            draw_linear_(head, generator)
         self.heads[str(task)] = head
         self.structure_changed()
         return task

@@ -1,26 +1,23 @@
 r"""
-Task-sequence callbacks
-^^^^^^^^^^^^^^^^^^^^^^^
+The Lightning driver
+^^^^^^^^^^^^^^^^^^^^
 
-The machinery every architecture method shares (DEN, Progressive Networks, PackNet and the
-baselines): one ``trainer.fit`` runs the whole task sequence, phase by phase and epoch by epoch.
-At the end of an epoch the callback decides, on the epoch's mean training loss reduced over ranks,
-whether the phase ends and what follows; the surgery for the next phase is computed as plain data,
-broadcast from rank 0, and applied at the start of the next epoch through
-:func:`~lightning_den.boundary.cross_boundary`, which rebuilds DDP, optimizers and schedulers.
-Entries a phase does not train are masked before each optimizer step and written back after it.
+:class:`TaskSequenceCallback` runs any :class:`~lightning_den.core.method.TaskMethod` (DEN, Progressive
+Networks, PackNet, fine-tuning, EWC) on a whole task stream in one ``trainer.fit``, and does only
+Lightning's part: the hooks, the decisions reduced over ranks, the surgery plan broadcast from rank 0,
+rebuilding the DDP wrapper, optimizers and schedulers after the surgery
+(:func:`~lightning_den.boundary.cross_boundary`), the gradient masks and write-backs of frozen entries, and
+the checkpoint state. At the end of an epoch it decides, on the epoch's mean training loss, whether the
+phase ends; the surgery for the next phase is planned then and applied at the start of the next epoch.
 
-A method subclasses :class:`TaskSequenceCallback` and fills in its phases
-(:meth:`~TaskSequenceCallback.first_phase`, :meth:`~TaskSequenceCallback.phase_epochs`,
-:meth:`~TaskSequenceCallback.following_phase`), its surgery (:meth:`~TaskSequenceCallback.plan`,
-:meth:`~TaskSequenceCallback.apply`) and what each phase trains
-(:meth:`~TaskSequenceCallback.trainable`).
+The public callbacks (``DENCallback``, ``ProgressiveCallback``, ...) each pair one method with this driver.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
+from enum import StrEnum
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,39 +37,43 @@ from lightning_den.boundary import (
     notify_boundary,
     rebuild_training_objects,
 )
-from lightning_den.core.den import PhaseProgress, phase_is_done
+from lightning_den.core.checks import check_number
 from lightning_den.core.freezing import FrozenEntries
+from lightning_den.core.method import PhaseProgress, TaskMethod, Trainable, phase_is_done
 from lightning_den.module import EPOCH_END, DENLightningModule, find_block
 from lightning_den.progress import show_task_and_phase
 
-_TASK_STREAM_API = ("num_tasks", "set_task", "current_task")
+#: what the driver (and TaskEvaluation) use of a datamodule; TaskSequenceDataModule has all of it
+_TASK_STREAM_API = ("num_tasks", "current_task", "set_task", "num_classes", "task_dataloader")
 #: what Lightning sets `max_epochs` to when neither it nor `max_steps`/`max_time` is given
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 
 
 class TaskSequenceCallback(Callback):
-    """Base class: trains a :class:`~lightning_den.DENLightningModule` on a whole task stream in one fit.
+    """Runs a task method on a :class:`~lightning_den.DENLightningModule` over a whole task stream in one fit.
 
     Args:
-        block: name of the module's block to train (found automatically when there is exactly one
-            block of :attr:`block_type`).
+        method: the algorithm (pure torch): its phases, surgery, trainable entries and regularisers.
+        block: name of the module's block to train (found automatically when there is exactly one block of
+            the method's block type).
         convergence_tol: a phase ends early once its mean training loss changes by less than this
             fraction from one epoch to the next; ``0`` runs every phase for its full epochs.
-        seed: seed of every random initialisation the callback makes (the same on every rank).
+
+    Example::
+
+        from lightning_den.core.den import DENMethod
+
+        callback = TaskSequenceCallback(DENMethod(units_per_expansion=5))   # what DENCallback(...) builds
+        sequence_trainer([callback]).fit(DENMLP(64, [32], num_classes=2), datamodule=SplitDigits())
     """
 
-    #: the kind of block this method trains (set by subclasses)
-    block_type: type[nn.Module] = nn.Module
-    #: name used in messages and logs
-    method = "task sequence"
-
-    def __init__(self, block: str | None = None, convergence_tol: float = 1e-3, seed: int = 0) -> None:
-        if not isinstance(convergence_tol, int | float) or not math.isfinite(convergence_tol) or convergence_tol < 0:
-            raise MisconfigurationException(f"`convergence_tol` must be a finite number >= 0, got {convergence_tol!r}")
+    def __init__(self, method: TaskMethod, block: str | None = None, convergence_tol: float = 1e-3) -> None:
+        if not isinstance(method, TaskMethod):
+            raise MisconfigurationException(f"`method` must be a TaskMethod, got {type(method).__name__}")
+        self.method = method
         self.block = block
-        self.convergence_tol = float(convergence_tol)
-        self.seed = seed
-        self.progress = PhaseProgress(phase=self.first_phase())
+        self.convergence_tol = configured(check_number, "convergence_tol", convergence_tol)
+        self.progress = method.start()
         self._pending: tuple[PhaseProgress, dict[str, Any]] | None = None
         self._block: nn.Module | None = None
         self._frozen = FrozenEntries({})
@@ -84,80 +85,24 @@ class TaskSequenceCallback(Callback):
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
 
-    # ------------------------------------------------------------------ what a method defines
+    # ------------------------------------------------------------------ what the driver shows
 
-    def first_phase(self) -> str:
-        """The phase of the first task."""
-        return "train"
+    @property
+    def phase(self) -> StrEnum:
+        """The phase being trained (a member of the method's phase ``Enum``)."""
+        return self.progress.phase
 
-    def phase_epochs(self, phase: str) -> int:
-        """Most epochs ``phase`` may run."""
-        raise NotImplementedError
-
-    def max_epochs(self, num_tasks: int) -> int:
-        """Most epochs a sequence of ``num_tasks`` tasks can take."""
-        raise NotImplementedError
-
-    def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
-        """The phase after ``progress``'s, or ``None`` after the last task's last phase."""
-        raise NotImplementedError
-
-    def plan(self, target: PhaseProgress) -> dict[str, Any]:
-        """The surgery for entering ``target``, as plain data (computed on rank 0 and broadcast)."""
-        return {}
-
-    def apply(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> None:
-        """Carry out ``plan`` before ``target`` is entered (a new task's head or column, growth, pruning)."""
-
-    def end_plan(self) -> dict[str, Any]:
-        """The surgery at the end of the stream, after the last phase (e.g. pruning), as plain data."""
-        return {}
-
-    def apply_end(self, pl_module: pl.LightningModule, plan: dict[str, Any]) -> None:
-        """Carry out :meth:`end_plan`'s plan (called only when it is not empty)."""
-
-    def trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
-        """What the current phase trains: per parameter of the module, True, False or a boolean mask."""
-        raise NotImplementedError
-
-    def check_stream(self, pl_module: pl.LightningModule, num_tasks: int) -> None:
-        """Raise before anything changes if the block cannot take the stream's tasks (e.g. no capacity left)."""
-
-    def on_phase_entered(self, pl_module: pl.LightningModule) -> None:
-        """Set up the current phase's regularisers (after :meth:`trainable` has been applied)."""
-
-    def first_task_only(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, bool | Tensor]:
-        """Every parameter of the module trainable in the first task only (the rule for parameters outside
-        the block, e.g. a feature extractor: later tasks keep the features earlier tasks were trained on)."""
-        return {p: self.progress.task == 0 for p in pl_module.parameters()}
+    def status(self) -> dict[str, Any]:
+        """What the progress bar shows beside the task: the phase, and what the method adds."""
+        return {"phase": str(self.phase), **self.method.status(self.progress)}
 
     def widths(self) -> tuple[int, ...]:
         """Units per hidden layer of the block now (for logs and boundaries)."""
         return tuple(self.model_block.widths(self.model_block.newest_task))
 
-    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Work after each optimizer step, before frozen entries are written back (e.g. proximal steps)."""
-
-    def extra_state(self) -> dict[str, Any]:
-        """The method's own state for checkpoints (plain data and tensors)."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Take back what :meth:`extra_state` saved."""
-
-    # ------------------------------------------------------------------ shared machinery
-
-    @property
-    def phase(self) -> str:
-        """The phase being trained (what the progress bar shows)."""
-        return self.progress.phase
-
-    def status(self) -> dict[str, Any]:
-        """What the progress bar shows beside the task: the phase (methods may add more)."""
-        return {"phase": str(self.phase)}
-
     @property
     def model_block(self) -> Any:
+        """The block the method trains (found at ``setup``)."""
         if self._block is None:
             raise RuntimeError(f"{type(self).__name__} is not attached: call `trainer.fit` first")
         return self._block
@@ -167,44 +112,10 @@ class TaskSequenceCallback(Callback):
         """Check that the method can run here, find the block, enter the first phase (before optimizers)."""
         if stage != "fit":
             return
-        name = type(self).__name__
-        if not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
-            raise MisconfigurationException(
-                f"{name} supports single-device and DDP training, not {type(trainer.strategy).__name__}: "
-                "the network changes shape or trainable parts between phases, which sharded strategies "
-                "(FSDP, DeepSpeed, ModelParallel) cannot follow."
-            )
-        averaging = [type(cb).__name__ for cb in trainer.callbacks if _copies_model(cb)]
-        if averaging:
-            raise MisconfigurationException(
-                f"{name} cannot run beside {averaging}: they keep a copy of the model's parameters, which goes "
-                "stale when the network changes. Remove them from the Trainer's callbacks."
-            )
-        if not isinstance(pl_module, DENLightningModule):
-            raise MisconfigurationException(
-                f"{name} needs a DENLightningModule (it sets `current_task` at task boundaries), got "
-                f"{type(pl_module).__name__}. Subclass `lightning_den.DENLightningModule` or use a ready model."
-            )
-        self.block, self._block = find_block(pl_module, self.block_type, self.block)
-        datamodule = trainer.datamodule
-        missing = [attr for attr in _TASK_STREAM_API if not hasattr(datamodule, attr)]
-        if datamodule is None or missing:
-            raise MisconfigurationException(
-                f"{name} needs a task-sequence datamodule with `num_tasks`, `current_task` and "
-                f"`set_task(task)`; {'no datamodule was given' if datamodule is None else f'it lacks {missing}'}. "
-                "Pass `trainer.fit(model, datamodule=TaskSequenceDataModule(...))`."
-            )
-        if trainer.reload_dataloaders_every_n_epochs != 1:
-            raise MisconfigurationException(
-                f"{name} switches tasks between epochs, so the training dataloader must be rebuilt every epoch: "
-                f"set `Trainer(reload_dataloaders_every_n_epochs=1)` (got {trainer.reload_dataloaders_every_n_epochs})."
-            )
-        self._check_epoch_limit(trainer, datamodule.num_tasks)
-        if trainer.limit_train_batches == 0:
-            raise MisconfigurationException(
-                "`limit_train_batches=0` gives every task an empty training set, so the sequence cannot move "
-                "from task to task; remove it or give it a positive value."
-            )
+        _check_trainer(trainer, type(self).__name__)
+        _check_module_and_data(trainer, pl_module, type(self).__name__)
+        self.block, self._block = find_block(pl_module, self.method.block_type, self.block)
+        self._check_epoch_limit(trainer, trainer.datamodule.num_tasks)
         _warn_of_checkpoints_within_epochs(trainer)
         show_task_and_phase(trainer.progress_bar_callback)
 
@@ -217,8 +128,8 @@ class TaskSequenceCallback(Callback):
                 "sequence resume it from its last checkpoint with `trainer.fit(model, datamodule=dm, "
                 "ckpt_path=...)`, or create a new callback (and model) for a new sequence"
             )
-        self.check_stream(pl_module, datamodule.num_tasks)
-        self.progress = PhaseProgress(phase=self.first_phase())
+        self._check_stream(pl_module, datamodule.num_tasks)
+        self.progress = self.method.start()
         self._pending, self._finished, self._continued = None, False, None
         learned = pl_module.tasks_learned
         if learned > 0:
@@ -249,17 +160,15 @@ class TaskSequenceCallback(Callback):
                 f"{self.model_block.num_tasks} tasks, {learned} learnt): resume that run with `trainer.fit(model, "
                 "datamodule=dm, ckpt_path=...)` from its last checkpoint instead of continuing it with new callbacks"
             )
-        # walk the phases from task 0 to the one that ends task learned - 1 (expanding wherever it may)
-        previous, target = None, PhaseProgress(phase=self.first_phase())
-        while target is not None and target.task < learned:
-            previous, target = target, self.following_phase(target, math.inf, tasks)
-        assert previous is not None and target is not None, "a task after the learnt ones exists"
+        # the phase that ended task learned - 1 (walking the phases, expanding wherever it may)
+        self.progress, target = self.method.progress_after(learned, tasks)
         self._check_labels(trainer.datamodule, target.task)
-        self.progress = replace(previous, epochs=1, last_loss=math.nan)
-        plan = trainer.strategy.broadcast(self.plan(target), src=0)
+        plan = trainer.strategy.broadcast(self._plan(trainer, target), src=0)
         trainer.datamodule.set_task(target.task)
         self._continued = self._cross(pl_module, target, plan)
-        rank_zero_info(f"{self.method}: the model has learnt tasks 0..{learned - 1}; continuing with {target.task}")
+        rank_zero_info(
+            f"{self.method.name}: the model has learnt tasks 0..{learned - 1}; continuing with {target.task}"
+        )
 
     def _check_epoch_limit(self, trainer: pl.Trainer, num_tasks: int) -> None:
         """Raise if ``max_epochs`` may end the fit before the last task (``fast_dev_run`` is let through)."""
@@ -267,7 +176,7 @@ class TaskSequenceCallback(Callback):
         if trainer.fast_dev_run:
             rank_zero_info(f"{name}: `fast_dev_run` trains one batch of the first phase; the sequence will not advance")
             return
-        needed = self.max_epochs(num_tasks)
+        needed = self.method.max_epochs(num_tasks)
         if trainer.max_epochs not in (-1, None) and trainer.max_epochs < needed:
             given = (
                 "Lightning's default when `max_epochs` is not set"
@@ -304,16 +213,20 @@ class TaskSequenceCallback(Callback):
             self._continued = None
         check_optimizers_cover(trainer, pl_module)
         self._hook_optimizers(trainer)
-        rank_zero_info(f"{self.method}: task {self.progress.task}, phase {self.progress.phase}, widths {self.widths()}")
+        rank_zero_info(
+            f"{self.method.name}: task {self.progress.task}, phase {self.progress.phase}, widths {self.widths()}"
+        )
 
     def _decide_after_last_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resumed from the end of a sequence: go on with the next task if the stream has more, else stop."""
-        target = self.following_phase(self.progress, self.progress.last_loss, trainer.datamodule.num_tasks)
+        target = self.method.following_phase(self.progress, self.progress.last_loss, trainer.datamodule.num_tasks)
         if target is None:  # nothing left to train
             trainer.should_stop = True
             return
-        self.check_stream(pl_module, trainer.datamodule.num_tasks)
-        rank_zero_info(f"{self.method}: the checkpoint ended task {self.progress.task}; continuing with {target.task}")
+        self._check_stream(pl_module, trainer.datamodule.num_tasks)
+        rank_zero_info(
+            f"{self.method.name}: the checkpoint ended task {self.progress.task}; continuing with {target.task}"
+        )
         self._finished = False
         self._schedule(trainer, target)
 
@@ -331,8 +244,8 @@ class TaskSequenceCallback(Callback):
 
     def _warn_incomplete(self, trainer: pl.Trainer, reason: str) -> None:
         message = (
-            f"{self.method} stopped at task {self.progress.task} (tasks 0..{trainer.datamodule.num_tasks - 1}), "
-            f"phase {self.progress.phase!r} after {self.progress.epochs} epoch(s) of it, because {reason}: the "
+            f"{self.method.name} stopped at task {self.progress.task} (tasks 0..{trainer.datamodule.num_tasks - 1}), "
+            f"phase '{self.progress.phase}' after {self.progress.epochs} epoch(s) of it, because {reason}: the "
             "sequence is incomplete. To go on, remove what stopped it and resume from the last checkpoint written "
             "at an epoch end: `trainer.fit(model, datamodule=dm, ckpt_path=...)` (e.g. with "
             "`ModelCheckpoint(save_last=True)`, `ckpt_path='last'`)."
@@ -344,6 +257,8 @@ class TaskSequenceCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the step hooks; the method drops what refers to the finished fit's optimizer."""
+        self.method.release()
         for handle in self._step_hooks:
             handle.remove()
         self._step_hooks = []
@@ -364,11 +279,12 @@ class TaskSequenceCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """Zero the gradients of the entries the phase does not train."""
+        """Add the method's penalty gradients, then zero the gradients of the entries the phase does not train."""
+        self.method.before_step(pl_module, self.model_block)
         self._frozen.mask_gradients_()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        self.after_optimizer_step(optimizer)
+        self.method.after_step(self.model_block, optimizer)
         self._frozen.restore_()
 
     @override
@@ -392,16 +308,16 @@ class TaskSequenceCallback(Callback):
         progress = replace(self.progress, epochs=self.progress.epochs + 1)
         if trainer.loggers:  # a log call costs about a millisecond; without a logger nobody reads it
             pl_module.log("sequence/task", float(progress.task))
-        done = phase_is_done(progress, self.phase_epochs(progress.phase), mean_loss, self.convergence_tol)
+        done = phase_is_done(progress, self.method.phase_epochs(progress.phase), mean_loss, self.convergence_tol)
         self.progress = replace(progress, last_loss=mean_loss)
         if not done:
             return
-        target = self.following_phase(progress, mean_loss, trainer.datamodule.num_tasks)
+        target = self.method.following_phase(progress, mean_loss, trainer.datamodule.num_tasks)
         if target is None:
             trainer.should_stop = True
             self._finished = True
             pl_module.tasks_learned = progress.task + 1
-            plan = trainer.strategy.broadcast(self.end_plan(), src=0)
+            plan = trainer.strategy.broadcast(self.method.end_plan(self.model_block, self.progress), src=0)
             cross_boundary(trainer, pl_module, lambda: self._end(pl_module, plan), rebuild=False)
             return
         self._schedule(trainer, target)
@@ -410,19 +326,22 @@ class TaskSequenceCallback(Callback):
         """Decide the surgery for entering ``target`` (rank 0's plan, broadcast); it is applied next epoch."""
         if target.task != self.progress.task:
             self._check_labels(trainer.datamodule, target.task)  # before anything changes
-        plan = trainer.strategy.broadcast(self.plan(target), src=0)
+        plan = trainer.strategy.broadcast(self._plan(trainer, target), src=0)
         if target.task != self.progress.task:
             trainer.datamodule.set_task(target.task)
         self._pending = (target, plan)
 
     def _end(self, pl_module: pl.LightningModule, plan: dict[str, Any]) -> TaskBoundary:
         if plan:
-            self.apply_end(pl_module, plan)
+            self.method.apply_end(self.model_block, plan)
         return self._boundary(self.progress, None, plan)
 
     def _cross(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> TaskBoundary:
         previous = self.progress
-        self.apply(pl_module, target, plan)
+        if target.task != previous.task:
+            batches = pl_module.trainer.datamodule.task_dataloader(previous.task, "train")
+            self.method.consolidate(pl_module, self.model_block, previous.task, batches)
+        self.method.apply(self.model_block, previous, target, plan)
         if target.task != previous.task:
             pl_module.current_task = target.task
             pl_module.tasks_learned = previous.task + 1
@@ -432,12 +351,25 @@ class TaskSequenceCallback(Callback):
 
     def _enter_phase(self, pl_module: pl.LightningModule) -> None:
         masks: dict[nn.Parameter, Tensor] = {}
-        for p, trainable in self.trainable(pl_module).items():
+        for p, trainable in self._trainable(pl_module).items():
             p.requires_grad_(trainable is not False)
             if isinstance(trainable, Tensor):
                 masks[p] = trainable
         self._frozen = FrozenEntries(masks)
-        self.on_phase_entered(pl_module)
+        self.method.enter_phase(self.model_block, self.progress)
+
+    def _trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, Trainable]:
+        """The method's rule for the block's parameters; outside the block, every task or the first only."""
+        outside = self.method.trains_outside_block or self.progress.task == 0
+        result: dict[nn.Parameter, Trainable] = {p: outside for p in pl_module.parameters()}
+        result.update(self.method.trainable(self.model_block, self.progress))
+        return result
+
+    def _plan(self, trainer: pl.Trainer, target: PhaseProgress) -> dict[str, Any]:
+        return self.method.plan(self.model_block, self.progress, target, trainer.datamodule.num_tasks)
+
+    def _check_stream(self, pl_module: pl.LightningModule, num_tasks: int) -> None:
+        configured(self.method.check_stream, self.model_block, pl_module.tasks_learned, num_tasks)
 
     def _hook_optimizers(self, trainer: pl.Trainer) -> None:
         for handle in self._step_hooks:
@@ -446,8 +378,6 @@ class TaskSequenceCallback(Callback):
 
     def _check_labels(self, datamodule: Any, task: int) -> None:
         """Raise if ``task``'s labels do not fit the head the block will give it."""
-        if not hasattr(datamodule, "num_classes"):
-            return
         labels, outputs = datamodule.num_classes(task), self.model_block.classes_of(task)
         if labels > outputs:
             raise ValueError(
@@ -464,14 +394,14 @@ class TaskSequenceCallback(Callback):
             if trainer.should_stop:  # stopped before the epoch's first batch (e.g. by a listener): no decision
                 return None
             raise ValueError(
-                f"task {self.progress.task} produced no training batches in phase {self.progress.phase!r}: "
+                f"task {self.progress.task} produced no training batches in phase '{self.progress.phase}': "
                 "its training set is empty or `limit_train_batches` is 0. Give every task training data."
             )
         mean_loss = float(total) / float(count)
         if not math.isfinite(mean_loss):
             raise FloatingPointError(
-                f"the training loss of task {self.progress.task} became {mean_loss} in {self.method} phase "
-                f"{self.progress.phase!r} (epoch {self.progress.epochs + 1} of the phase). Check that task's inputs "
+                f"the training loss of task {self.progress.task} became {mean_loss} in {self.method.name} phase "
+                f"'{self.progress.phase}' (epoch {self.progress.epochs + 1} of the phase). Check that task's inputs "
                 "for NaN or infinite values first (TaskSequenceDataModule refuses them); if they are finite, lower "
                 "the learning rate or the regularisation strengths. The last checkpoint holds the last good state."
             )
@@ -492,13 +422,9 @@ class TaskSequenceCallback(Callback):
         step = "end of stream" if target is None else f"task {target.task}, phase {target.phase}"
         loss = f" (loss {previous.last_loss:.4f})" if math.isfinite(previous.last_loss) else " (learnt earlier)"
         rank_zero_info(
-            f"{self.method}: task {previous.task} {previous.phase}{loss} -> {step}; widths {list(boundary.widths)}"
+            f"{self.method.name}: task {previous.task} {previous.phase}{loss} -> {step}; widths {list(boundary.widths)}"
         )
         return boundary
-
-    def generator(self, task: int, stream: int) -> torch.Generator:
-        """The same random numbers on every rank: seeded by ``seed``, the task and what they are for."""
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + task) * 7 + stream)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -516,7 +442,7 @@ class TaskSequenceCallback(Callback):
             "progress": self.progress.state_dict(),
             "pending": pending,
             "finished": self._finished,
-            "method": self.extra_state(),
+            "method": self.method.state_dict(),
         }
 
     @override
@@ -526,12 +452,78 @@ class TaskSequenceCallback(Callback):
         A checkpoint written in the middle of an epoch was refused before anything loaded
         (:meth:`~lightning_den.DENLightningModule.on_load_checkpoint`).
         """
-        self.progress = PhaseProgress(**state_dict["progress"])
+        self.progress = self._progress(state_dict["progress"])
         pending = state_dict.get("pending")
-        self._pending = None if pending is None else (PhaseProgress(**pending["target"]), pending["plan"])
+        self._pending = None if pending is None else (self._progress(pending["target"]), pending["plan"])
         self._finished = bool(state_dict.get("finished", False))
-        self.load_extra_state(state_dict.get("method", {}))
+        self.method.load_state_dict(state_dict.get("method", {}))
         self._resumed = True
+
+    def _progress(self, saved: dict[str, Any]) -> PhaseProgress:
+        """A saved progress with its phase as a member of the method's phase ``Enum``."""
+        return PhaseProgress(**{**saved, "phase": self.method.phases(saved["phase"])})
+
+
+def configured(build: Any, *args: Any, **kwargs: Any) -> Any:
+    """``build(*args, **kwargs)``, with the core's ``ValueError`` for a wrong argument raised as Lightning's
+    ``MisconfigurationException`` (same message).
+
+    Example:
+        >>> from lightning_den.core.den import DENMethod
+        >>> try:
+        ...     configured(DENMethod, units_per_expansion=0)
+        ... except MisconfigurationException as error:
+        ...     print(error)
+        `units_per_expansion` must be a positive integer, got 0
+    """
+    try:
+        return build(*args, **kwargs)
+    except ValueError as error:
+        raise MisconfigurationException(str(error)) from error
+
+
+def _check_trainer(trainer: pl.Trainer, name: str) -> None:
+    """Refuse Trainer settings a task sequence cannot run under (before anything is built)."""
+    if not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+        raise MisconfigurationException(
+            f"{name} supports single-device and DDP training, not {type(trainer.strategy).__name__}: "
+            "the network changes shape or trainable parts between phases, which sharded strategies "
+            "(FSDP, DeepSpeed, ModelParallel) cannot follow."
+        )
+    averaging = [type(cb).__name__ for cb in trainer.callbacks if _copies_model(cb)]
+    if averaging:
+        raise MisconfigurationException(
+            f"{name} cannot run beside {averaging}: they keep a copy of the model's parameters, which goes "
+            "stale when the network changes. Remove them from the Trainer's callbacks."
+        )
+    if trainer.reload_dataloaders_every_n_epochs != 1:
+        raise MisconfigurationException(
+            f"{name} switches tasks between epochs, so the training dataloader must be rebuilt every epoch: "
+            f"set `Trainer(reload_dataloaders_every_n_epochs=1)` (got {trainer.reload_dataloaders_every_n_epochs})."
+        )
+    if trainer.limit_train_batches == 0:
+        raise MisconfigurationException(
+            "`limit_train_batches=0` gives every task an empty training set, so the sequence cannot move "
+            "from task to task; remove it or give it a positive value."
+        )
+
+
+def _check_module_and_data(trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
+    """Refuse a module that does not know its task and a datamodule that is not a task stream."""
+    if not isinstance(pl_module, DENLightningModule):
+        raise MisconfigurationException(
+            f"{name} needs a DENLightningModule (it sets `current_task` at task boundaries), got "
+            f"{type(pl_module).__name__}. Subclass `lightning_den.DENLightningModule` or use a ready model."
+        )
+    datamodule = trainer.datamodule
+    missing = [attr for attr in _TASK_STREAM_API if not hasattr(datamodule, attr)]
+    if datamodule is None or missing:
+        raise MisconfigurationException(
+            f"{name} needs a task-sequence datamodule with `num_tasks`, `current_task`, `set_task(task)`, "
+            "`num_classes(task)` and `task_dataloader(task, split)`; "
+            f"{'no datamodule was given' if datamodule is None else f'it lacks {missing}'}. "
+            "Pass `trainer.fit(model, datamodule=TaskSequenceDataModule(...))`."
+        )
 
 
 def _warn_of_checkpoints_within_epochs(trainer: pl.Trainer) -> None:
@@ -574,34 +566,6 @@ def _stop_reason(trainer: pl.Trainer) -> str:
 
 def _copies_model(callback: Callback) -> bool:
     return isinstance(callback, StochasticWeightAveraging | WeightAveraging)
-
-
-class EpochsPerTaskCallback(TaskSequenceCallback):
-    """A task-sequence method with one ``train`` phase of ``epochs_per_task`` epochs per task.
-
-    Args:
-        epochs_per_task: most epochs of each task (fewer once the loss levels off, see ``convergence_tol``).
-        block: name of the block to train (found automatically if there is one).
-        convergence_tol: see :class:`TaskSequenceCallback`.
-        seed: seed of every random initialisation the callback makes.
-    """
-
-    def __init__(
-        self, epochs_per_task: int = 20, block: str | None = None, convergence_tol: float = 0.0, seed: int = 0
-    ) -> None:
-        if not isinstance(epochs_per_task, int) or isinstance(epochs_per_task, bool) or epochs_per_task < 1:
-            raise MisconfigurationException(f"`epochs_per_task` must be a positive integer, got {epochs_per_task!r}")
-        self.epochs_per_task = epochs_per_task
-        super().__init__(block=block, convergence_tol=convergence_tol, seed=seed)
-
-    def phase_epochs(self, phase: str) -> int:
-        return self.epochs_per_task
-
-    def max_epochs(self, num_tasks: int) -> int:
-        return num_tasks * self.epochs_per_task
-
-    def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
-        return PhaseProgress(task=progress.task + 1, phase="train") if progress.task + 1 < num_tasks else None
 
 
 def sequence_trainer(callbacks: list[Callback], **overrides: Any) -> pl.Trainer:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from lightning_den.core.layers import ExpandableMLP
+from lightning_den.core.den.layers import ExpandableMLP
 
 
 def select_subnetwork(mlp: ExpandableMLP, task: int, budget: float | None = None) -> list[list[int]]:
@@ -105,7 +105,7 @@ def unit_drift(mlp: ExpandableMLP, layer: int, reference: Mapping[str, Tensor]) 
     Only units and inputs that existed in ``reference`` count. Returns ``[units in the snapshot]``.
 
     Example:
-        >>> from lightning_den.core.surgery import snapshot
+        >>> from lightning_den.core.den.surgery import snapshot
         >>> mlp = ExpandableMLP(2, [2], head_classes=1)
         >>> ref = snapshot(mlp)
         >>> with torch.no_grad():

@@ -1,0 +1,201 @@
+"""Which entries of the network each DEN phase trains, and which each regulariser touches.
+
+This is DEN's rule in one place (Yoon et al., 2018, Eq. 2-6), as pure functions of the network, the
+phase and the BFS selection:
+
+=============  =====================================================  ==========================  ==============
+phase          trains (:func:`trainable_entries`)                     L1 proximal step             pull to W^{t-1}
+=============  =====================================================  ==========================  ==============
+``sparse``     everything (task 0)                                    every trained weight         -
+``head_fit``   the new head only                                      the new head's weight        -
+``selective``  the selected units' incoming weights from selected     the trained entries          hidden layers
+               inputs, their biases, the head's selected columns
+``expansion``  new units' incoming weights and biases, old units'     the trained entries, then    -
+               inputs from new units, the new head                    group lasso per new unit
+``split``      everything but earlier heads                           every trained weight         hidden layers
+=============  =====================================================  ==========================  ==============
+
+A regulariser never changes an entry the phase does not train: the L1 and group-lasso targets
+(:func:`proximal_targets`) are the trained entries only, and the pull's gradient is masked with the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.den.phases import DENPhase
+from lightning_den.core.den.prox import group_lasso_prox_, l1_prox_, l1_prox_masked_
+from lightning_den.core.freezing import frozen_leading_block
+from lightning_den.core.method import Trainable
+
+
+def _normalise(mask: Tensor) -> Trainable:
+    if bool(mask.all()):
+        return True
+    if not bool(mask.any()):
+        return False
+    return mask
+
+
+def trainable_entries(
+    mlp: ExpandableMLP, phase: DENPhase, selection: list[list[int]] | None = None
+) -> dict[str, Trainable]:
+    """Which entries of each parameter ``phase`` trains in the newest task.
+
+    Returns a map from parameter name to ``True`` (every entry), ``False`` (none: the parameter is
+    frozen whole) or a boolean mask of the parameter's shape. Heads of earlier tasks are always
+    frozen. ``selection`` is the BFS result (:func:`~lightning_den.core.den.selection.select_subnetwork`),
+    needed by ``SELECTIVE``.
+
+    Example:
+        >>> mlp = ExpandableMLP(4, [3], head_classes=2)
+        >>> trainable_entries(mlp, DENPhase.SPARSE)["hidden.0.weight"]
+        True
+    """
+    task = mlp.newest_task
+    result: dict[str, Trainable] = {}
+    for name, _ in mlp.heads.named_parameters():
+        result[f"heads.{name}"] = name.split(".")[0] == str(task)
+    for index, layer in enumerate(mlp.hidden):
+        weight_key, bias_key = f"hidden.{index}.weight", f"hidden.{index}.bias"
+        if phase in (DENPhase.SPARSE, DENPhase.SPLIT):
+            result[weight_key] = result[bias_key] = True
+        elif phase is DENPhase.HEAD_FIT:
+            result[weight_key] = result[bias_key] = False
+        elif phase is DENPhase.SELECTIVE:
+            if selection is None:
+                raise ValueError("the selective phase needs the BFS selection of the task's subnetwork")
+            rows = _index_mask(selection[index + 1], layer.out_features, layer.birth.device)
+            cols = _index_mask(selection[index], layer.in_features, layer.birth.device)
+            result[weight_key] = _normalise(rows[:, None] & cols[None, :])
+            result[bias_key] = _normalise(rows)
+        else:  # EXPANSION: new units' incoming weights, and the old units' inputs from new units
+            rows = layer.birth == task
+            cols = torch.zeros(layer.in_features, dtype=torch.bool, device=layer.birth.device)
+            if index > 0:
+                cols = mlp.hidden[index - 1].birth == task
+            result[weight_key] = _normalise(rows[:, None] | cols[None, :])
+            result[bias_key] = _normalise(rows)
+    if phase is DENPhase.SELECTIVE:
+        head = mlp.heads[str(task)]
+        columns = _index_mask(selection[-1], head.in_features, head.birth.device)
+        result[f"heads.{task}.weight"] = _normalise(columns[None, :].expand(head.out_features, -1).clone())
+    return result
+
+
+def _index_mask(indices: list[int], size: int, device: torch.device) -> Tensor:
+    mask = torch.zeros(size, dtype=torch.bool, device=device)
+    mask[indices] = True
+    return mask
+
+
+@dataclass(frozen=True)
+class ProximalTarget:
+    """What DEN's proximal steps touch in one weight: L1 on ``blocks`` (views of trained entries) or, for a
+    scattered set of trained entries, on ``weight`` where ``mask`` is True; then, in expansion, group
+    lasso on ``new_rows`` (the new units' incoming weights) with their ``new_biases``."""
+
+    weight: Tensor
+    blocks: tuple[Tensor, ...] = ()
+    mask: Tensor | None = None
+    new_rows: Tensor | None = None
+    new_biases: Tensor | None = None
+
+    def step_(self, l1: float, group: float) -> None:
+        """L1 with threshold ``l1`` (``lr * mu``), *then* group lasso with ``group`` (``lr * gamma``).
+
+        The official code ran both on the same variables at once, so the last one won (bug B6).
+        """
+        if self.mask is None:
+            l1_prox_(self.blocks, l1)
+        else:
+            l1_prox_masked_(self.weight, self.mask, l1)
+        if self.new_rows is not None:
+            group_lasso_prox_([self.new_rows], group, None if self.new_biases is None else [self.new_biases])
+
+
+def proximal_targets(
+    mlp: ExpandableMLP, trainable: dict[str, Trainable], phase: DENPhase
+) -> dict[nn.Parameter, ProximalTarget]:
+    """For every weight the phase trains (``trainable``, from :func:`trainable_entries`): its proximal target.
+
+    L1 acts on the trained entries: the whole weight, the two blocks around a frozen leading block (old
+    units' weights while new ones train), or a mask. Group lasso acts in ``EXPANSION`` on the units born
+    in the newest task (a suffix of each hidden layer).
+
+    Example:
+        >>> mlp = ExpandableMLP(4, [3], head_classes=2)
+        >>> targets = proximal_targets(mlp, trainable_entries(mlp, DENPhase.SPARSE), DENPhase.SPARSE)
+        >>> sorted(tuple(t.weight.shape) for t in targets.values())
+        [(2, 3), (3, 4)]
+    """
+    params = dict(mlp.named_parameters())
+    targets: dict[nn.Parameter, ProximalTarget] = {}
+    for name, entries in trainable.items():
+        if not name.endswith("weight") or entries is False:
+            continue
+        weight = params[name].detach()
+        new_rows = new_biases = None
+        if phase is DENPhase.EXPANSION and name.startswith("hidden."):
+            layer = mlp.hidden[int(name.split(".")[1])]
+            first = int((layer.birth < mlp.newest_task).sum())
+            if first < layer.out_features:
+                new_rows, new_biases = weight[first:], layer.bias.detach()[first:]
+        if entries is True:
+            targets[params[name]] = ProximalTarget(weight, blocks=(weight,), new_rows=new_rows, new_biases=new_biases)
+            continue
+        frozen = frozen_leading_block(entries)
+        if frozen is not None and weight.ndim == 2:
+            rows, cols = frozen[0].stop, frozen[1].stop
+            blocks = tuple(b for b in (weight[rows:], weight[:rows, cols:]) if b.numel())
+            targets[params[name]] = ProximalTarget(weight, blocks=blocks, new_rows=new_rows, new_biases=new_biases)
+        else:
+            mask = entries.to(weight.device)
+            targets[params[name]] = ProximalTarget(weight, mask=mask, new_rows=new_rows, new_biases=new_biases)
+    return targets
+
+
+@dataclass(frozen=True)
+class DriftTarget:
+    """A hidden parameter pulled toward W^{t-1}: the block of it that existed then (``leading``, ``None``
+    when that is all of it), that block's ``values``, its ``reference`` and room for their difference."""
+
+    param: nn.Parameter
+    leading: tuple[slice, ...] | None
+    values: Tensor
+    reference: Tensor
+    scratch: Tensor
+
+    def grad(self) -> Tensor | None:
+        """The gradient of the entries the pull acts on (``None`` before the first backward)."""
+        if self.param.grad is None:
+            return None
+        return self.param.grad if self.leading is None else self.param.grad[self.leading]
+
+
+def drift_targets(mlp: ExpandableMLP, phase: DENPhase, reference: dict[str, Tensor]) -> list[DriftTarget]:
+    """The hidden parameters pulled toward W^{t-1} (``reference``, from
+    :func:`~lightning_den.core.den.surgery.snapshot`): in ``SELECTIVE`` and ``SPLIT`` only (Eq. 4, 6).
+
+    The pull's gradient reaches frozen entries too; the phase's gradient masks zero it there.
+
+    Example:
+        >>> from lightning_den.core.den.surgery import snapshot
+        >>> mlp = ExpandableMLP(4, [3], head_classes=2)
+        >>> len(drift_targets(mlp, DENPhase.SELECTIVE, snapshot(mlp))), drift_targets(mlp, DENPhase.SPARSE, {})
+        (2, [])
+    """
+    if phase not in (DENPhase.SELECTIVE, DENPhase.SPLIT):
+        return []
+    targets = []
+    for index, layer in enumerate(mlp.hidden):
+        for name in ("weight", "bias"):
+            param, saved = getattr(layer, name), reference[f"hidden.{index}.{name}"]
+            leading = None if param.shape == saved.shape else tuple(map(slice, saved.shape))
+            values = param.detach() if leading is None else param.detach()[leading]
+            targets.append(DriftTarget(param, leading, values, saved, torch.empty_like(values)))
+    return targets

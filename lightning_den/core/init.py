@@ -1,0 +1,45 @@
+"""The one initialiser of the package: new units, heads, columns and adapters are drawn the way
+``nn.Linear`` draws its parameters, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, from an explicit generator,
+so every process with the same seed draws the same values (the ranks of a DDP job take the same surgery).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def uniform_init(
+    rows: int, fan_in: int, generator: torch.Generator, like: Tensor, bias: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Weights (then biases, unless ``bias=False``) for ``rows`` units reading ``fan_in`` inputs, with the
+    device and dtype of ``like``.
+
+    Example:
+        >>> w, b = uniform_init(3, 4, torch.Generator().manual_seed(0), torch.zeros(1))
+        >>> tuple(w.shape), tuple(b.shape)
+        ((3, 4), (3,))
+    """
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    weight = torch.empty(rows, fan_in).uniform_(-bound, bound, generator=generator)
+    drawn = torch.empty(rows).uniform_(-bound, bound, generator=generator) if bias else None
+    return weight.to(like), None if drawn is None else drawn.to(like)
+
+
+@torch.no_grad()
+def draw_linear_(layer: nn.Module, generator: torch.Generator) -> None:
+    """Redraw a linear layer's ``weight`` (then ``bias``, if it has one) in place with :func:`uniform_init`.
+
+    Example:
+        >>> layer = nn.Linear(4, 2)
+        >>> draw_linear_(layer, torch.Generator().manual_seed(0))
+        >>> bool(layer.weight.abs().max() <= 0.5)
+        True
+    """
+    rows, fan_in = layer.weight.shape
+    weight, bias = uniform_init(rows, fan_in, generator, layer.weight, bias=layer.bias is not None)
+    layer.weight.copy_(weight)
+    if bias is not None:
+        layer.bias.copy_(bias)

@@ -1,0 +1,212 @@
+"""DEN's whole per-task pipeline without a Trainer: :class:`~lightning_den.core.den.DENMethod` stepped by hand.
+
+A plain training loop plays the driver's part (trainable entries, gradient masks, write-back of frozen
+entries); what each phase may change is then checked bit for bit, and a property test checks that no
+proximal step ever changes an entry its phase does not train.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from lightning_den.core.den import DENMethod, DENPhase, ExpandableMLP, drift_targets, proximal_targets
+from lightning_den.core.den.entries import trainable_entries
+from lightning_den.core.den.selection import select_subnetwork
+from lightning_den.core.den.surgery import snapshot
+from lightning_den.core.freezing import FrozenEntries
+from lightning_den.core.method import PhaseProgress, TaskBlock, phase_is_done
+from tests.core.helpers import FAST, as_mask, build, mlp_configs, random_history
+
+IN_FEATURES, HIDDEN, TASKS = 6, [8, 6], 3
+
+
+def tasks(seed: int = 0, size: int = 64) -> list[tuple[Tensor, Tensor]]:
+    """Binary tasks on random inputs; task ``t`` depends on the first ``t + 2`` input features only."""
+    generator = torch.Generator().manual_seed(seed)
+    result = []
+    for task in range(TASKS):
+        x = torch.randn(size, IN_FEATURES, generator=generator)
+        direction = torch.zeros(IN_FEATURES)
+        direction[: task + 2] = torch.randn(task + 2, generator=generator)
+        result.append((x, (x @ direction > 0).long()))
+    return result
+
+
+def train_phase(method: DENMethod, mlp: ExpandableMLP, progress: PhaseProgress, data) -> float:
+    """One epoch of ``progress``'s phase in full batches of 16, as the driver runs it; the mean loss."""
+    trainable = method.trainable(mlp, progress)
+    masks = {}
+    for p, entries in trainable.items():
+        p.requires_grad_(entries is not False)
+        if isinstance(entries, Tensor):
+            masks[p] = entries
+    frozen = FrozenEntries(masks)
+    method.enter_phase(mlp, progress)
+    optimizer = torch.optim.Adam([p for p in mlp.parameters() if p.requires_grad], lr=0.05)
+    x, y = data
+    losses = []
+    for start in range(0, len(y), 16):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(mlp(x[start : start + 16], progress.task), y[start : start + 16])
+        loss.backward()
+        method.before_step(mlp, mlp)
+        frozen.mask_gradients_()
+        optimizer.step()
+        method.after_step(mlp, optimizer)
+        frozen.restore_()
+        losses.append(float(loss.detach()))
+    return sum(losses) / len(losses)
+
+
+def run_sequence(method: DENMethod, mlp: ExpandableMLP, check_phase) -> list[tuple[int, DENPhase]]:
+    """The whole sequence: ``check_phase(progress, before, after)`` sees the state around every phase."""
+    data, progress, visited = tasks(), method.start(), []
+    while progress is not None:
+        visited.append((progress.task, progress.phase))
+        before = {name: p.detach().clone() for name, p in mlp.named_parameters()}
+        while True:
+            mean_loss = train_phase(method, mlp, progress, data[progress.task])
+            progress = PhaseProgress(progress.task, progress.phase, progress.epochs + 1, progress.last_loss)
+            done = phase_is_done(progress, method.phase_epochs(progress.phase), mean_loss, 0.0)
+            progress.last_loss = mean_loss
+            if done:
+                break
+        check_phase(progress, before, dict(mlp.named_parameters()))
+        target = method.following_phase(progress, mean_loss, TASKS)
+        if target is None:
+            method.apply_end(mlp, method.end_plan(mlp, progress))
+        else:
+            method.apply(mlp, progress, target, method.plan(mlp, progress, target, TASKS))
+        progress = target
+    return visited
+
+
+def den(**changes) -> DENMethod:
+    settings = dict(
+        first_task_epochs=3,
+        head_fit_epochs=2,
+        selective_epochs=2,
+        expansion_epochs=2,
+        split_epochs=2,
+        sparsity_l1=0.05,
+        loss_threshold=0.0,
+        units_per_expansion=3,
+        selection_budget=0.5,
+    )
+    return DENMethod(**{**settings, **changes})
+
+
+def test_the_pipeline_runs_every_phase_and_changes_only_what_each_phase_trains():
+    torch.manual_seed(0)
+    mlp, method = ExpandableMLP(IN_FEATURES, HIDDEN, head_classes=2), den()
+    selected_fractions = []
+
+    def check_phase(progress, before, after):
+        task, phase = progress.task, progress.phase
+        for name, value in before.items():
+            if name.startswith("heads.") and name.split(".")[1] != str(task):
+                assert torch.equal(after[name], value), f"{phase}: the head of an earlier task changed ({name})"
+        if phase is DENPhase.HEAD_FIT:
+            for name, value in before.items():
+                if name.startswith("hidden."):
+                    assert torch.equal(after[name], value), f"head fit changed {name}"
+        if phase is DENPhase.SELECTIVE:
+            selection = method.state_dict()["selection"]
+            selected_fractions.append(method.state_dict()["selected_fraction"])
+            for index in range(len(HIDDEN)):
+                rows, cols = selection[index + 1], selection[index]
+                for name in ("weight", "bias"):
+                    key = f"hidden.{index}.{name}"
+                    kept = torch.ones_like(before[key], dtype=torch.bool)
+                    if name == "weight":
+                        kept[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = False
+                    else:
+                        kept[rows] = False
+                    assert torch.equal(after[key][kept], before[key][kept]), f"a non-selected entry of {key} changed"
+        if phase is DENPhase.EXPANSION:
+            for index, layer in enumerate(mlp.hidden):
+                old_rows = int((layer.birth < task).sum())
+                old_cols = IN_FEATURES if index == 0 else int((mlp.hidden[index - 1].birth < task).sum())
+                key = f"hidden.{index}.weight"
+                assert torch.equal(after[key][:old_rows, :old_cols], before[key][:old_rows, :old_cols])
+
+    visited = run_sequence(method, mlp, check_phase)
+    assert visited == [
+        (0, DENPhase.SPARSE),
+        *[(t, p) for t in (1, 2) for p in (DENPhase.HEAD_FIT, DENPhase.SELECTIVE, DENPhase.EXPANSION, DENPhase.SPLIT)],
+    ]
+    assert all(fraction <= 0.5 + 1e-9 for fractions in selected_fractions for fraction in fractions)
+    assert mlp.num_tasks == TASKS and all(
+        layer.out_features >= size for layer, size in zip(mlp.hidden, HIDDEN, strict=True)
+    )
+    mlp.check_prefix_invariant()
+
+
+def test_a_reloaded_method_plans_the_same_surgery():
+    torch.manual_seed(0)
+    mlp, method = ExpandableMLP(IN_FEATURES, HIDDEN, head_classes=2), den()
+    progress = method.start()
+    target = method.following_phase(progress, math.inf, TASKS)
+    method.apply(mlp, progress, target, method.plan(mlp, progress, target, TASKS))
+    selective = method.following_phase(target, math.inf, TASKS)
+    reloaded = den()
+    reloaded.load_state_dict(method.state_dict())
+    assert reloaded.plan(mlp, target, selective, TASKS) == method.plan(mlp, target, selective, TASKS)
+
+
+def test_the_blocks_follow_the_task_block_protocol():
+    from lightning_den.core.packnet import PackNetMLP
+    from lightning_den.core.progressive import ProgressiveMLP
+
+    for block in (ExpandableMLP(3, [2], 2), ProgressiveMLP(3, [2], 2), PackNetMLP(3, [2], 2)):
+        assert isinstance(block, TaskBlock)
+    assert not isinstance(nn.Linear(3, 2), TaskBlock)
+
+
+@FAST
+@given(config=mlp_configs(), data=st.data())
+def test_no_proximal_step_changes_an_entry_its_phase_does_not_train(config, data):
+    mlp, generator = build(config)
+    random_history(data, mlp, generator)
+    phase = data.draw(st.sampled_from(list(DENPhase)), label="phase")
+    selection = select_subnetwork(mlp, mlp.newest_task, data.draw(st.sampled_from([None, 0.5]), label="budget"))
+    trainable = trainable_entries(mlp, phase, selection)
+    params = dict(mlp.named_parameters())
+    before = {name: p.detach().clone() for name, p in params.items()}
+    l1, group = data.draw(st.floats(0.0, 2.0), label="l1"), data.draw(st.floats(0.0, 2.0), label="group")
+    with torch.no_grad():
+        for target in proximal_targets(mlp, trainable, phase).values():
+            target.step_(l1, group)
+    for name, p in params.items():
+        frozen = ~as_mask(trainable[name], p.shape)
+        assert torch.equal(p.detach()[frozen], before[name][frozen]), f"{phase}: a frozen entry of {name} changed"
+
+
+@FAST
+@given(config=mlp_configs(), data=st.data())
+def test_group_lasso_acts_only_on_units_born_in_the_newest_task(config, data):
+    mlp, generator = build(config)
+    random_history(data, mlp, generator)
+    trainable = trainable_entries(mlp, DENPhase.EXPANSION)
+    for param, target in proximal_targets(mlp, trainable, DENPhase.EXPANSION).items():
+        if target.new_rows is None:
+            continue
+        layer = next(layer for layer in mlp.hidden if layer.weight is param)
+        born = int((layer.birth == mlp.newest_task).sum())
+        assert target.new_rows.shape[0] == born and target.new_biases.shape[0] == born
+        assert target.new_rows.data_ptr() == layer.weight[layer.out_features - born :].data_ptr()
+
+
+@pytest.mark.parametrize("phase", list(DENPhase))
+def test_the_pull_toward_the_previous_task_acts_in_selective_retraining_and_after_the_split(phase):
+    mlp = ExpandableMLP(4, [3, 2], head_classes=2)
+    targets = drift_targets(mlp, phase, snapshot(mlp))
+    assert bool(targets) == (phase in (DENPhase.SELECTIVE, DENPhase.SPLIT))
+    assert all(target.values.shape == target.reference.shape for target in targets)

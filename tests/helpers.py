@@ -1,0 +1,88 @@
+"""Shared helpers of the Lightning tests: a tiny task stream, a tiny DEN model and a Trainer set up for DEN."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_den import DENMLP, TaskSequenceDataModule
+from lightning_den.driver import sequence_trainer
+
+IN_FEATURES = 6
+HIDDEN = [5, 4]
+
+
+def tiny_stream(num_tasks: int = 3, size: int = 48, seed: int = 0) -> TaskSequenceDataModule:
+    """Linearly separable binary tasks on random inputs, one random direction per task."""
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for _ in range(num_tasks):
+        direction = torch.randn(IN_FEATURES, generator=generator)
+        for split, n in ((train, size), (test, size // 2)):
+            x = torch.randn(n, IN_FEATURES, generator=generator)
+            split.append((x, (x @ direction > 0).long()))
+    return TaskSequenceDataModule.from_tensors(train=train, test=test, batch_size=16, seed=seed)
+
+
+def tiny_model(lr: float = 1e-2, optimizer: Callable | None = None) -> DENMLP:
+    factory = optimizer or functools.partial(torch.optim.Adam, lr=lr)
+    return DENMLP(IN_FEATURES, list(HIDDEN), num_classes=2, optimizer=factory)
+
+
+def short_phases(**overrides) -> dict:
+    """DENCallback arguments for a fast run (a few epochs per phase)."""
+    settings = dict(
+        first_task_epochs=3,
+        head_fit_epochs=2,
+        selective_epochs=2,
+        expansion_epochs=2,
+        split_epochs=2,
+        convergence_tol=0.0,
+        sparsity_l1=0.1,
+        units_per_expansion=3,
+    )
+    settings.update(overrides)
+    return settings
+
+
+def make_trainer(tmp_path, callbacks: list[Callback], **overrides) -> pl.Trainer:
+    return sequence_trainer(callbacks, default_root_dir=tmp_path, **overrides)
+
+
+#: a three-task DEN configuration of the CLI on the digits, a few epochs per phase
+TINY_CONFIG = """
+seed_everything: 0
+model:
+  class_path: lightning_den.DENMLP
+  init_args:
+    in_features: 64
+    hidden_sizes: [12, 8]
+    num_classes: 2
+    optimizer:
+      class_path: torch.optim.Adam
+      init_args:
+        lr: 0.01
+data:
+  class_path: lightning_den.data.SplitDigits
+  init_args:
+    num_tasks: 3
+trainer:
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+  callbacks:
+    - class_path: lightning_den.DENCallback
+      init_args:
+        first_task_epochs: 3
+        head_fit_epochs: 2
+        selective_epochs: 2
+        expansion_epochs: 2
+        split_epochs: 2
+        loss_threshold: 0.0
+        sparsity_l1: 0.05
+    - class_path: lightning_den.TaskEvaluation
+"""
