@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from lightning_den._lazy import lazy_exports
 from lightning_den.core import DENMethod, DENPhase, ExpandableLinear, ExpandableMLP, TaskBlock, TaskMethod
+from lightning_den.core.convert import load_grown
+from lightning_den.core.routing import task
 
 if TYPE_CHECKING:
     from lightning_den.baselines import (
@@ -74,7 +76,9 @@ __all__ = [
     "TaskSequenceCallback",
     "TaskSequenceDataModule",
     "TensorFileStream",
+    "load_grown",
     "sequence_trainer",
+    "task",
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

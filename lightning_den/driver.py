@@ -38,9 +38,11 @@ from lightning_den.boundary import (
     rebuild_training_objects,
 )
 from lightning_den.core.checks import check_number
+from lightning_den.core.convert import attach_block
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.method import PhaseProgress, TaskMethod, Trainable, phase_is_done
-from lightning_den.module import EPOCH_END, DENLightningModule, find_block
+from lightning_den.core.routing import set_active_task
+from lightning_den.module import EPOCH_END, refuse_resuming_within_an_epoch
 from lightning_den.progress import show_task_and_phase
 
 #: what the driver (and TaskEvaluation) use of a datamodule; TaskSequenceDataModule has all of it
@@ -50,12 +52,18 @@ _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 
 
 class TaskSequenceCallback(Callback):
-    """Runs a task method on a :class:`~lightning_den.DENLightningModule` over a whole task stream in one fit.
+    """Runs a task method on a LightningModule over a whole task stream in one fit.
+
+    The module is a :class:`~lightning_den.DENLightningModule`, or any LightningModule whose MLP part is an
+    ``nn.Sequential`` of ``nn.Linear`` layers: that chain is converted in place at ``setup`` into the method's
+    block (:func:`~lightning_den.core.convert.attach_block`), computing bit for bit what it computed, and the
+    module's ``forward(x)`` then routes to the current task's head.
 
     Args:
         method: the algorithm (pure torch): its phases, surgery, trainable entries and regularisers.
-        block: name of the module's block to train (found automatically when there is exactly one block of
-            the method's block type).
+        block: name of the module's block to train, or of the ``nn.Sequential`` of Linear layers to convert
+            into it (found automatically when there is exactly one block of the method's type, or else exactly
+            one such chain).
         convergence_tol: a phase ends early once its mean training loss changes by less than this
             fraction from one epoch to the next; ``0`` runs every phase for its full epochs.
 
@@ -93,8 +101,9 @@ class TaskSequenceCallback(Callback):
         return self.progress.phase
 
     def status(self) -> dict[str, Any]:
-        """What the progress bar shows beside the task: the phase, and what the method adds."""
-        return {"phase": str(self.phase), **self.method.status(self.progress)}
+        """What the progress bar shows: the task, the phase, and what the method adds."""
+        # text: bars show numbers as floats
+        return {"task": str(self.progress.task), "phase": str(self.phase), **self.method.status(self.progress)}
 
     def widths(self) -> tuple[int, ...]:
         """Units per hidden layer of the block now (for logs and boundaries)."""
@@ -113,8 +122,8 @@ class TaskSequenceCallback(Callback):
         if stage != "fit":
             return
         _check_trainer(trainer, type(self).__name__)
-        _check_module_and_data(trainer, pl_module, type(self).__name__)
-        self.block, self._block = find_block(pl_module, self.method.block_type, self.block)
+        _check_datamodule(trainer, type(self).__name__)
+        self.block, self._block = configured(attach_block, pl_module, self.method.block_type, self.block)
         self._check_epoch_limit(trainer, trainer.datamodule.num_tasks)
         _warn_of_checkpoints_within_epochs(trainer)
         show_task_and_phase(trainer.progress_bar_callback)
@@ -131,7 +140,7 @@ class TaskSequenceCallback(Callback):
         self._check_stream(pl_module, datamodule.num_tasks)
         self.progress = self.method.start()
         self._pending, self._finished, self._continued = None, False, None
-        learned = pl_module.tasks_learned
+        learned = self.model_block.tasks_learned
         if learned > 0:
             self._continue_after(trainer, pl_module, learned)
             return
@@ -143,7 +152,7 @@ class TaskSequenceCallback(Callback):
             )
         self._check_labels(datamodule, 0)
         datamodule.set_task(0)
-        pl_module.current_task = 0
+        set_active_task(pl_module, 0)
 
     def _continue_after(self, trainer: pl.Trainer, pl_module: pl.LightningModule, learned: int) -> None:
         """Start the first task the model has not learnt: ``learned`` tasks are done, the stream has more."""
@@ -316,7 +325,7 @@ class TaskSequenceCallback(Callback):
         if target is None:
             trainer.should_stop = True
             self._finished = True
-            pl_module.tasks_learned = progress.task + 1
+            set_active_task(pl_module, progress.task, tasks_learned=progress.task + 1)
             plan = trainer.strategy.broadcast(self.method.end_plan(self.model_block, self.progress), src=0)
             cross_boundary(trainer, pl_module, lambda: self._end(pl_module, plan), rebuild=False)
             return
@@ -343,20 +352,20 @@ class TaskSequenceCallback(Callback):
             self.method.consolidate(pl_module, self.model_block, previous.task, batches)
         self.method.apply(self.model_block, previous, target, plan)
         if target.task != previous.task:
-            pl_module.current_task = target.task
-            pl_module.tasks_learned = previous.task + 1
+            set_active_task(pl_module, target.task, tasks_learned=previous.task + 1)
         self.progress = target
         self._enter_phase(pl_module)
         return self._boundary(previous, target, plan)
 
     def _enter_phase(self, pl_module: pl.LightningModule) -> None:
         masks: dict[nn.Parameter, Tensor] = {}
-        for p, trainable in self._trainable(pl_module).items():
-            p.requires_grad_(trainable is not False)
-            if isinstance(trainable, Tensor):
-                masks[p] = trainable
+        trainable = self._trainable(pl_module)
+        for p, entries in trainable.items():
+            p.requires_grad_(entries is not False)
+            if isinstance(entries, Tensor):
+                masks[p] = entries
         self._frozen = FrozenEntries(masks)
-        self.method.enter_phase(self.model_block, self.progress)
+        self.method.enter_phase(self.model_block, self.progress, trainable)
 
     def _trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, Trainable]:
         """The method's rule for the block's parameters; outside the block, every task or the first only."""
@@ -369,7 +378,7 @@ class TaskSequenceCallback(Callback):
         return self.method.plan(self.model_block, self.progress, target, trainer.datamodule.num_tasks)
 
     def _check_stream(self, pl_module: pl.LightningModule, num_tasks: int) -> None:
-        configured(self.method.check_stream, self.model_block, pl_module.tasks_learned, num_tasks)
+        configured(self.method.check_stream, self.model_block, self.model_block.tasks_learned, num_tasks)
 
     def _hook_optimizers(self, trainer: pl.Trainer) -> None:
         for handle in self._step_hooks:
@@ -449,9 +458,10 @@ class TaskSequenceCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take the saved state; the phase is entered again in ``on_fit_start``, once the model is rebuilt.
 
-        A checkpoint written in the middle of an epoch was refused before anything loaded
-        (:meth:`~lightning_den.DENLightningModule.on_load_checkpoint`).
+        A checkpoint written in the middle of an epoch is refused (a DENLightningModule refused it before its
+        weights loaded).
         """
+        refuse_resuming_within_an_epoch([state_dict])
         self.progress = self._progress(state_dict["progress"])
         pending = state_dict.get("pending")
         self._pending = None if pending is None else (self._progress(pending["target"]), pending["plan"])
@@ -508,13 +518,8 @@ def _check_trainer(trainer: pl.Trainer, name: str) -> None:
         )
 
 
-def _check_module_and_data(trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
-    """Refuse a module that does not know its task and a datamodule that is not a task stream."""
-    if not isinstance(pl_module, DENLightningModule):
-        raise MisconfigurationException(
-            f"{name} needs a DENLightningModule (it sets `current_task` at task boundaries), got "
-            f"{type(pl_module).__name__}. Subclass `lightning_den.DENLightningModule` or use a ready model."
-        )
+def _check_datamodule(trainer: pl.Trainer, name: str) -> None:
+    """Refuse a datamodule that is not a task stream."""
     datamodule = trainer.datamodule
     missing = [attr for attr in _TASK_STREAM_API if not hasattr(datamodule, attr)]
     if datamodule is None or missing:

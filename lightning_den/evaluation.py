@@ -19,8 +19,9 @@ from torchmetrics.functional.classification import binary_auroc
 
 from lightning_den.boundary import TaskBoundary
 from lightning_den.core.den.selection import SELECTION_KEYS
+from lightning_den.core.routing import task as route_to
+from lightning_den.core.routing import task_blocks
 from lightning_den.metrics import functional as M
-from lightning_den.module import continual_blocks
 from lightning_den.report import format_report, plot_report
 
 
@@ -28,7 +29,7 @@ from lightning_den.report import format_report, plot_report
 def task_scores(
     pl_module: pl.LightningModule, loader: DataLoader, task: int, *, precision: Precision | None = None
 ) -> tuple[float, float | None]:
-    """Accuracy of ``pl_module(x, task=task)`` over ``loader`` and, when the task's head has two outputs, AUROC.
+    """Accuracy of ``task``'s outputs over ``loader`` and, when the task's head has two outputs, AUROC.
 
     The classes are the head's outputs (the width of the logits), whatever labels the data hold:
     accuracy is the share of samples whose largest logit is their label. AUROC ranks the softmax
@@ -36,7 +37,8 @@ def task_scores(
     undefined then). Old tasks run through timestamped inference.
 
     Args:
-        pl_module: the model, called as ``pl_module(inputs, task=task)``.
+        pl_module: the model, called as ``pl_module(inputs)`` with its blocks routed to ``task``
+            (:func:`lightning_den.task`), so a plain module's ``forward(x)`` works as well.
         loader: ``(inputs, labels)`` batches of the task.
         task: the task whose head to evaluate.
         precision: the Trainer's precision plugin (``trainer.precision_plugin``): inputs are converted
@@ -60,11 +62,12 @@ def task_scores(
     pl_module.eval()
     logits, labels = [], []
     try:
-        for inputs, targets in loader:
-            inputs = plugin.convert_input(inputs.to(pl_module.device))
-            with plugin.forward_context():
-                logits.append(pl_module(inputs, task=task).float().cpu())
-            labels.append(targets.cpu())
+        with route_to(pl_module, task):
+            for inputs, targets in loader:
+                inputs = plugin.convert_input(inputs.to(pl_module.device))
+                with plugin.forward_context():
+                    logits.append(pl_module(inputs).float().cpu())
+                labels.append(targets.cpu())
     finally:
         pl_module.train(was_training)
     if not logits:
@@ -249,7 +252,7 @@ class TaskEvaluation(Callback):
             per_task.extend([None] * (task - len(per_task)))
 
     def _block(self, pl_module: pl.LightningModule) -> Any:
-        blocks = continual_blocks(pl_module)
+        blocks = task_blocks(pl_module)
         if self.block is not None:
             if self.block not in blocks:
                 raise MisconfigurationException(

@@ -1,16 +1,17 @@
 """LightningModules for task sequences: :class:`DENLightningModule` and the ready :class:`DENMLP`.
 
-A :class:`DENLightningModule` knows the task it is trained on (``current_task``, set by the
-callbacks at task boundaries) and how many tasks it has learnt (``tasks_learned``). It computes the
+A :class:`DENLightningModule` knows the task it is trained on (``current_task``: its blocks' active task, set
+by the callbacks at task boundaries) and how many tasks it has learnt (``tasks_learned``). It computes the
 classification loss of the current task's head, evaluates each seen task on its own dataloader
 (``dataloader_idx == task``), predicts with an explicit task's head, and builds its optimizer from the
-parameters it has *now*, so grown layers are always optimised. Its architecture travels inside its
-``state_dict`` as plain data, so any ``load_state_dict`` (a checkpoint, ``ddp_spawn`` handing the
+parameters it has *now*, so grown layers are always optimised. Each block's architecture travels inside
+the ``state_dict`` as plain data, so any ``load_state_dict`` (a checkpoint, ``ddp_spawn`` handing the
 weights back) first grows the blocks to the saved shapes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,48 +25,26 @@ from torch import Tensor, nn
 
 from lightning_den.core.den.layers import ExpandableMLP
 from lightning_den.core.method import TaskBlock
+from lightning_den.core.routing import set_active_task, task_blocks
 
 #: key of a task-sequence callback's checkpoint state: False when it was saved in the middle of an epoch
 EPOCH_END = "epoch_end"
 
 
-def find_block(module: nn.Module, block_type: type[nn.Module], name: str | None = None) -> tuple[str, Any]:
-    """The ``block_type`` submodule of ``module``: the one named ``name``, or the only one there is.
+def refuse_resuming_within_an_epoch(callback_states: Iterable[Any]) -> None:
+    """Raise if a task-sequence callback's saved state says it was written in the middle of an epoch.
 
-    Raises:
-        MisconfigurationException: no such block, several and no ``name``, or ``name`` is not one.
-
-    Example:
-        >>> find_block(nn.Sequential(ExpandableMLP(4, [3], head_classes=2)), ExpandableMLP)[0]
-        '0'
+    A :class:`DENLightningModule` checks before anything loads; the callbacks check their own state for any
+    other module.
     """
-    kind = block_type.__name__
-    blocks = {n: m for n, m in module.named_modules() if isinstance(m, block_type)}
-    if name is not None:
-        if name not in blocks:
-            raise MisconfigurationException(
-                f"`block={name!r}` is not a {kind} of {type(module).__name__}; its {kind} blocks are: "
-                f"{sorted(blocks) or 'none'}"
-            )
-        return name, blocks[name]
-    if len(blocks) == 1:
-        return next(iter(blocks.items()))
-    if blocks:
+    if any(isinstance(state, dict) and state.get(EPOCH_END) is False for state in callback_states):
         raise MisconfigurationException(
-            f"{type(module).__name__} has several {kind} blocks {sorted(blocks)}; name the one to train with "
-            "the callback's `block=...` argument"
+            "a task sequence resumes from checkpoints written at the end of a training epoch, and this one was "
+            "written in the middle of one (e.g. `ModelCheckpoint(every_n_train_steps=...)`, or after validation "
+            "run within the epoch): the phase decisions are taken at epoch ends. Resume from an end-of-epoch "
+            "checkpoint (ModelCheckpoint's default with validation once an epoch, or `save_on_train_epoch_end="
+            "True`); to use these weights without resuming, load them with `load_from_checkpoint`."
         )
-    linear = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-    found = f"it has nn.Linear layers at {linear}, " if linear else "it has no Linear layers at all, "
-    raise MisconfigurationException(
-        f"{type(module).__name__} has no {kind} block to train: {found}so there is nothing the method can "
-        f"grow or mask. Build that part of the model as a `lightning_den.{kind}`."
-    )
-
-
-def continual_blocks(module: nn.Module) -> dict[str, TaskBlock]:
-    """Every submodule of ``module`` that is a :class:`~lightning_den.core.method.TaskBlock`."""
-    return {n: m for n, m in module.named_modules() if isinstance(m, TaskBlock)}
 
 
 def batch_inputs(batch: Any) -> Tensor:
@@ -81,7 +60,8 @@ def batch_inputs(batch: Any) -> Tensor:
 class DENLightningModule(pl.LightningModule):
     """Base class of modules trained on a task sequence with one output head per task.
 
-    Subclasses define ``forward(x, task)`` returning the logits of ``task``'s head; usually the MLP
+    Subclasses define ``forward(x, task=None)`` returning the logits of ``task``'s head (``None``: the block's
+    active task, which the callbacks set); usually the MLP
     part is an :class:`ExpandableMLP` attribute that ``DENCallback`` finds and grows. Batches are
     ``(inputs, labels)`` with labels in ``0..classes-1`` of the task.
 
@@ -111,8 +91,7 @@ class DENLightningModule(pl.LightningModule):
                 self.mlp = ExpandableMLP(8 * 26 * 26, [64, 32], head_classes=10)
 
             def forward(self, x, task=None):
-                task = self.current_task if task is None else task
-                return self.mlp(self.features(x), task)
+                return self.mlp(self.features(x), task)   # task None: the block's active task
     """
 
     def __init__(
@@ -125,8 +104,6 @@ class DENLightningModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_monitor = lr_scheduler_monitor
-        self.current_task = 0
-        self.tasks_learned = 0
         self.predict_task: int | None = None
         self._score_sums: dict[int, Tensor] = {}
 
@@ -136,7 +113,7 @@ class DENLightningModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Cross-entropy of the current task's head (the data loss; DEN's regularisers act on the step)."""
         inputs, labels = batch
-        loss = F.cross_entropy(self(inputs, task=self.current_task), labels)
+        loss = F.cross_entropy(self(inputs), labels)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -214,7 +191,7 @@ class DENLightningModule(pl.LightningModule):
         return self(batch_inputs(batch), task=task)
 
     def _check_task(self, task: int) -> None:
-        for block in continual_blocks(self).values():
+        for block in task_blocks(self).values():
             block.check_task(task)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -223,38 +200,26 @@ class DENLightningModule(pl.LightningModule):
         Raises:
             MisconfigurationException: a task-sequence callback's state says it was saved within an epoch.
         """
-        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        states = checkpoint.get("callbacks", {}).values()
-        if fitting and any(isinstance(state, dict) and state.get(EPOCH_END) is False for state in states):
-            raise MisconfigurationException(
-                "a task sequence resumes from checkpoints written at the end of a training epoch, and this one was "
-                "written in the middle of one (e.g. `ModelCheckpoint(every_n_train_steps=...)`, or after validation "
-                "run within the epoch): the phase decisions are taken at epoch ends. Resume from an end-of-epoch "
-                "checkpoint (ModelCheckpoint's default with validation once an epoch, or `save_on_train_epoch_end="
-                "True`); to use these weights without resuming, load them with `load_from_checkpoint`."
-            )
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            refuse_resuming_within_an_epoch(checkpoint.get("callbacks", {}).values())
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """The architecture as plain data (saved in ``state_dict`` under ``_extra_state``, ``weights_only``-safe)."""
-        return {
-            "format": 2,
-            "current_task": self.current_task,
-            "tasks_learned": self.tasks_learned,
-            "blocks": {name: block.architecture() for name, block in continual_blocks(self).items()},
-        }
+    @property
+    def current_task(self) -> int:
+        """The task ``forward(x)`` routes to: the active task of the module's blocks (0 without blocks)."""
+        return next((block.active_task for block in self._blocks()), 0)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Grow every block to the saved architecture; runs before the blocks' weights load."""
-        blocks = continual_blocks(self)
-        if set(state["blocks"]) != set(blocks):
-            raise MisconfigurationException(
-                f"the checkpoint holds blocks {sorted(state['blocks'])} but "
-                f"{type(self).__name__} has {sorted(blocks)}: load it into the model class it was saved from"
-            )
-        for name, architecture in state["blocks"].items():
-            blocks[name].rebuild_(architecture)
-        self.current_task = int(state["current_task"])
-        self.tasks_learned = int(state["tasks_learned"])
+    @current_task.setter
+    def current_task(self, task: int) -> None:
+        set_active_task(self, task)
+
+    @property
+    def tasks_learned(self) -> int:
+        """How many tasks the module's blocks have finished learning (0 for a new model)."""
+        return next((block.tasks_learned for block in self._blocks()), 0)
+
+    def _blocks(self) -> list[TaskBlock]:
+        # not task_blocks(self): whether the module itself is a TaskBlock reads these properties
+        return [module for module in self.modules() if module is not self and isinstance(module, TaskBlock)]
 
     def configure_optimizers(self) -> Any:
         """The optimizer over the parameters the module has now (and the scheduler, if any)."""
@@ -297,7 +262,7 @@ class ReadyModel(DENLightningModule):
         self.add_module(name, block)
 
     def forward(self, x: Tensor, task: int | None = None) -> Tensor:
-        return self._modules[self.block_name](x.flatten(1), self.current_task if task is None else task)
+        return self._modules[self.block_name](x.flatten(1), task)
 
 
 class DENMLP(ReadyModel):

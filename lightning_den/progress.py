@@ -14,11 +14,9 @@ from lightning.pytorch.callbacks import ProgressBar
 
 
 def task_and_phase(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-    """``task`` (the module's ``current_task``) and the ``status()`` of the first callback that has one:
-    the ``phase``, and e.g. the share of units DEN's selective retraining ``selected`` per layer."""
+    """The ``status()`` of the first callback that has one: the ``task`` and ``phase``, and e.g. the share of
+    units DEN's selective retraining ``selected`` per layer."""
     shown: dict[str, Any] = {}
-    if hasattr(pl_module, "current_task"):
-        shown["task"] = str(pl_module.current_task)  # text: bars show numbers as floats
     for callback in trainer.callbacks:
         status = getattr(callback, "status", None)
         if callable(status):

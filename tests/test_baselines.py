@@ -166,3 +166,26 @@ def test_a_callback_stopped_mid_sequence_is_refused_and_a_finished_checkpoint_re
     resumed = make_trainer(tmp_path, [ProgressiveCallback(epochs_per_task=2), Count()], enable_checkpointing=True)
     resumed.fit(progressive(), datamodule=tiny_stream(2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert boundaries == []  # the sequence was over: no epoch, no second end-of-stream boundary
+
+
+@pytest.mark.parametrize(
+    ("callback", "method"),
+    [
+        ("DENCallback", "DENMethod"),
+        ("ProgressiveCallback", "ProgressiveMethod"),
+        ("PackNetCallback", "PackNetMethod"),
+        ("FineTuningCallback", "FineTuningMethod"),
+        ("EWCCallback", "EWCMethod"),
+    ],
+)
+def test_each_callback_offers_its_methods_arguments_with_the_same_defaults(callback, method):
+    import inspect
+
+    import lightning_den
+    import lightning_den.core
+
+    offered = inspect.signature(getattr(lightning_den, callback)).parameters
+    taken = inspect.signature(getattr(lightning_den.core, method)).parameters
+    driver = {"block", "convergence_tol"}
+    assert set(offered) - driver == set(taken)
+    assert all(offered[name].default == taken[name].default for name in taken), callback

@@ -216,10 +216,10 @@ def test_bad_hyperparameters_are_refused_at_construction(kwargs, match):
         DENCallback(**kwargs)
 
 
-class PlainLinearModule(DENLightningModule):
+class NormalisedChain(DENLightningModule):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(IN_FEATURES, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.net = nn.Sequential(nn.Linear(IN_FEATURES, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
 
     def forward(self, x, task=None):
         return self.net(x)
@@ -247,8 +247,11 @@ class TwoBlocks(DENLightningModule):
 @pytest.mark.parametrize(
     ("module", "match"),
     [
-        (PlainLinearModule, r"no ExpandableMLP block.*nn\.Linear layers at \['net\.0', 'net\.2'\]"),
-        (NoLinearModule, "no Linear layers at all"),
+        (NormalisedChain, r"Linear layers at \['net\.0', 'net\.2'\]; `net\.1` is a BatchNorm1d: only nn\.Linear"),
+        (
+            NoLinearModule,
+            "no ExpandableMLP and no nn.Sequential chain of Linear layers to convert .Linear layers at none",
+        ),
         (TwoBlocks, r"several ExpandableMLP blocks \['a', 'b'\]"),
     ],
 )
@@ -283,10 +286,10 @@ def test_model_copying_callbacks_are_refused(tmp_path):
         trainer.fit(tiny_model(), datamodule=tiny_stream(2))
 
 
-def test_a_module_that_is_not_a_den_module_is_refused(tmp_path):
-    from lightning.pytorch.demos.boring_classes import BoringModel
+def test_a_plain_module_without_a_chain_of_linear_layers_is_refused_naming_its_layers(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringModel  # one nn.Linear, no chain to grow
 
-    with pytest.raises(MisconfigurationException, match="needs a DENLightningModule"):
+    with pytest.raises(MisconfigurationException, match=r"Linear layers at \['layer'\]"):
         make_trainer(tmp_path, [DENCallback(**short_phases())]).fit(BoringModel(), datamodule=tiny_stream(2))
 
 

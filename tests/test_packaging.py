@@ -160,5 +160,5 @@ def test_every_public_name_resolves_and_dir_lists_it():
         for name in package.__all__:
             assert getattr(package, name) is not None, name
         assert set(package.__all__) <= set(dir(package))
-    with pytest.raises(AttributeError, match="has no attribute 'find_block'"):
-        lightning_den.find_block  # noqa: B018 - an internal, no longer exported
+    with pytest.raises(AttributeError, match="has no attribute 'cross_boundary'"):
+        lightning_den.cross_boundary  # noqa: B018 - an internal, no longer exported

@@ -48,6 +48,14 @@ def test_the_first_python_example_runs_as_printed_with_lightnings_defaults(tmp_p
 
 
 @pytest.mark.slow
+def test_the_own_lightning_module_example_runs_as_printed(tmp_path):
+    (example,) = python_examples("Your own LightningModule")
+    check = "\nassert type(model.net).__name__ == type(grown.net).__name__ == 'ExpandableMLP'\n"
+    out = run_python(example + check, tmp_path)
+    assert "task 0 accuracy after all tasks:" in out
+
+
+@pytest.mark.slow
 def test_the_tasks_that_arrive_later_example_runs_as_printed(tmp_path):
     _, later = python_examples("Use it from Python")
     run_python(FIRST_THREE_TASKS, tmp_path)

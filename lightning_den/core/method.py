@@ -43,6 +43,10 @@ class TaskBlock(Protocol):
 
     #: what a task owns in this block, for messages ("heads", "columns")
     task_parts: str
+    #: the task ``forward(x)`` without a task routes to
+    active_task: int
+    #: how many tasks the block has finished learning
+    tasks_learned: int
 
     @property
     def num_tasks(self) -> int:
@@ -75,6 +79,9 @@ class TaskBlock(Protocol):
 
     def rebuild_(self, architecture: dict[str, Any]) -> None:
         """Resize to ``architecture`` (weights are loaded afterwards)."""
+
+    def first_task_layers(self) -> tuple[list[nn.Module], nn.Module]:
+        """Task 0's hidden layers and head (what a converted chain of ``nn.Linear`` layers is copied into)."""
 
 
 @dataclass
@@ -132,9 +139,7 @@ class TaskMethod(ABC):
     trains_outside_block: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = check_count("seed", seed, minimum=0)
 
     # ------------------------------------------------------------------ phases
 
@@ -201,8 +206,9 @@ class TaskMethod(ABC):
     def trainable(self, block: nn.Module, progress: PhaseProgress) -> dict[nn.Parameter, Trainable]:
         """What ``progress``'s phase trains: for every parameter of the block, True, False or a boolean mask."""
 
-    def enter_phase(self, block: nn.Module, progress: PhaseProgress) -> None:
-        """Set up the phase's regularisers (after its trainable entries are set, on the block's device)."""
+    def enter_phase(self, block: nn.Module, progress: PhaseProgress, trainable: dict[nn.Parameter, Trainable]) -> None:
+        """Set up the phase's regularisers on the block's device; ``trainable`` is what the driver trains and
+        freezes in the phase (:meth:`trainable`'s entries for the block), so regularisers follow the same masks."""
         return None
 
     def before_step(self, model: nn.Module, block: nn.Module) -> None:

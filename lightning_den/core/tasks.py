@@ -1,8 +1,63 @@
-"""What every block with one output head per task shares: task ids, head sizes, and their checks."""
+"""What every block with one output head per task shares: task ids, head sizes and their checks, the task
+that ``forward(x)`` routes to, the activations between layers, and the architecture inside ``state_dict``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+#: parameter-free modules that act on each unit alone: a chain of Linear layers with these between them can be
+#: converted into a block (units are appended and removed, so the modules must not depend on the width)
+ELEMENTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Identity,
+    nn.Dropout,
+    nn.AlphaDropout,
+)
+
+
+def activation_modules(activations: Sequence[nn.Module] | None, depth: int) -> nn.ModuleList:
+    """The module applied after each of ``depth`` hidden layers: ``activations`` (checked), or ReLU.
+
+    Example:
+        >>> activation_modules(None, 2)
+        ModuleList(
+          (0-1): 2 x ReLU()
+        )
+    """
+    if activations is None:
+        return nn.ModuleList(nn.ReLU() for _ in range(depth))
+    modules = list(activations)
+    if len(modules) != depth:
+        raise ValueError(f"`activations` must hold one module per hidden layer ({depth}), got {len(modules)}")
+    for module in modules:
+        parts = list(module) if isinstance(module, nn.Sequential) else [module]
+        wrong = [type(part).__name__ for part in parts if not isinstance(part, ELEMENTWISE)]
+        if wrong:
+            raise ValueError(
+                f"{wrong} cannot sit between the layers of a growing block: units are added and removed, so "
+                "only parameter-free elementwise modules (activations, dropout) can; see lightning_den.core."
+                "tasks.ELEMENTWISE"
+            )
+    return nn.ModuleList(modules)
 
 
 def parse_head_classes(head_classes: int | Sequence[int]) -> int | tuple[int, ...]:
@@ -13,7 +68,7 @@ def parse_head_classes(head_classes: int | Sequence[int]) -> int | tuple[int, ..
         (2, (2, 3))
     """
     classes = [head_classes] if isinstance(head_classes, int) else list(head_classes)
-    if not classes or any(isinstance(c, bool) or int(c) < 1 for c in classes):
+    if not classes or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in classes):
         raise ValueError(f"`head_classes` must be a positive integer or a list of them, got {head_classes}")
     return int(head_classes) if isinstance(head_classes, int) else tuple(int(c) for c in classes)
 
@@ -25,6 +80,31 @@ class PerTaskHeads:
     head_classes: int | tuple[int, ...]
     #: what a task owns in this block, for messages
     task_parts = "heads"
+    #: the task ``forward(x)`` without a task routes to (set by the callbacks at task boundaries and by
+    #: :func:`lightning_den.core.routing.task`)
+    active_task: int = 0
+    #: how many tasks the block has finished learning
+    tasks_learned: int = 0
+
+    def routed(self, task: int | None) -> int:
+        """``task``, or :attr:`active_task` when it is ``None``."""
+        return self.active_task if task is None else task
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The architecture, the active task and the tasks learnt, as plain data (saved in ``state_dict`` under
+        ``<block>._extra_state``, ``weights_only``-safe)."""
+        return {
+            "block": type(self).__name__,
+            "architecture": self.architecture(),
+            "active_task": self.active_task,
+            "tasks_learned": self.tasks_learned,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Grow to the saved architecture; torch calls it before the block's layers load their weights."""
+        self.rebuild_(state["architecture"])
+        self.active_task = int(state["active_task"])
+        self.tasks_learned = int(state["tasks_learned"])
 
     @property
     def num_tasks(self) -> int:

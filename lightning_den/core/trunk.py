@@ -110,7 +110,9 @@ class EWCMethod(FineTuningMethod):
         model.train(was_training)
         return {name: total / max(examples, 1) for name, total in totals.items()}
 
-    def enter_phase(self, block: ExpandableMLP, progress: PhaseProgress) -> None:
+    def enter_phase(
+        self, block: ExpandableMLP, progress: PhaseProgress, trainable: dict[nn.Parameter, Trainable]
+    ) -> None:
         """Keep the Fisher and anchors on the block's device."""
         device = block.hidden[0].weight.device
         self._fisher = {k: v.to(device) for k, v in self._fisher.items()}

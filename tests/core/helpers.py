@@ -5,9 +5,11 @@ Nothing here imports Lightning; everything comes from ``lightning_den.core``.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -74,17 +76,24 @@ def earlier_tasks(mlp: ExpandableMLP) -> range:
     return range(mlp.newest_task)
 
 
-def state_copy(module: nn.Module) -> dict[str, Tensor]:
-    """Deep copy of every parameter and buffer, to check later that nothing changed."""
-    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+def state_copy(module: nn.Module) -> dict[str, Any]:
+    """Deep copy of every parameter, buffer and extra state (a block's architecture), to check later that
+    nothing changed."""
+    return {
+        name: value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+        for name, value in module.state_dict().items()
+    }
 
 
-def assert_same_state(module: nn.Module, before: dict[str, Tensor]) -> None:
+def assert_same_state(module: nn.Module, before: dict[str, Any]) -> None:
     after = module.state_dict()
     assert sorted(after) == sorted(before)
     for name, value in before.items():
-        assert after[name].shape == value.shape, name
-        assert torch.equal(after[name], value), name
+        if isinstance(value, Tensor):
+            assert after[name].shape == value.shape, name
+            assert torch.equal(after[name], value), name
+        else:
+            assert after[name] == value, name
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ def train_phase(method: DENMethod, mlp: ExpandableMLP, progress: PhaseProgress, 
         if isinstance(entries, Tensor):
             masks[p] = entries
     frozen = FrozenEntries(masks)
-    method.enter_phase(mlp, progress)
+    method.enter_phase(mlp, progress, trainable)
     optimizer = torch.optim.Adam([p for p in mlp.parameters() if p.requires_grad], lr=0.05)
     x, y = data
     losses = []
@@ -58,15 +58,19 @@ def train_phase(method: DENMethod, mlp: ExpandableMLP, progress: PhaseProgress, 
         loss.backward()
         method.before_step(mlp, mlp)
         frozen.mask_gradients_()
+        kept = {p: p.detach()[~mask].clone() for p, mask in masks.items()}
         optimizer.step()
         method.after_step(mlp, optimizer)
+        for p, mask in masks.items():  # before the write-back: neither Adam nor a proximal step moved them
+            assert torch.equal(p.detach()[~mask], kept[p]), "a frozen entry changed before the write-back"
         frozen.restore_()
         losses.append(float(loss.detach()))
     return sum(losses) / len(losses)
 
 
-def run_sequence(method: DENMethod, mlp: ExpandableMLP, check_phase) -> list[tuple[int, DENPhase]]:
-    """The whole sequence: ``check_phase(progress, before, after)`` sees the state around every phase."""
+def run_sequence(method: DENMethod, mlp: ExpandableMLP, check_phase, check_surgery=None) -> list[tuple[int, DENPhase]]:
+    """The whole sequence: ``check_phase(progress, before, after)`` sees the state around every phase, and
+    ``check_surgery(target, plan, widths_before)`` every surgery."""
     data, progress, visited = tasks(), method.start(), []
     while progress is not None:
         visited.append((progress.task, progress.phase))
@@ -83,7 +87,10 @@ def run_sequence(method: DENMethod, mlp: ExpandableMLP, check_phase) -> list[tup
         if target is None:
             method.apply_end(mlp, method.end_plan(mlp, progress))
         else:
-            method.apply(mlp, progress, target, method.plan(mlp, progress, target, TASKS))
+            plan, widths = method.plan(mlp, progress, target, TASKS), [layer.out_features for layer in mlp.hidden]
+            method.apply(mlp, progress, target, plan)
+            if check_surgery is not None:
+                check_surgery(target, plan, widths)
         progress = target
     return visited
 
@@ -106,13 +113,15 @@ def den(**changes) -> DENMethod:
 def test_the_pipeline_runs_every_phase_and_changes_only_what_each_phase_trains():
     torch.manual_seed(0)
     mlp, method = ExpandableMLP(IN_FEATURES, HIDDEN, head_classes=2), den()
-    selected_fractions = []
+    selected_fractions, sparse_zeros = [], []
 
     def check_phase(progress, before, after):
         task, phase = progress.task, progress.phase
         for name, value in before.items():
             if name.startswith("heads.") and name.split(".")[1] != str(task):
                 assert torch.equal(after[name], value), f"{phase}: the head of an earlier task changed ({name})"
+        if phase is DENPhase.SPARSE:  # no surgery yet: every exact zero comes from the L1 step
+            sparse_zeros.extend(int((after[f"hidden.{i}.weight"] == 0).sum()) for i in range(len(HIDDEN)))
         if phase is DENPhase.HEAD_FIT:
             for name, value in before.items():
                 if name.startswith("hidden."):
@@ -137,7 +146,27 @@ def test_the_pipeline_runs_every_phase_and_changes_only_what_each_phase_trains()
                 key = f"hidden.{index}.weight"
                 assert torch.equal(after[key][:old_rows, :old_cols], before[key][:old_rows, :old_cols])
 
-    visited = run_sequence(method, mlp, check_phase)
+    surgeries = []
+
+    def check_surgery(target, plan, widths):
+        grown = [layer.out_features - before for layer, before in zip(mlp.hidden, widths, strict=True)]
+        added, pruned, split = plan.get("added"), plan.get("pruned"), plan.get("split")
+        expected = [
+            (added[i] if added else 0) - (len(pruned[i]) if pruned else 0) + (len(split[i]) if split else 0)
+            for i in range(len(widths))
+        ]
+        assert grown == expected, f"{target.phase}: widths changed by {grown}, the plan says {expected}"
+        if split:  # the originals are back at W^{t-1}; the copies hold the drifted weights
+            reference = method.state_dict()["snapshot"]
+            for i, units in enumerate(split):
+                saved = reference[f"hidden.{i}.weight"]
+                for unit in units:
+                    assert torch.equal(mlp.hidden[i].weight[unit, : saved.shape[1]], saved[unit])
+        surgeries.append((target.phase, plan))
+
+    visited = run_sequence(method, mlp, check_phase, check_surgery)
+    assert any("added" in plan for _, plan in surgeries) and any(plan.get("split") for _, plan in surgeries)
+    assert sum(sparse_zeros) > 0, "L1 left no exact zero in the first task"
     assert visited == [
         (0, DENPhase.SPARSE),
         *[(t, p) for t in (1, 2) for p in (DENPhase.HEAD_FIT, DENPhase.SELECTIVE, DENPhase.EXPANSION, DENPhase.SPLIT)],
@@ -149,16 +178,24 @@ def test_the_pipeline_runs_every_phase_and_changes_only_what_each_phase_trains()
     mlp.check_prefix_invariant()
 
 
-def test_a_reloaded_method_plans_the_same_surgery():
+def test_a_reloaded_method_plans_the_same_split():
     torch.manual_seed(0)
-    mlp, method = ExpandableMLP(IN_FEATURES, HIDDEN, head_classes=2), den()
+    mlp, method = ExpandableMLP(IN_FEATURES, HIDDEN, head_classes=2), den(split_threshold=0.0)
     progress = method.start()
     target = method.following_phase(progress, math.inf, TASKS)
-    method.apply(mlp, progress, target, method.plan(mlp, progress, target, TASKS))
-    selective = method.following_phase(target, math.inf, TASKS)
-    reloaded = den()
+    method.apply(mlp, progress, target, method.plan(mlp, progress, target, TASKS))  # W^{t-1} is kept
+    with torch.no_grad():
+        for layer in mlp.hidden:
+            layer.weight.add_(torch.randn_like(layer.weight))  # every unit drifts
+    split = PhaseProgress(task=1, phase=DENPhase.SPLIT)
+    selective = PhaseProgress(task=1, phase=DENPhase.SELECTIVE)
+    planned = method.plan(mlp, selective, split, TASKS)["split"]
+    assert all(planned)
+    reloaded = den(split_threshold=0.0)
     reloaded.load_state_dict(method.state_dict())
-    assert reloaded.plan(mlp, target, selective, TASKS) == method.plan(mlp, target, selective, TASKS)
+    assert reloaded.plan(mlp, selective, split, TASKS)["split"] == planned
+    with pytest.raises(KeyError):  # the split is measured against W^{t-1}, which travels in the state
+        den(split_threshold=0.0).plan(mlp, selective, split, TASKS)
 
 
 def test_the_blocks_follow_the_task_block_protocol():

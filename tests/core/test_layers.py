@@ -21,12 +21,14 @@ from lightning_den.core.den.surgery import add_units_, duplicate_units_, prune_u
 from tests.core.helpers import (
     FAST,
     apply_random_operation,
+    assert_same_state,
     build,
     mlp_configs,
     random_inputs,
     random_mlp,
     recorded_ops,
     reference_network,
+    state_copy,
 )
 
 
@@ -131,11 +133,10 @@ def test_per_task_head_sizes_and_missing_head_size():
 def test_pruning_refuses_to_empty_a_layer_and_changes_nothing():
     # In task 0 every unit is born in the newest task, so only this check stops a layer being emptied.
     mlp = ExpandableMLP(3, [2, 2], head_classes=2)
-    before = {name: t.clone() for name, t in mlp.state_dict().items()}
+    before = state_copy(mlp)
     with pytest.raises(ValueError, match="cannot prune all 2 units of hidden layer 0"):
         prune_units_(mlp, 0, [0, 1])
-    after = mlp.state_dict()
-    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert_same_state(mlp, before)
     mlp.check_prefix_invariant()
 
 

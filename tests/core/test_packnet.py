@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_den.core.den.layers import mlp_parameters
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.packnet.block import PackNetMLP, free_fraction
+from tests.core.helpers import assert_same_state, state_copy
 
 HEAD_CLASSES = [3, 2, 4, 3, 2]
 
@@ -95,17 +96,6 @@ def outputs_of(net: PackNetMLP, x: Tensor, task: int) -> Tensor:
 
 def owned_masks(net: PackNetMLP, task: int) -> list[Tensor]:
     return [(owner == task + 1).clone() for owner in net.owners()]
-
-
-def state_copy(module: nn.Module) -> dict[str, Tensor]:
-    return {name: value.detach().clone() for name, value in module.state_dict().items()}
-
-
-def assert_same_state(module: nn.Module, before: dict[str, Tensor]) -> None:
-    after = module.state_dict()
-    assert sorted(after) == sorted(before)
-    for name, value in before.items():
-        assert torch.equal(after[name], value), name
 
 
 @torch.no_grad()
@@ -306,7 +296,7 @@ def test_a_task_cannot_claim_weights_twice(second):
 
 
 @pytest.mark.parametrize(("hidden", "fraction"), [([5, 4], 0.0), ([1, 6], 0.4)])
-def test_add_head_refuses_a_full_network_and_changes_nothing(hidden, fraction):
+def test_add_task_refuses_a_full_network_and_changes_nothing(hidden, fraction):
     # [1, 6] with fraction 0.4: layer 0 has 1 weight, round(0.6) = 1 is kept, so only that layer is full
     net = random_net(1, hidden, HEAD_CLASSES, seed=7)
     net.prune_(fraction)
@@ -321,7 +311,7 @@ def test_add_head_refuses_a_full_network_and_changes_nothing(hidden, fraction):
     assert torch.equal(outputs_of(net, x, 0), output)
 
 
-def test_add_head_refuses_to_start_a_task_before_the_newest_is_finished():
+def test_add_task_refuses_to_start_a_task_before_the_newest_is_finished():
     net = random_net(3, [4], 2, seed=8)
     before = state_copy(net)
     with pytest.raises(ValueError, match=r"task 0 is still training: call prune_\(fraction\) or claim_free_\(\)"):
@@ -341,7 +331,7 @@ def test_a_finished_task_uses_only_the_weights_it_owns():
     assert [int(used.sum()) for used in net.used_by(0)] == kept
 
 
-def test_add_head_draws_from_the_generator():
+def test_add_task_draws_from_the_generator():
     a, b = (random_net(3, [4], 2, seed=8) for _ in range(2))
     a.prune_(0.5)
     b.prune_(0.5)
@@ -384,11 +374,12 @@ def test_state_dict_round_trip_through_architecture_and_rebuild():
     fresh = PackNetMLP(5, [7, 6], HEAD_CLASSES)
     x = probe(net)
     fresh(x, 0)  # fills the mask cache, which loading must invalidate
-    with pytest.raises(RuntimeError):
-        fresh.load_state_dict(checkpoint["state"], strict=True)
     fresh.rebuild_(checkpoint["architecture"])
     fresh.rebuild_(checkpoint["architecture"])  # idempotent
     fresh.load_state_dict(checkpoint["state"], strict=True)
+    grown = PackNetMLP(5, [7, 6], HEAD_CLASSES)
+    grown.load_state_dict(checkpoint["state"], strict=True)  # the state holds the architecture: it grows first
+    assert grown.num_tasks == 3
     assert fresh.num_tasks == 3
     for task in range(3):
         assert torch.equal(outputs_of(fresh, x, task), outputs_of(net, x, task)), task

@@ -96,12 +96,14 @@ def _index_mask(indices: list[int], size: int, device: torch.device) -> Tensor:
 @dataclass(frozen=True)
 class ProximalTarget:
     """What DEN's proximal steps touch in one weight: L1 on ``blocks`` (views of trained entries) or, for a
-    scattered set of trained entries, on ``weight`` where ``mask`` is True; then, in expansion, group
-    lasso on ``new_rows`` (the new units' incoming weights) with their ``new_biases``."""
+    scattered set of trained entries, on ``weight`` where ``mask`` (1s and 0s in its dtype) is 1, through
+    ``scratch``; then, in expansion, group lasso on ``new_rows`` (the new units' incoming weights) with their
+    ``new_biases``."""
 
     weight: Tensor
     blocks: tuple[Tensor, ...] = ()
     mask: Tensor | None = None
+    scratch: Tensor | None = None
     new_rows: Tensor | None = None
     new_biases: Tensor | None = None
 
@@ -113,7 +115,7 @@ class ProximalTarget:
         if self.mask is None:
             l1_prox_(self.blocks, l1)
         else:
-            l1_prox_masked_(self.weight, self.mask, l1)
+            l1_prox_masked_(self.weight, self.mask, l1, self.scratch)
         if self.new_rows is not None:
             group_lasso_prox_([self.new_rows], group, None if self.new_biases is None else [self.new_biases])
 
@@ -154,8 +156,10 @@ def proximal_targets(
             blocks = tuple(b for b in (weight[rows:], weight[:rows, cols:]) if b.numel())
             targets[params[name]] = ProximalTarget(weight, blocks=blocks, new_rows=new_rows, new_biases=new_biases)
         else:
-            mask = entries.to(weight.device)
-            targets[params[name]] = ProximalTarget(weight, mask=mask, new_rows=new_rows, new_biases=new_biases)
+            mask, scratch = entries.to(device=weight.device, dtype=weight.dtype), torch.empty_like(weight)
+            targets[params[name]] = ProximalTarget(
+                weight, mask=mask, scratch=scratch, new_rows=new_rows, new_biases=new_biases
+            )
     return targets
 
 

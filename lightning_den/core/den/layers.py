@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_den.core.checks import check_count, check_sizes
 from lightning_den.core.init import draw_linear_
-from lightning_den.core.tasks import PerTaskHeads, parse_head_classes
+from lightning_den.core.tasks import PerTaskHeads, activation_modules, parse_head_classes
 
 
 def mlp_parameters(in_features: int, hidden_sizes: Sequence[int], classes: int) -> int:
@@ -161,6 +161,8 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         in_features: width of the (flattened) input.
         hidden_sizes: initial number of units per hidden layer (any number of layers).
         head_classes: number of outputs of every task's head, or one number per task.
+        activations: the module after each hidden layer (parameter-free and elementwise, e.g. ``nn.Tanh()`` or
+            ``nn.Sequential(nn.ReLU(), nn.Dropout(0.1))``); ReLU by default.
 
     Example:
         >>> mlp = ExpandableMLP(8, [6, 4], head_classes=2)
@@ -170,11 +172,18 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         (6, 4)
     """
 
-    def __init__(self, in_features: int, hidden_sizes: Sequence[int], head_classes: int | Sequence[int]) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_sizes: Sequence[int],
+        head_classes: int | Sequence[int],
+        activations: Sequence[nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         check_count("in_features", in_features)
         hidden_sizes = check_sizes("hidden_sizes", hidden_sizes)
         parsed_classes = parse_head_classes(head_classes)
+        self.activations = activation_modules(activations, len(hidden_sizes))
         self.in_features = in_features
         self.head_classes = parsed_classes
         sizes = [in_features, *hidden_sizes]
@@ -182,6 +191,10 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         self.heads = nn.ModuleDict({"0": ExpandableLinear(sizes[-1], self.classes_of(0))})
         self._width_cache: dict[int, tuple[int, ...]] = {}
         self.register_load_state_dict_post_hook(_forget_widths)
+
+    def first_task_layers(self) -> tuple[list[nn.Module], nn.Module]:
+        """Task 0's hidden layers and head (what a converted ``nn.Linear`` chain is copied into)."""
+        return list(self.hidden), self.heads["0"]
 
     # --- tasks and widths ---
 
@@ -276,12 +289,14 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
                 "flatten or resize the inputs to the width the network was built with"
             )
         h = x
-        for layer, width in zip(self.hidden, self.widths(task), strict=True):
-            h = F.relu(layer(h, width))
+        for layer, activation, width in zip(self.hidden, self.activations, self.widths(task), strict=True):
+            h = activation(layer(h, width))
         return h
 
-    def forward(self, x: Tensor, task: int) -> Tensor:
-        """Logits of ``task``'s head, ``[batch, classes_of(task)]``, from ``x`` ``[batch, in_features]``."""
+    def forward(self, x: Tensor, task: int | None = None) -> Tensor:
+        """Logits of ``task``'s head (:attr:`active_task`'s if ``None``), ``[batch, classes_of(task)]``, from
+        ``x`` ``[batch, in_features]``."""
+        task = self.routed(task)
         features = self.features(x, task)
         return self.heads[str(task)](features)
 

@@ -171,7 +171,9 @@ class DENMethod(TaskMethod):
         entries = trainable_entries(block, DENPhase(progress.phase), self._selection)
         return {p: entries[name] for name, p in block.named_parameters()}
 
-    def enter_phase(self, block: ExpandableMLP, progress: PhaseProgress) -> None:
+    def enter_phase(
+        self, block: ExpandableMLP, progress: PhaseProgress, trainable: dict[nn.Parameter, Trainable]
+    ) -> None:
         """Move W^{t-1} to the block's device and resolve what the phase's regularisers touch.
 
         Called once the model is on its device, so a step then only takes views of fresh gradients
@@ -180,7 +182,8 @@ class DENMethod(TaskMethod):
         device = block.hidden[0].weight.device
         self._snapshot = {name: t.to(device) for name, t in self._snapshot.items()}
         phase = DENPhase(progress.phase)
-        self._proximal = proximal_targets(block, trainable_entries(block, phase, self._selection), phase)
+        entries = {name: trainable[p] for name, p in block.named_parameters()}
+        self._proximal = proximal_targets(block, entries, phase)
         self._drift = drift_targets(block, phase, self._snapshot) if self.drift_penalty > 0 else []
         self._step_groups = None
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_den.core.checks import check_count, check_sizes
 from lightning_den.core.init import draw_linear_
-from lightning_den.core.tasks import PerTaskHeads, parse_head_classes
+from lightning_den.core.tasks import PerTaskHeads, activation_modules, parse_head_classes
 
 
 class PackNetMLP(PerTaskHeads, nn.Module):
@@ -44,6 +44,7 @@ class PackNetMLP(PerTaskHeads, nn.Module):
         in_features: width of the (flattened) input.
         hidden_sizes: number of units per hidden layer (any number of layers, fixed for the network's life).
         head_classes: number of outputs of every task's head, or one number per task.
+        activations: the module after each hidden layer (parameter-free, elementwise); ReLU by default.
 
     Example:
         >>> net = PackNetMLP(8, [6, 4], head_classes=2)
@@ -57,11 +58,18 @@ class PackNetMLP(PerTaskHeads, nn.Module):
         24
     """
 
-    def __init__(self, in_features: int, hidden_sizes: Sequence[int], head_classes: int | Sequence[int]) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_sizes: Sequence[int],
+        head_classes: int | Sequence[int],
+        activations: Sequence[nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         check_count("in_features", in_features)
         sizes = check_sizes("hidden_sizes", hidden_sizes)
         parsed_classes = parse_head_classes(head_classes)
+        self.activations = activation_modules(activations, len(sizes))
         self.in_features = in_features
         self.hidden_sizes = sizes
         self.head_classes = parsed_classes
@@ -73,6 +81,10 @@ class PackNetMLP(PerTaskHeads, nn.Module):
         self.heads = nn.ModuleDict({"0": nn.Linear(sizes[-1], self.classes_of(0))})
         self._mask_cache: dict[tuple[int, torch.device, torch.dtype], list[Tensor | None]] = {}
         self.register_load_state_dict_post_hook(_forget_masks)
+
+    def first_task_layers(self) -> tuple[list[nn.Module], nn.Module]:
+        """Task 0's hidden layers and head (what a converted ``nn.Linear`` chain is copied into)."""
+        return list(self.hidden), self.heads["0"]
 
     # --- tasks ---
 
@@ -347,13 +359,14 @@ class PackNetMLP(PerTaskHeads, nn.Module):
             )
         self.check_task(task)
         h = x
-        for layer, mask in zip(self.hidden, self._masks(task), strict=True):
+        for layer, activation, mask in zip(self.hidden, self.activations, self._masks(task), strict=True):
             weight = layer.weight if mask is None else layer.weight * mask
-            h = F.relu(F.linear(h, weight, layer.bias))
+            h = activation(F.linear(h, weight, layer.bias))
         return h
 
-    def forward(self, x: Tensor, task: int) -> Tensor:
-        """Logits of ``task``'s head, ``[batch, classes_of(task)]``, from ``x`` ``[batch, in_features]``."""
+    def forward(self, x: Tensor, task: int | None = None) -> Tensor:
+        """Logits of ``task``'s head (:attr:`active_task`'s if ``None``), ``[batch, classes_of(task)]``."""
+        task = self.routed(task)
         features = self.features(x, task)
         return self.heads[str(task)](features)
 

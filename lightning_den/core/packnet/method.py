@@ -96,7 +96,7 @@ class PackNetMethod(TaskMethod):
     def apply(self, block: PackNetMLP, progress: PhaseProgress, target: PhaseProgress, plan: dict[str, Any]) -> None:
         """Prune (or claim what is free) before retraining; a head for a new task."""
         if target.phase == PackNetPhase.RETRAIN:
-            if plan["claim_free"]:
+            if plan.get("claim_free", False):  # a plan saved before this key existed: prune
                 block.claim_free_()
             else:
                 block.prune_(self.prune_fraction)

@@ -14,6 +14,7 @@ later columns exist (zero forgetting), and the parameters grow roughly quadratic
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from lightning_den.core.checks import check_count, check_flag, check_sizes
 from lightning_den.core.init import draw_linear_
-from lightning_den.core.tasks import PerTaskHeads, parse_head_classes
+from lightning_den.core.tasks import PerTaskHeads, activation_modules, parse_head_classes
 
 #: Initial value of every adapter's learned scale ``alpha``: laterals start as a small perturbation.
 ALPHA_INIT = 0.01
@@ -77,6 +78,7 @@ class ProgressiveColumn(nn.Module):
         classes: number of outputs of the head.
         task: index of the column; it reads the ``task`` earlier columns.
         lateral: whether to build the lateral adapters.
+        activations: the module after each hidden layer (each column holds its own copies).
 
     Example:
         >>> column = ProgressiveColumn(5, [4, 3], classes=2, task=2, lateral=True)
@@ -84,9 +86,20 @@ class ProgressiveColumn(nn.Module):
         [8, 6]
     """
 
-    def __init__(self, in_features: int, hidden_sizes: Sequence[int], classes: int, task: int, lateral: bool) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_sizes: Sequence[int],
+        classes: int,
+        task: int,
+        lateral: bool,
+        activations: Sequence[nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         sizes = [in_features, *hidden_sizes]
+        self.activations = activation_modules(
+            None if activations is None else [copy.deepcopy(a) for a in activations], len(hidden_sizes)
+        )
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.head = nn.Linear(sizes[-1], classes)
         outputs = [*hidden_sizes[1:], classes]
@@ -119,6 +132,8 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         head_classes: number of outputs of every task's head, or one number per task.
         lateral: lateral adapters from earlier columns (Progressive Networks); ``False`` gives
             independent columns, i.e. one separate network per task.
+        activations: the module after each hidden layer (parameter-free, elementwise; every column gets
+            copies); ReLU by default.
 
     Example:
         >>> pnn = ProgressiveMLP(8, [6, 4], head_classes=2)
@@ -138,6 +153,7 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         hidden_sizes: Sequence[int],
         head_classes: int | Sequence[int],
         lateral: bool = True,
+        activations: Sequence[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         check_count("in_features", in_features)
@@ -148,7 +164,13 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         self.hidden_sizes = hidden_sizes
         self.head_classes = parsed_classes
         self.lateral = lateral
+        # the modules new columns copy (a plain list: each column registers its own copies)
+        self._activations = list(activation_modules(activations, len(hidden_sizes)))
         self.columns = nn.ModuleList([self._new_column(0)])
+
+    def first_task_layers(self) -> tuple[list[nn.Module], nn.Module]:
+        """Task 0's hidden layers and head (what a converted ``nn.Linear`` chain is copied into)."""
+        return list(self.columns[0].hidden), self.columns[0].head
 
     # --- tasks ---
 
@@ -160,7 +182,9 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
     # --- columns ---
 
     def _new_column(self, task: int) -> ProgressiveColumn:
-        return ProgressiveColumn(self.in_features, self.hidden_sizes, self.classes_of(task), task, self.lateral)
+        return ProgressiveColumn(
+            self.in_features, self.hidden_sizes, self.classes_of(task), task, self.lateral, self._activations
+        )
 
     def add_task_(self, generator: torch.Generator | None = None) -> int:
         """Add the column of the next task, freeze every earlier column, and return the new task id.
@@ -294,11 +318,11 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
             column = self.columns[k]
             h = x
             own: list[Tensor] = []
-            for layer, linear in enumerate(column.hidden):
+            for layer, (linear, activation) in enumerate(zip(column.hidden, column.activations, strict=True)):
                 z = linear(h)
                 if layer >= 1 and len(column.laterals):
                     z = z + column.laterals[layer - 1](torch.cat([states[j][layer - 1] for j in range(k)], dim=-1))
-                h = F.relu(z)
+                h = activation(z)
                 own.append(h)
             states[k] = own
         return states
@@ -318,11 +342,13 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         states = self._states(x, range(task + 1))
         return [states[k] for k in range(task + 1)]
 
-    def forward(self, x: Tensor, task: int) -> Tensor:
-        """Logits of ``task``'s head, ``[batch, classes_of(task)]``, from ``x`` ``[batch, in_features]``.
+    def forward(self, x: Tensor, task: int | None = None) -> Tensor:
+        """Logits of ``task``'s head (:attr:`active_task`'s if ``None``), ``[batch, classes_of(task)]``, from
+        ``x`` ``[batch, in_features]``.
 
         Runs only :meth:`columns_used` (never a column after ``task``).
         """
+        task = self.routed(task)
         states = self._states(x, self.columns_used(task))
         column = self.columns[task]
         logits = column.head(states[task][-1])

@@ -1,0 +1,212 @@
+"""Finding the block a method trains in a user's model, and converting a plain chain of ``nn.Linear`` layers
+into one in place (as peft targets modules: by name, or found when there is exactly one candidate).
+
+A *linear chain* is an ``nn.Sequential`` whose children are ``nn.Linear`` layers (two or more, with biases)
+and, between them, parameter-free elementwise modules (:data:`~lightning_den.core.tasks.ELEMENTWISE`:
+activations, dropout). It starts and ends with a Linear. The hidden Linears become the block's first
+layers and the last one task 0's head, with the same weights and the same modules between them, so the
+converted model computes bit for bit what the chain computed. Every method converts through this module.
+
+Example:
+    >>> from lightning_den.core.den import ExpandableMLP
+    >>> model = nn.Module()
+    >>> model.net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    >>> name, block = attach_block(model, ExpandableMLP)
+    >>> name, type(model.net).__name__, block.widths(0)
+    ('net', 'ExpandableMLP', (3,))
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_den.core.tasks import ELEMENTWISE
+
+
+@dataclass(frozen=True)
+class LinearChain:
+    """A chain's layers: the hidden Linears, the module after each (one, or an ``nn.Sequential`` of several),
+    and the head."""
+
+    hidden: list[nn.Linear]
+    activations: list[nn.Module]
+    head: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.hidden[0].in_features
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return [layer.out_features for layer in self.hidden]
+
+    @torch.no_grad()
+    def copy_into_(self, hidden: list[nn.Module], head: nn.Module) -> None:
+        """Copy the chain's weights and biases into a block's ``hidden`` layers and task 0's ``head``."""
+        for source, target in zip([*self.hidden, self.head], [*hidden, head], strict=True):
+            target.weight.copy_(source.weight)
+            target.bias.copy_(source.bias)
+
+
+def linear_chain(sequential: nn.Module, name: str) -> LinearChain:
+    """``sequential`` read as a :class:`LinearChain`.
+
+    Raises:
+        ValueError: naming the module that stops the conversion and what to do about it.
+    """
+    if not isinstance(sequential, nn.Sequential):
+        raise ValueError(f"`{name}` is a {type(sequential).__name__}, not an nn.Sequential of Linear layers")
+    children = list(sequential.named_children())
+    linears = [index for index, (_, child) in enumerate(children) if isinstance(child, nn.Linear)]
+    for child_name, child in children:
+        if not isinstance(child, (nn.Linear, *ELEMENTWISE)):
+            raise ValueError(
+                f"`{name}.{child_name}` is a {type(child).__name__}: only nn.Linear layers and parameter-free "
+                "elementwise modules (activations, dropout) can be converted into a growing block, because its "
+                "layers gain and lose units. Keep that module outside the chain (e.g. a feature extractor before "
+                "it) or name another block"
+            )
+        if isinstance(child, nn.Linear) and child.bias is None:
+            raise ValueError(f"`{name}.{child_name}` has no bias: build it with `bias=True` to convert it")
+    if len(linears) < 2 or linears[0] != 0 or linears[-1] != len(children) - 1:
+        raise ValueError(
+            f"`{name}` must start and end with an nn.Linear and hold at least two (hidden layers, then the head); "
+            f"it holds {[type(child).__name__ for _, child in children]}"
+        )
+    activations = []
+    for start, end in itertools.pairwise(linears):
+        between = [child for _, child in children[start + 1 : end]]
+        activations.append(between[0] if len(between) == 1 else nn.Sequential(*between))
+    return LinearChain(
+        hidden=[children[index][1] for index in linears[:-1]], activations=activations, head=children[-1][1]
+    )
+
+
+def linear_chains(model: nn.Module) -> tuple[dict[str, nn.Sequential], list[str]]:
+    """Every ``nn.Sequential`` of ``model`` that converts into a block, and why each other one holding a
+    Linear layer does not."""
+    chains, refused = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential) and name:
+            try:
+                linear_chain(module, name)
+            except ValueError as error:
+                if any(isinstance(child, nn.Linear) for child in module.children()):
+                    refused.append(str(error))
+                continue
+            chains[name] = module
+    return chains, refused
+
+
+def attach_block(model: nn.Module, block_type: Any, name: str | None = None) -> tuple[str, nn.Module]:
+    """The ``block_type`` submodule of ``model`` to train, converting a linear chain into one in place.
+
+    ``name`` names it (a block, or a chain to convert); without a name, the only block of ``block_type``, or
+    else the only linear chain, is taken (and converted by :func:`block_from_chain`).
+
+    Raises:
+        ValueError: nothing to train, several candidates and no ``name``, or ``name`` cannot be converted; the
+            message names what was found and the argument that fixes it.
+    """
+    blocks = {n: m for n, m in model.named_modules() if isinstance(m, block_type)}
+    kind = block_type.__name__
+    if name is None and len(blocks) == 1:
+        return next(iter(blocks.items()))
+    if name is None and blocks:
+        raise ValueError(
+            f"{type(model).__name__} has several {kind} blocks {sorted(blocks)}; name the one to train with the "
+            "callback's `block=...` argument"
+        )
+    if name in blocks:
+        return name, blocks[name]
+    if name is None:
+        chains, refused = linear_chains(model)
+        if len(chains) != 1:
+            linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            found = (
+                f"several nn.Sequential chains of Linear layers {sorted(chains)}; name the one to grow"
+                if chains
+                else f"no {kind} and no nn.Sequential chain of Linear layers to convert (Linear layers at "
+                f"{linear or 'none'}{'; ' + refused[0] if refused else ''}); put the MLP part in an "
+                f"nn.Sequential of Linear layers and activations (or build it as a `lightning_den.{kind}`) and name it"
+            )
+            raise ValueError(f"{type(model).__name__} has {found} with the callback's `block=...` argument")
+        name = next(iter(chains))
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        names = sorted({*blocks, *linear_chains(model)[0]})
+        raise ValueError(
+            f"`block={name!r}` is not a module of {type(model).__name__}; its blocks and convertible chains are: "
+            f"{names or 'none'}"
+        ) from None
+    chain = linear_chain(target, name)
+    shared = [n for n, m in model.named_modules(remove_duplicate=False) if any(m is layer for layer in chain.hidden)]
+    if len(shared) > len(chain.hidden):
+        raise ValueError(
+            f"a Linear layer of `{name}` is also registered elsewhere in the model ({shared}); converting it would "
+            "leave the other reference on the old layer. Give that part its own layers"
+        )
+    block = block_from_chain(block_type, chain)
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, block)
+    return name, block
+
+
+def block_from_chain(block_type: Any, chain: LinearChain) -> nn.Module:
+    """A ``block_type`` computing what ``chain`` computes: its hidden Linears, the modules between them, and its
+    last Linear as task 0's head (same weights, device and dtype); the global RNG is left as it was.
+
+    Example:
+        >>> from lightning_den.core.packnet import PackNetMLP
+        >>> chain = linear_chain(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), "net")
+        >>> block_from_chain(PackNetMLP, chain).hidden_sizes
+        (3,)
+    """
+    with torch.random.fork_rng(devices=[]):
+        block = block_type(
+            chain.in_features, chain.hidden_sizes, chain.head.out_features, activations=chain.activations
+        )
+    block = block.to(chain.head.weight)
+    chain.copy_into_(*block.first_task_layers())
+    return block
+
+
+def load_grown(model: nn.Module, checkpoint_path: str | Path, map_location: Any = "cpu") -> nn.Module:
+    """Load a checkpoint of a sequence trained by a lightning_den callback into ``model``, a freshly built
+    instance of the user's own class: every block saved in it (``<name>._extra_state``) is converted from
+    ``model``'s chain of that name as the callback did, grown to the saved architecture, then all weights
+    load (``torch.load(..., weights_only=True)``: plain data only). Returns ``model``.
+
+    Example::
+
+        model = lightning_den.load_grown(MyModel(), "checkpoints/last.ckpt")
+        with lightning_den.task(model, 0):
+            logits = model(x)   # task 0 as it stood at the end of task 0
+    """
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint)
+    suffix = "._extra_state"
+    for key, saved in state.items():
+        if key.endswith(suffix) and isinstance(saved, dict) and saved.get("block") in BLOCK_TYPES:
+            attach_block(model, BLOCK_TYPES[saved["block"]], key[: -len(suffix)])
+    model.load_state_dict(state)
+    return model
+
+
+def _block_types() -> dict[str, type[nn.Module]]:
+    from lightning_den.core.den.layers import ExpandableMLP
+    from lightning_den.core.packnet.block import PackNetMLP
+    from lightning_den.core.progressive.block import ProgressiveMLP
+
+    return {block.__name__: block for block in (ExpandableMLP, PackNetMLP, ProgressiveMLP)}
+
+
+#: the blocks a checkpoint can name (``"block"`` in a block's saved state)
+BLOCK_TYPES = _block_types()

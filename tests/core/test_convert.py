@@ -1,0 +1,134 @@
+"""Converting a user's chain of ``nn.Linear`` layers into each method's block: bit-identical function, clear
+refusals, and a grown block's state loading back into a freshly built user model."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_den.core.convert import attach_block, load_grown
+from lightning_den.core.den import ExpandableMLP
+from lightning_den.core.packnet import PackNetMLP
+from lightning_den.core.progressive import ProgressiveMLP
+from lightning_den.core.routing import task
+from tests.core.helpers import FAST
+
+BLOCKS = [ExpandableMLP, ProgressiveMLP, PackNetMLP]
+BETWEEN = [nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.LeakyReLU, nn.SiLU, lambda: nn.Dropout(0.3), nn.Identity]
+
+
+class UserModel(nn.Module):
+    """A user's model: a chain of Linear layers named ``net`` after a fixed scaling, ``forward(x)`` only."""
+
+    def __init__(self, net: nn.Sequential) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), 0.5))
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x * self.scale)
+
+
+@st.composite
+def chains(draw) -> nn.Sequential:
+    widths = draw(st.lists(st.integers(1, 6), min_size=3, max_size=5), label="widths")  # two Linear layers or more
+    torch.manual_seed(draw(st.integers(0, 2**16), label="seed"))
+    modules: list[nn.Module] = []
+    for index, (a, b) in enumerate(itertools.pairwise(widths)):
+        modules.append(nn.Linear(a, b))
+        if index < len(widths) - 2:
+            for make in draw(st.lists(st.sampled_from(BETWEEN), min_size=1, max_size=2), label="between"):
+                modules.append(make())
+    return nn.Sequential(*modules)
+
+
+@FAST
+@given(chain=chains(), block_type=st.sampled_from(BLOCKS), training=st.booleans())
+def test_the_converted_model_computes_bit_for_bit_what_the_users_model_computed(chain, block_type, training):
+    model = UserModel(chain).train(training)
+    x = torch.randn(7, chain[0].in_features)
+    torch.manual_seed(1)  # the same dropout masks on both sides
+    expected = model(x)
+    name, block = attach_block(model, block_type)
+    torch.manual_seed(1)
+    assert name == "net" and model.net is block and isinstance(block, block_type)
+    assert torch.equal(model(x), expected)
+
+
+def test_the_global_random_stream_is_left_as_it_was():
+    torch.manual_seed(3)
+    model = UserModel(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    state = torch.random.get_rng_state()
+    attach_block(model, ExpandableMLP)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize(
+    ("net", "name", "match"),
+    [
+        (nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)), None, r"`net\.1` is a LayerNorm"),
+        (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2, bias=False)), None, r"`net\.2` has no bias"),
+        (nn.Sequential(nn.ReLU(), nn.Linear(4, 3), nn.Linear(3, 2)), "net", "must start and end with an nn.Linear"),
+        (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), "missing", r"`block='missing'` is not a mod"),
+    ],
+)
+def test_what_cannot_be_converted_is_refused_naming_the_module_and_the_fix(net, name, match):
+    with pytest.raises(ValueError, match=match):
+        attach_block(UserModel(net), ExpandableMLP, name)
+
+
+def test_several_chains_need_a_name():
+    model = nn.Module()
+    model.encoder = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
+    model.decoder = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"several nn\.Sequential chains of Linear layers \['decoder', 'encoder'\]"):
+        attach_block(model, ExpandableMLP)
+    assert attach_block(model, ExpandableMLP, "decoder")[0] == "decoder"
+    assert isinstance(model.encoder, nn.Sequential)
+
+
+def test_a_layer_shared_with_another_part_of_the_model_is_refused():
+    model = UserModel(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    model.probe = model.net[0]
+    with pytest.raises(ValueError, match="also registered elsewhere"):
+        attach_block(model, ExpandableMLP)
+
+
+@pytest.mark.parametrize("block_type", BLOCKS)
+def test_a_grown_blocks_state_loads_into_a_freshly_built_user_model(block_type):
+    torch.manual_seed(0)
+    build = lambda: UserModel(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)))  # noqa: E731
+    model = build()
+    _, block = attach_block(model, block_type)
+    if block_type is PackNetMLP:
+        block.prune_(0.5)
+    block.add_task_(torch.Generator().manual_seed(1))
+    block.active_task, block.tasks_learned = 1, 1
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict()}, buffer)
+    buffer.seek(0)
+    restored = load_grown(build(), buffer)
+    x = torch.randn(3, 4)
+    for t in (0, 1):
+        with task(model, t), task(restored, t):
+            assert torch.equal(restored(x), model(x))
+    assert restored.net.active_task == 1 and restored.net.tasks_learned == 1
+
+
+def test_task_routes_every_call_and_restores_the_active_task():
+    mlp = ExpandableMLP(4, [3], head_classes=[2, 5])
+    mlp.add_task_()
+    mlp.active_task = 1
+    with task(mlp, 0):
+        assert mlp(torch.zeros(1, 4)).shape == (1, 2)
+    assert mlp(torch.zeros(1, 4)).shape == (1, 5)
+    with pytest.raises(ValueError, match="task 2 was never trained"), task(mlp, 2):
+        pass
+    with pytest.raises(ValueError, match="no task block"), task(nn.Linear(2, 2), 0):
+        pass

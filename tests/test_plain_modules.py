@@ -1,0 +1,103 @@
+"""DEN, Progressive Networks and PackNet on a user's own LightningModule, unchanged: its ``nn.Sequential`` of
+Linear layers is converted in place, its ``forward(x)``, ``training_step`` and ``configure_optimizers`` stay
+as written, with Lightning's defaults on (logger, checkpointing)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+import lightning_den
+from lightning_den import DENCallback, PackNetCallback, ProgressiveCallback, TaskEvaluation
+from tests.helpers import IN_FEATURES, short_phases, tiny_stream
+
+
+class UserModule(pl.LightningModule):
+    """Written without lightning_den in mind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(IN_FEATURES, 8), nn.Tanh(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def trainer(tmp_path, callbacks) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=-1,
+        reload_dataloaders_every_n_epochs=1,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+    )
+
+
+class OutputsAtTaskEnds(Callback):
+    """Task 0's outputs on fixed inputs, whenever a task ends (through the model's own ``forward(x)``)."""
+
+    def __init__(self) -> None:
+        self.x, self.outputs = torch.randn(9, IN_FEATURES), []
+
+    def on_task_boundary(self, trainer, pl_module, boundary) -> None:
+        if boundary.ended_task is not None:
+            with torch.no_grad(), lightning_den.task(pl_module, 0):
+                self.outputs.append(pl_module(self.x).clone())
+
+
+METHODS = {
+    "den": lambda: DENCallback(**short_phases(loss_threshold=0.0)),
+    "pnn": lambda: ProgressiveCallback(epochs_per_task=2),
+    "packnet": lambda: PackNetCallback(train_epochs=2, retrain_epochs=1),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_users_module_trains_the_whole_sequence_as_written(tmp_path, method):
+    torch.manual_seed(0)
+    model, watch = UserModule(), OutputsAtTaskEnds()
+    x = torch.randn(5, IN_FEATURES)
+    before = model(x)
+    callback = METHODS[method]()
+    trainer(tmp_path, [callback, watch, TaskEvaluation()]).fit(model, datamodule=tiny_stream(3))
+    assert isinstance(model.net, callback.method.block_type) and model.net.num_tasks == 3
+    assert model.net.tasks_learned == 3 and model.net.active_task == 2
+    assert not torch.equal(model(x), before)  # it trained (and forward(x) reaches the last task's head)
+    summary = json.loads(next(tmp_path.rglob("continual_metrics.json")).read_text())
+    assert summary["complete"] and len(summary["accuracy"]) == 3
+    if method in ("pnn", "packnet"):  # zero forgetting, bit for bit, through the user's forward(x)
+        assert all(torch.equal(outputs, watch.outputs[0]) for outputs in watch.outputs)
+
+
+def test_a_converted_module_resumes_from_its_checkpoint_and_loads_into_a_fresh_instance(tmp_path):
+    torch.manual_seed(0)
+    first = UserModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, [DENCallback(**short_phases()), checkpoint]).fit(first, datamodule=tiny_stream(2))
+    last = tmp_path / "ckpt" / "last.ckpt"
+
+    resumed = UserModule()  # a fresh, unconverted instance: the callback converts it, the checkpoint grows it
+    trainer(tmp_path, [DENCallback(**short_phases())]).fit(resumed, datamodule=tiny_stream(3), ckpt_path=last)
+    assert resumed.net.num_tasks == 3 and resumed.net.tasks_learned == 3
+
+    loaded = lightning_den.load_grown(UserModule(), last)  # for inference, weights_only
+    x = torch.randn(4, IN_FEATURES)
+    for task in range(2):
+        with lightning_den.task(first, task), lightning_den.task(loaded, task):
+            assert torch.equal(loaded(x), first(x))
