@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_den.data.module import TaskSequenceDataModule
-from lightning_den.module import DENLightningModule
 
 TRAINER_DEFAULTS = {
     "max_epochs": -1,  # the task-driving callback stops the fit after the last task
@@ -23,11 +23,12 @@ TRAINER_DEFAULTS = {
 
 
 class DENCLI(LightningCLI):
-    """LightningCLI over any :class:`DENLightningModule` and :class:`TaskSequenceDataModule` subclass."""
+    """LightningCLI over any LightningModule (a ready model, a ``DENLightningModule`` or a user's own class, whose
+    chain of Linear layers the method callback converts) and any :class:`TaskSequenceDataModule` subclass."""
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
         super().__init__(
-            DENLightningModule,
+            pl.LightningModule,
             TaskSequenceDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,

@@ -114,3 +114,69 @@ def test_the_mnist_configs_run_with_validation_on(tmp_path, config):
     assert json.loads((run / "continual_metrics.json").read_text())["tasks"] == 2
     with open(run / "metrics.csv") as handle:
         assert any(row.get("val/acc/task_1") for row in csv.DictReader(handle))
+
+
+USER_MODULE = """
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MyModel(pl.LightningModule):
+    def __init__(self, hidden: int = 16, lr: float = 0.01):
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+"""
+
+
+USER_CONFIG = """
+seed_everything: 0
+model:
+  class_path: mypkg.MyModel
+  init_args:
+    hidden: 12
+data:
+  class_path: lightning_den.data.SplitDigits
+  init_args:
+    num_tasks: 3
+trainer:
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+  callbacks:
+    - class_path: {callback}
+      init_args: {settings}
+    - class_path: lightning_den.TaskEvaluation
+"""
+
+
+@pytest.mark.parametrize(
+    ("callback", "settings"),
+    [
+        (
+            "lightning_den.DENCallback",
+            "{first_task_epochs: 3, head_fit_epochs: 2, selective_epochs: 2, "
+            "expansion_epochs: 2, split_epochs: 2, loss_threshold: 0.0}",
+        ),
+        ("lightning_den.ProgressiveCallback", "{epochs_per_task: 2}"),
+        ("lightning_den.PackNetCallback", "{train_epochs: 2, retrain_epochs: 1}"),
+    ],
+)
+def test_the_cli_runs_a_users_own_plain_module_from_its_class_path(tmp_path, callback, settings):
+    (tmp_path / "mypkg.py").write_text(USER_MODULE)
+    (tmp_path / "mine.yaml").write_text(USER_CONFIG.format(callback=callback, settings=settings))
+    run_cli("fit", "--config", "mine.yaml", cwd=tmp_path)
+    saved = json.loads(next(tmp_path.rglob("continual_metrics.json")).read_text())
+    assert saved["tasks"] == 3 and saved["complete"]

@@ -5,6 +5,9 @@ as written, with Lightning's defaults on (logger, checkpointing)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -64,7 +67,7 @@ class OutputsAtTaskEnds(Callback):
 METHODS = {
     "den": lambda: DENCallback(**short_phases(loss_threshold=0.0)),
     "pnn": lambda: ProgressiveCallback(epochs_per_task=2),
-    "packnet": lambda: PackNetCallback(train_epochs=2, retrain_epochs=1),
+    "packnet": lambda: PackNetCallback(train_epochs=2, retrain_epochs=1, prune_fraction=0.75),
 }
 
 
@@ -75,12 +78,12 @@ def test_a_users_module_trains_the_whole_sequence_as_written(tmp_path, method):
     x = torch.randn(5, IN_FEATURES)
     before = model(x)
     callback = METHODS[method]()
-    trainer(tmp_path, [callback, watch, TaskEvaluation()]).fit(model, datamodule=tiny_stream(3))
-    assert isinstance(model.net, callback.method.block_type) and model.net.num_tasks == 3
-    assert model.net.tasks_learned == 3 and model.net.active_task == 2
+    trainer(tmp_path, [callback, watch, TaskEvaluation()]).fit(model, datamodule=tiny_stream(5))
+    assert isinstance(model.net, callback.method.block_type) and model.net.num_tasks == 5
+    assert model.net.tasks_learned == 5 and model.net.active_task == 4
     assert not torch.equal(model(x), before)  # it trained (and forward(x) reaches the last task's head)
     summary = json.loads(next(tmp_path.rglob("continual_metrics.json")).read_text())
-    assert summary["complete"] and len(summary["accuracy"]) == 3
+    assert summary["complete"] and len(summary["accuracy"]) == 5 and len(watch.outputs) == 5
     if method in ("pnn", "packnet"):  # zero forgetting, bit for bit, through the user's forward(x)
         assert all(torch.equal(outputs, watch.outputs[0]) for outputs in watch.outputs)
 
@@ -101,3 +104,11 @@ def test_a_converted_module_resumes_from_its_checkpoint_and_loads_into_a_fresh_i
     for task in range(2):
         with lightning_den.task(first, task), lightning_den.task(loaded, task):
             assert torch.equal(loaded(x), first(x))
+
+
+@pytest.mark.slow
+def test_the_conv_example_converts_the_classifier_of_a_plain_module(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_module.py"
+    result = subprocess.run([sys.executable, str(example)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after task 2: accuracy" in result.stdout and "through the model's own forward(x)" in result.stdout
