@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -137,6 +138,13 @@ class TaskMethod(ABC):
     #: parameters of the model outside the block train in every task (True) or in the first only (False:
     #: later tasks keep the features earlier tasks were trained on)
     trains_outside_block: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A concrete method must name its phases, block type and name (checked when the class is made)."""
+        super().__init_subclass__(**kwargs)
+        missing = [name for name in ("phases", "block_type", "name") if not hasattr(cls, name)]
+        if missing and not inspect.isabstract(cls):
+            raise TypeError(f"{cls.__name__} must set the class attributes {missing} of a TaskMethod")
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = check_count("seed", seed, minimum=0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 #: parameter-free modules that act on each unit alone: a chain of Linear layers with these between them can be
 #: converted into a block (units are appended and removed, so the modules must not depend on the width)
@@ -85,6 +85,16 @@ class PerTaskHeads:
     active_task: int = 0
     #: how many tasks the block has finished learning
     tasks_learned: int = 0
+
+    in_features: int
+
+    def check_inputs(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` naming the expected shape unless ``x`` is ``[batch, in_features]``."""
+        if x.ndim != 2 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected inputs of shape [batch, {self.in_features}], got {tuple(x.shape)}; "
+                "flatten or resize the inputs to the width the network was built with"
+            )
 
     def routed(self, task: int | None) -> int:
         """``task``, or :attr:`active_task` when it is ``None``."""

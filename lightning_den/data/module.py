@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from lightning_den.core.checks import check_count
+
 TaskTensors = tuple[Tensor, Tensor]
 
 
@@ -124,8 +126,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}")
+        check_count("batch_size", batch_size)
         if len(train) == 0:
             raise ValueError("`train` must hold at least one task")
         splits = {"train": train, "test": test, **({"val": val} if val is not None else {})}

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_den.core.checks import check_fraction
+
 TaskTensors = tuple[Tensor, Tensor]
 
 
@@ -128,8 +130,7 @@ def rotate_with_noisy_background(x: Tensor, seed: int = 0, noise: float = 1.0) -
 
 def train_test_split(x: Tensor, y: Tensor, test_fraction: float, seed: int = 0) -> tuple[TaskTensors, TaskTensors]:
     """Shuffle with a fixed seed and cut off the last ``test_fraction`` as the test split (per class)."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction}")
+    check_fraction("test_fraction", test_fraction)
     generator = torch.Generator().manual_seed(seed)
     train_index, test_index = [], []
     for cls in torch.unique(y):

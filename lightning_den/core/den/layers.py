@@ -283,11 +283,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
 
     def features(self, x: Tensor, task: int) -> Tensor:
         """Output of the last hidden layer for ``task``, ``[batch, widths(task)[-1]]``."""
-        if x.ndim != 2 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected inputs of shape [batch, {self.in_features}], got {tuple(x.shape)}; "
-                "flatten or resize the inputs to the width the network was built with"
-            )
+        self.check_inputs(x)
         h = x
         for layer, activation, width in zip(self.hidden, self.activations, self.widths(task), strict=True):
             h = activation(layer(h, width))

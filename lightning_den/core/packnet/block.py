@@ -352,11 +352,7 @@ class PackNetMLP(PerTaskHeads, nn.Module):
 
     def features(self, x: Tensor, task: int) -> Tensor:
         """Output of the last hidden layer for ``task``, ``[batch, hidden_sizes[-1]]``."""
-        if x.ndim != 2 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected inputs of shape [batch, {self.in_features}], got {tuple(x.shape)}; "
-                "flatten or resize the inputs to the width the network was built with"
-            )
+        self.check_inputs(x)
         self.check_task(task)
         h = x
         for layer, activation, mask in zip(self.hidden, self.activations, self._masks(task), strict=True):

@@ -308,11 +308,7 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         return range(task + 1) if self.lateral else range(task, task + 1)
 
     def _states(self, x: Tensor, columns: range) -> dict[int, list[Tensor]]:
-        if x.ndim != 2 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected inputs of shape [batch, {self.in_features}], got {tuple(x.shape)}; "
-                "flatten or resize the inputs to the width the network was built with"
-            )
+        self.check_inputs(x)
         states: dict[int, list[Tensor]] = {}
         for k in columns:
             column = self.columns[k]
