@@ -1,10 +1,11 @@
 """A whole DEN sequence under real 2-process DDP on CPU (gloo); run by tests/test_ddp.py.
 
-Usage: python tests/ddp_den_run.py OUTPUT.json [ddp|ddp_spawn]. Lightning's defaults are on
+Usage: python tests/ddp_den_run.py OUTPUT.json [ddp|ddp_spawn|ddp-plain]. Lightning's defaults are on
 (validation every epoch, the default logger, checkpoints) with ``TaskEvaluation`` and a
 ``ModelCheckpoint(save_last=True)``. Rank 1 computes deliberately wrong surgery plans: the run must
 still end with identical weights on both ranks, because the plan decided on rank 0 is broadcast and
-applied everywhere. Under ``ddp_spawn`` the main process must get the grown network back.
+applied everywhere. Under ``ddp_spawn`` the main process must get the grown network back. ``ddp-plain``
+trains a user's plain LightningModule (its ``nn.Sequential`` converted on every rank) under ``ddp``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_den import DENCallback, DENMethod, TaskEvaluation
-from tests.helpers import short_phases, tiny_model, tiny_stream
+from tests.helpers import UserModule, short_phases, tiny_model, tiny_stream
 
 
 class WrongPlansOnRankOne(DENMethod):
@@ -96,7 +97,7 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=strategy,
+        strategy="ddp" if strategy == "ddp-plain" else strategy,
         max_epochs=-1,
         reload_dataloaders_every_n_epochs=1,
         callbacks=[
@@ -109,7 +110,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = tiny_model()
+    model = UserModule() if strategy == "ddp-plain" else tiny_model()
     trainer.fit(model, datamodule=tiny_stream(num_tasks=3))
     if strategy == "ddp_spawn":  # this is the main process: the workers are gone
         Path(out).write_text(

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from lightning_den import DENMLP, TaskSequenceDataModule
 from lightning_den.driver import sequence_trainer
@@ -86,3 +88,23 @@ trainer:
         sparsity_l1: 0.05
     - class_path: lightning_den.TaskEvaluation
 """
+
+
+class UserModule(pl.LightningModule):
+    """Written without lightning_den in mind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(IN_FEATURES, 8), nn.Tanh(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)

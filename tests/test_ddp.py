@@ -51,3 +51,12 @@ def test_ddp_spawn_hands_the_grown_network_back_to_the_main_process(tmp_path):
     assert saved["tasks_learned"] == 3 and saved["widths"][-1][0] > 5  # the main process holds the grown network
     assert saved["same_weights_as_rank_0"]  # with the weights the workers trained
     assert len(metrics_files(tmp_path)) == 1
+
+
+@pytest.mark.slow
+def test_two_process_ddp_converts_a_users_plain_module_alike_on_every_rank(tmp_path):
+    saved = run_two_processes(tmp_path, "ddp-plain")
+    records = saved["boundaries"]
+    assert saved["wrong_plans_on_rank_1"] >= 4  # the broadcast plan won, as for the ready model
+    assert all(r["same_plan"] and r["same_weights"] for r in records)
+    assert records[-1]["widths"][0] > 8  # the user's 8-unit layer grew

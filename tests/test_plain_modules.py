@@ -12,33 +12,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch import nn
 
 import lightning_den
 from lightning_den import DENCallback, PackNetCallback, ProgressiveCallback, TaskEvaluation
-from tests.helpers import IN_FEATURES, short_phases, tiny_stream
-
-
-class UserModule(pl.LightningModule):
-    """Written without lightning_den in mind."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(IN_FEATURES, 8), nn.Tanh(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=0.01)
+from tests.helpers import IN_FEATURES, UserModule, short_phases, tiny_stream
 
 
 def trainer(tmp_path, callbacks) -> pl.Trainer:
