@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_den.core.checks import check_count, check_sizes
+
 #: parameter-free modules that act on each unit alone: a chain of Linear layers with these between them can be
 #: converted into a block (units are appended and removed, so the modules must not depend on the width)
 ELEMENTWISE = (
@@ -87,6 +89,16 @@ class PerTaskHeads:
     tasks_learned: int = 0
 
     in_features: int
+
+    def _checked_shape(
+        self, in_features: int, hidden_sizes: Sequence[int], head_classes: int | Sequence[int]
+    ) -> tuple[int, ...]:
+        """Check a block's constructor arguments, keep ``in_features`` and ``head_classes``, and return the
+        hidden sizes as a tuple (every block's constructor starts with this)."""
+        self.in_features = check_count("in_features", in_features)
+        hidden = check_sizes("hidden_sizes", hidden_sizes)
+        self.head_classes = parse_head_classes(head_classes)
+        return hidden
 
     def check_inputs(self, x: Tensor) -> None:
         """Raise a ``ValueError`` naming the expected shape unless ``x`` is ``[batch, in_features]``."""

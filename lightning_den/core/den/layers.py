@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_den.core.checks import check_count, check_sizes
 from lightning_den.core.init import draw_linear_
-from lightning_den.core.tasks import PerTaskHeads, activation_modules, parse_head_classes
+from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 
 def mlp_parameters(in_features: int, hidden_sizes: Sequence[int], classes: int) -> int:
@@ -180,12 +179,8 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         activations: Sequence[nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        check_count("in_features", in_features)
-        hidden_sizes = check_sizes("hidden_sizes", hidden_sizes)
-        parsed_classes = parse_head_classes(head_classes)
+        hidden_sizes = self._checked_shape(in_features, hidden_sizes, head_classes)
         self.activations = activation_modules(activations, len(hidden_sizes))
-        self.in_features = in_features
-        self.head_classes = parsed_classes
         sizes = [in_features, *hidden_sizes]
         self.hidden = nn.ModuleList(ExpandableLinear(a, b) for a, b in itertools.pairwise(sizes))
         self.heads = nn.ModuleDict({"0": ExpandableLinear(sizes[-1], self.classes_of(0))})

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_den.core.checks import check_count, check_sizes
 from lightning_den.core.init import draw_linear_
-from lightning_den.core.tasks import PerTaskHeads, activation_modules, parse_head_classes
+from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 
 class PackNetMLP(PerTaskHeads, nn.Module):
@@ -66,13 +65,9 @@ class PackNetMLP(PerTaskHeads, nn.Module):
         activations: Sequence[nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        check_count("in_features", in_features)
-        sizes = check_sizes("hidden_sizes", hidden_sizes)
-        parsed_classes = parse_head_classes(head_classes)
+        sizes = self._checked_shape(in_features, hidden_sizes, head_classes)
         self.activations = activation_modules(activations, len(sizes))
-        self.in_features = in_features
         self.hidden_sizes = sizes
-        self.head_classes = parsed_classes
         widths = [in_features, *sizes]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         for index, layer in enumerate(self.hidden):

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_den.core.checks import check_count, check_flag, check_sizes
+from lightning_den.core.checks import check_flag
 from lightning_den.core.init import draw_linear_
-from lightning_den.core.tasks import PerTaskHeads, activation_modules, parse_head_classes
+from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 #: Initial value of every adapter's learned scale ``alpha``: laterals start as a small perturbation.
 ALPHA_INIT = 0.01
@@ -156,16 +156,11 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         activations: Sequence[nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        check_count("in_features", in_features)
-        hidden_sizes = check_sizes("hidden_sizes", hidden_sizes)
-        parsed_classes = parse_head_classes(head_classes)
+        self.hidden_sizes = self._checked_shape(in_features, hidden_sizes, head_classes)
         check_flag("lateral", lateral)
-        self.in_features = in_features
-        self.hidden_sizes = hidden_sizes
-        self.head_classes = parsed_classes
         self.lateral = lateral
         # the modules new columns copy (a plain list: each column registers its own copies)
-        self._activations = list(activation_modules(activations, len(hidden_sizes)))
+        self._activations = list(activation_modules(activations, len(self.hidden_sizes)))
         self.columns = nn.ModuleList([self._new_column(0)])
 
     def first_task_layers(self) -> tuple[list[nn.Module], nn.Module]:
