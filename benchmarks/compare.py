@@ -8,6 +8,10 @@ methods get DEN's first-task epochs per task), then writes ``comparison.md``, ``
     .venv/bin/python benchmarks/compare.py examples/permuted_mnist.yaml --root ../shared/data/mnist
     .venv/bin/python benchmarks/compare.py examples/split_digits.yaml --methods den pnn stl --seeds 0 1 2
 
+The configuration's model is a ready model (``DENMLP``: every method gets its ready model of the same widths)
+or a user's own LightningModule class with one ``nn.Sequential`` of Linear layers (every method gets a fresh,
+re-drawn copy, which its callback converts).
+
 Rows: DEN as configured, the paper's ablations of it (DEN without split; DNN-Selective: selective
 retraining only, no expansion and no split), Progressive Networks, PackNet, one network per task,
 fine-tuning and EWC. With several ``--seeds`` (initial weights, new units and shuffling; the stream stays
@@ -36,7 +40,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_den import DENMLP, DENCallback, TaskEvaluation
+from lightning_den import DENMLP, DENCallback, ReadyModel, TaskEvaluation
 from lightning_den.baselines import (
     EWCCallback,
     FineTuningCallback,
@@ -46,6 +50,7 @@ from lightning_den.baselines import (
     ProgressiveNet,
 )
 from lightning_den.cli import DENCLI
+from lightning_den.core.convert import linear_chain, linear_chains
 from lightning_den.data import TaskSequenceDataModule
 from lightning_den.data.streams import train_test_split
 from lightning_den.driver import sequence_trainer
@@ -72,40 +77,58 @@ def den_variant(den: DENCallback, seed: int, **changes: Any) -> DENCallback:
     return variant
 
 
+def ready_models(hparams: dict, optimizer: Callable) -> dict[str, Callable[[], pl.LightningModule]]:
+    """For each method, its ready model of the configuration's widths (a configuration of ``DENMLP``)."""
+    den_model = lambda: DENMLP(**hparams, optimizer=optimizer)  # noqa: E731
+    return {
+        "den": den_model,
+        "den-nosplit": den_model,
+        "den-selective": den_model,
+        "pnn": lambda: ProgressiveNet(**hparams, optimizer=optimizer),
+        "packnet": lambda: PackNetModel(**hparams, optimizer=optimizer),
+        "stl": lambda: ProgressiveNet(**hparams, lateral=False, optimizer=optimizer),
+        "finetune": den_model,
+        "ewc": den_model,
+    }
+
+
+def users_model(template: pl.LightningModule) -> Callable[[], pl.LightningModule]:
+    """Fresh copies of a user's own model (a configuration of its class): every layer with a
+    ``reset_parameters`` is drawn again under the run's seed, and each method's callback converts the copy's
+    chain of Linear layers into its block."""
+
+    def fresh() -> pl.LightningModule:
+        model = copy.deepcopy(template)
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if module is not model and callable(reset):
+                reset()
+        return model
+
+    return fresh
+
+
 def builders(
-    hparams: dict, optimizer: Callable, den: DENCallback, epochs: int, seed: int, ewc_lambda: float | None = None
+    models: dict[str, Callable[[], pl.LightningModule]],
+    den: DENCallback,
+    epochs: int,
+    seed: int,
+    ewc_lambda: float | None = None,
 ) -> dict[str, tuple[Callable, Callable]]:
     """For each method: (build the model, build the callback)."""
-    return {
-        "den": (lambda: DENMLP(**hparams, optimizer=optimizer), lambda: den_variant(den, seed)),
-        "den-nosplit": (lambda: DENMLP(**hparams, optimizer=optimizer), lambda: den_variant(den, seed, split=False)),
-        "den-selective": (
-            lambda: DENMLP(**hparams, optimizer=optimizer),
-            lambda: den_variant(den, seed, expansion=False, split=False),
-        ),
-        "pnn": (
-            lambda: ProgressiveNet(**hparams, optimizer=optimizer),
-            lambda: ProgressiveCallback(epochs_per_task=epochs, seed=seed),
-        ),
-        "packnet": (
-            lambda: PackNetModel(**hparams, optimizer=optimizer),
-            lambda: PackNetCallback(train_epochs=epochs, retrain_epochs=max(1, epochs // 4), seed=seed),
-        ),
-        "stl": (
-            lambda: ProgressiveNet(**hparams, lateral=False, optimizer=optimizer),
-            lambda: ProgressiveCallback(epochs_per_task=epochs, seed=seed),
-        ),
-        "finetune": (
-            lambda: DENMLP(**hparams, optimizer=optimizer),
-            lambda: FineTuningCallback(epochs_per_task=epochs, seed=seed),
-        ),
-        "ewc": (
-            lambda: DENMLP(**hparams, optimizer=optimizer),
-            lambda: EWCCallback(
-                epochs_per_task=epochs, seed=seed, **({} if ewc_lambda is None else {"ewc_lambda": ewc_lambda})
-            ),
+    callbacks = {
+        "den": lambda: den_variant(den, seed),
+        "den-nosplit": lambda: den_variant(den, seed, split=False),
+        "den-selective": lambda: den_variant(den, seed, expansion=False, split=False),
+        "pnn": lambda: ProgressiveCallback(epochs_per_task=epochs, seed=seed),
+        "packnet": lambda: PackNetCallback(train_epochs=epochs, retrain_epochs=max(1, epochs // 4), seed=seed),
+        "stl": lambda: ProgressiveCallback(epochs_per_task=epochs, lateral=False, seed=seed),
+        "finetune": lambda: FineTuningCallback(epochs_per_task=epochs, seed=seed),
+        "ewc": lambda: EWCCallback(
+            epochs_per_task=epochs, seed=seed, **({} if ewc_lambda is None else {"ewc_lambda": ewc_lambda})
         ),
     }
+    return {method: (models[method], callback) for method, callback in callbacks.items()}
 
 
 def run_method(model_fn: Callable, callback_fn: Callable, datamodule, folder: Path, seed: int) -> dict[str, Any]:
@@ -279,13 +302,21 @@ def main(argv: list[str] | None = None) -> None:
     overrides = ["--data.init_args.root", args.root] if args.root else []
     cli = DENCLI(args=["--config", args.config, *overrides], run=False, save_config_callback=None)
     den = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DENCallback))
-    hparams = {k: cli.model.hparams[k] for k in ("in_features", "hidden_sizes", "num_classes")}
+    if isinstance(cli.model, ReadyModel):
+        hparams = {k: cli.model.hparams[k] for k in ("in_features", "hidden_sizes", "num_classes")}
+        models, widths = ready_models(hparams, cli.model.optimizer_factory), list(hparams["hidden_sizes"])
+    else:  # a user's own class: every method converts a fresh copy of its chain of Linear layers
+        fresh = users_model(cli.model)
+        models = dict.fromkeys(METHODS, fresh)
+        (chain_name, chain), *others = linear_chains(cli.model)[0].items() or [(None, None)]
+        if chain is None or others:
+            parser.error(f"{type(cli.model).__name__} needs exactly one nn.Sequential chain of Linear layers")
+        widths = linear_chain(chain, chain_name).hidden_sizes
     epochs = args.epochs or den.method.epochs.sparse
     datamodule = cli.datamodule
     seeds = args.seeds or [int(cli.config.get("seed_everything") or 0)]
     binary = all(datamodule.num_classes(t) == 2 for t in range(datamodule.num_tasks))
     ordered = sorted(args.methods, key=lambda m: m != "stl")  # the reference for forward transfer first
-    optimizer = cli.model.optimizer_factory
     if args.ewc_lambdas and "ewc" not in args.methods:
         parser.error("--ewc-lambdas tunes EWC: add `ewc` to --methods")
     ewc_lambda, tuning = None, None
@@ -293,14 +324,14 @@ def main(argv: list[str] | None = None) -> None:
         held_out = validation_stream(datamodule, seeds[0])
         ewc_lambda, tuning = tune_ewc(
             args.ewc_lambdas,
-            lambda strength: builders(hparams, optimizer, den, epochs, seeds[0], strength)["ewc"],
+            lambda strength: builders(models, den, epochs, seeds[0], strength)["ewc"],
             held_out,
             out / "tuning",
             seeds[0],
         )
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in args.methods}
     for seed in seeds:
-        build = builders(hparams, optimizer, den, epochs, seed, ewc_lambda)
+        build = builders(models, den, epochs, seed, ewc_lambda)
         results, reference = {}, None
         for method in ordered:
             result = run_method(*build[method], datamodule, out / f"seed_{seed}" / method, seed)
@@ -320,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         strength = EWCCallback().method.ewc_lambda if ewc_lambda is None else ewc_lambda
         spread += f"; EWC lambda {strength:g} ({how})"
     title = (
-        f"{name}: {datamodule.num_tasks} tasks, widths {hparams['hidden_sizes']}; DEN's phases as configured, "
+        f"{name}: {datamodule.num_tasks} tasks, widths {widths}; DEN's phases as configured, "
         f"the other methods {epochs} epochs per task (PackNet plus {max(1, epochs // 4)} of retraining){spread}"
     )
     table = markdown(rows, title, binary)

@@ -118,12 +118,20 @@ class TaskSequenceCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check that the method can run here, find the block, enter the first phase (before optimizers)."""
+        """Check that the method can run here and find (or convert) the block, before optimizers exist.
+
+        For ``validate``/``test``/``predict`` only the block is found or converted, so that a checkpoint of a
+        grown network loads into a user's freshly built module (``trainer.test(MyModel(), ckpt_path=...)``).
+        """
+        if stage == "fit":
+            _check_trainer(trainer, type(self).__name__)
+            _check_datamodule(trainer, type(self).__name__)
+        method = self.method
+        self.block, self._block = configured(
+            attach_block, pl_module, method.block_type, self.block, method.block_options()
+        )
         if stage != "fit":
             return
-        _check_trainer(trainer, type(self).__name__)
-        _check_datamodule(trainer, type(self).__name__)
-        self.block, self._block = configured(attach_block, pl_module, self.method.block_type, self.block)
         self._check_epoch_limit(trainer, trainer.datamodule.num_tasks)
         _warn_of_checkpoints_within_epochs(trainer)
         show_task_and_phase(trainer.progress_bar_callback)

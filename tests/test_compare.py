@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,21 @@ def test_the_validation_stream_holds_out_part_of_each_tasks_training_data_and_no
         assert len(train) + len(validation) == len(stream.train_tasks[task][0])
         rows = {tuple(row.tolist()) for row in stream.train_tasks[task][0]}
         assert all(tuple(row.tolist()) in rows for row in validation)  # taken from the training data
+
+
+def test_compare_runs_every_method_on_a_users_own_model_class(tmp_path):
+    from tests.test_cli import USER_MODULE
+
+    (tmp_path / "mypkg.py").write_text(USER_MODULE)
+    config = TINY.split("model:")[0] + "model:\n  class_path: mypkg.MyModel\n  init_args:\n    hidden: 12\ndata:"
+    config += TINY.split("data:", 1)[1]
+    (tmp_path / "mine.yaml").write_text(config)
+    out = tmp_path / "cmp"
+    command = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "mine.yaml", "--epochs", "2", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
+    assert len(rows) == 8 and "widths [12]" in (out / "comparison.md").read_text()
+    first, last = rows["one network per task"]["parameters_after_task"][::2]  # STL: one independent copy per task
+    assert last == 3 * first and rows["Progressive Networks"]["parameters_after_task"][-1] > last

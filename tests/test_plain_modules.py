@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning_den
@@ -76,6 +77,16 @@ def test_a_converted_module_resumes_from_its_checkpoint_and_loads_into_a_fresh_i
     resumed = UserModule()  # a fresh, unconverted instance: the callback converts it, the checkpoint grows it
     trainer(tmp_path, [DENCallback(**short_phases())]).fit(resumed, datamodule=tiny_stream(3), ckpt_path=last)
     assert resumed.net.num_tasks == 3 and resumed.net.tasks_learned == 3
+
+    class Tested(UserModule):
+        def test_step(self, batch, batch_idx, dataloader_idx=0):  # one test dataloader per task
+            with lightning_den.task(self, dataloader_idx):
+                self.log("test_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    # the callback converts a fresh instance at setup, so Lightning loads the grown checkpoint into it
+    tested = Tested()
+    scores = trainer(tmp_path, [DENCallback(**short_phases())]).test(tested, datamodule=tiny_stream(2), ckpt_path=last)
+    assert tested.net.num_tasks == 2 and any(name.startswith("test_loss") for name in scores[0])
 
     loaded = lightning_den.load_grown(UserModule(), last)  # for inference, weights_only
     x = torch.randn(4, IN_FEATURES)

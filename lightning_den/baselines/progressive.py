@@ -20,7 +20,9 @@ class ProgressiveCallback(TaskSequenceCallback):
 
     Args:
         epochs_per_task: most epochs of each task (fewer once the loss levels off, see ``convergence_tol``).
-        block: name of the ProgressiveMLP (found automatically if there is one).
+        lateral: lateral adapters when a user's ``nn.Sequential`` of Linear layers is converted; ``False``: one
+            independent network per task (a ready ``ProgressiveNet`` keeps its own ``lateral``).
+        block: name of the ProgressiveMLP, or of the chain to convert (found automatically if there is one).
         convergence_tol: see :class:`~lightning_den.driver.TaskSequenceCallback`.
         seed: seed of the new columns' initial weights (the same on every rank).
 
@@ -32,9 +34,14 @@ class ProgressiveCallback(TaskSequenceCallback):
     """
 
     def __init__(
-        self, epochs_per_task: int = 20, block: str | None = None, convergence_tol: float = 0.0, seed: int = 0
+        self,
+        epochs_per_task: int = 20,
+        lateral: bool = True,
+        block: str | None = None,
+        convergence_tol: float = 0.0,
+        seed: int = 0,
     ) -> None:
-        method = configured(ProgressiveMethod, epochs_per_task=epochs_per_task, seed=seed)
+        method = configured(ProgressiveMethod, epochs_per_task=epochs_per_task, lateral=lateral, seed=seed)
         super().__init__(method, block=block, convergence_tol=convergence_tol)
 
 

@@ -104,11 +104,14 @@ def linear_chains(model: nn.Module) -> tuple[dict[str, nn.Sequential], list[str]
     return chains, refused
 
 
-def attach_block(model: nn.Module, block_type: Any, name: str | None = None) -> tuple[str, nn.Module]:
+def attach_block(
+    model: nn.Module, block_type: Any, name: str | None = None, options: dict[str, Any] | None = None
+) -> tuple[str, nn.Module]:
     """The ``block_type`` submodule of ``model`` to train, converting a linear chain into one in place.
 
     ``name`` names it (a block, or a chain to convert); without a name, the only block of ``block_type``, or
-    else the only linear chain, is taken (and converted by :func:`block_from_chain`).
+    else the only linear chain, is taken (and converted by :func:`block_from_chain`, with ``options`` for the
+    block's constructor, e.g. ``{"lateral": False}``).
 
     Raises:
         ValueError: nothing to train, several candidates and no ``name``, or ``name`` cannot be converted; the
@@ -153,13 +156,13 @@ def attach_block(model: nn.Module, block_type: Any, name: str | None = None) -> 
             f"a Linear layer of `{name}` is also registered elsewhere in the model ({shared}); converting it would "
             "leave the other reference on the old layer. Give that part its own layers"
         )
-    block = block_from_chain(block_type, chain)
+    block = block_from_chain(block_type, chain, **(options or {}))
     parent_name, _, attribute = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attribute, block)
     return name, block
 
 
-def block_from_chain(block_type: Any, chain: LinearChain) -> nn.Module:
+def block_from_chain(block_type: Any, chain: LinearChain, **options: Any) -> nn.Module:
     """A ``block_type`` computing what ``chain`` computes: its hidden Linears, the modules between them, and its
     last Linear as task 0's head (same weights, device and dtype); the global RNG is left as it was.
 
@@ -170,9 +173,8 @@ def block_from_chain(block_type: Any, chain: LinearChain) -> nn.Module:
         (3,)
     """
     with torch.random.fork_rng(devices=[]):
-        block = block_type(
-            chain.in_features, chain.hidden_sizes, chain.head.out_features, activations=chain.activations
-        )
+        classes = chain.head.out_features
+        block = block_type(chain.in_features, chain.hidden_sizes, classes, activations=chain.activations, **options)
     block = block.to(chain.head.weight)
     chain.copy_into_(*block.first_task_layers())
     return block

@@ -181,6 +181,10 @@ class TaskMethod(ABC):
             raise ValueError(f"no task follows task {learned - 1} in a stream of {num_tasks} tasks")
         return replace(previous, epochs=1, last_loss=math.nan), target
 
+    def block_options(self) -> dict[str, Any]:
+        """Keyword arguments of :attr:`block_type` when a user's chain of Linear layers is converted into it."""
+        return {}
+
     # ------------------------------------------------------------------ surgery
 
     def check_stream(self, block: nn.Module, first_task: int, num_tasks: int) -> None:

@@ -20,6 +20,7 @@ from torch.func import functional_call, grad, vmap
 from lightning_den.core.checks import check_number
 from lightning_den.core.den.layers import ExpandableMLP
 from lightning_den.core.method import EpochsPerTaskMethod, PhaseProgress, Trainable, head_of_task_only
+from lightning_den.core.routing import task as route_to
 
 
 class FineTuningMethod(EpochsPerTaskMethod):
@@ -91,7 +92,7 @@ class EWCMethod(FineTuningMethod):
         device = next(iter(shared.values())).device
 
         def example_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            logits = functional_call(model, (params, buffers), (x.unsqueeze(0),), {"task": task})
+            logits = functional_call(model, (params, buffers), (x.unsqueeze(0),))  # routed to `task` below
             return F.cross_entropy(logits, y.unsqueeze(0))
 
         per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
@@ -99,14 +100,14 @@ class EWCMethod(FineTuningMethod):
         examples = 0
         was_training = model.training
         model.eval()
-        for inputs, labels in batches:
-            # no_grad outside the transform: the heads still require grad, and without it every batch's
-            # per-example gradients would stay alive in an autograd graph hanging off `totals`
-            with torch.no_grad():
+        # no_grad outside the transform: the heads still require grad, and without it every batch's
+        # per-example gradients would stay alive in an autograd graph hanging off `totals`
+        with route_to(model, task), torch.no_grad():
+            for inputs, labels in batches:
                 grads = per_example(shared, inputs.to(device), labels.to(device))
                 for name, value in grads.items():
                     totals[name] += value.pow(2).sum(dim=0)
-            examples += len(labels)
+                examples += len(labels)
         model.train(was_training)
         return {name: total / max(examples, 1) for name, total in totals.items()}
 

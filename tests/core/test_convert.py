@@ -132,3 +132,14 @@ def test_task_routes_every_call_and_restores_the_active_task():
         pass
     with pytest.raises(ValueError, match="no task block"), task(nn.Linear(2, 2), 0):
         pass
+
+
+def test_a_compiled_converted_model_follows_the_active_task():
+    model = UserModel(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)))
+    attach_block(model, ExpandableMLP)
+    model.net.add_task_(torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="aot_eager")  # graph capture only: no C++ toolchain needed
+    x = torch.randn(3, 4)
+    for t in (0, 1, 0):  # the active task is a plain attribute: a guard, so a switch recompiles or reuses
+        with task(model, t):
+            assert torch.equal(compiled(x), model(x)), t

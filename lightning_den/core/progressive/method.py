@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_den.core.checks import check_flag
 from lightning_den.core.method import EpochsPerTaskMethod, PhaseProgress, Trainable
 from lightning_den.core.progressive.block import ProgressiveMLP
 
@@ -15,6 +16,8 @@ class ProgressiveMethod(EpochsPerTaskMethod):
 
     Args:
         epochs_per_task: most epochs of each task.
+        lateral: lateral adapters from earlier columns when the callback converts a user's chain of Linear
+            layers into the block (``False``: one independent network per task); a ready block keeps its own.
         seed: seed of the new columns' initial weights.
 
     Example:
@@ -26,6 +29,13 @@ class ProgressiveMethod(EpochsPerTaskMethod):
 
     block_type = ProgressiveMLP
     name = "PNN"
+
+    def __init__(self, epochs_per_task: int = 20, lateral: bool = True, seed: int = 0) -> None:
+        super().__init__(epochs_per_task=epochs_per_task, seed=seed)
+        self.lateral = check_flag("lateral", lateral)
+
+    def block_options(self) -> dict[str, Any]:
+        return {"lateral": self.lateral}
 
     def apply(
         self, block: ProgressiveMLP, progress: PhaseProgress, target: PhaseProgress, plan: dict[str, Any]
