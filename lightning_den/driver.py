@@ -356,7 +356,8 @@ class TaskSequenceCallback(Callback):
     def _cross(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> TaskBoundary:
         previous = self.progress
         if target.task != previous.task:
-            batches = pl_module.trainer.datamodule.task_dataloader(previous.task, "train")
+            datamodule = pl_module.trainer.datamodule
+            batches = lambda: datamodule.task_dataloader(previous.task, "train")  # noqa: E731 - built if used
             self.method.consolidate(pl_module, self.model_block, previous.task, batches)
         self.method.apply(self.model_block, previous, target, plan)
         if target.task != previous.task:

@@ -153,7 +153,7 @@ class DENLightningModule(pl.LightningModule):
         self._log_scores("test")
 
     def _add_scores(self, batch: Any, task: int) -> None:
-        if task > self.current_task and self.trainer.sanity_checking:  # a task whose head comes when it starts
+        if self.trainer.sanity_checking and task > self.current_task:  # a task whose head comes when it starts
             return
         inputs, labels = batch
         logits = self(inputs, task=task)

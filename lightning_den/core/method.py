@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -207,8 +207,9 @@ class TaskMethod(ABC):
         """Carry out :meth:`end_plan`'s plan."""
         return None
 
-    def consolidate(self, model: nn.Module, block: nn.Module, task: int, batches: Iterable[Any]) -> None:
-        """Learn what the finished ``task`` needs kept (e.g. EWC's Fisher) from its training ``batches``;
+    def consolidate(self, model: nn.Module, block: nn.Module, task: int, batches: Callable[[], Iterable[Any]]) -> None:
+        """Learn what the finished ``task`` needs kept (e.g. EWC's Fisher) from its training data (``batches()``
+        builds the loader, only for a method that reads it);
         ``model(x, task=task)`` gives its logits. Called before the next task's surgery."""
         return None
 

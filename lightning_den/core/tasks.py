@@ -130,7 +130,12 @@ class PerTaskHeads:
 
     @property
     def num_tasks(self) -> int:
-        raise NotImplementedError
+        """Number of tasks that have a head (the newest one may still be in training)."""
+        return len(self.heads)
+
+    def first_task_layers(self) -> tuple[list[nn.Module], nn.Module]:
+        """Task 0's hidden layers and head (what a converted ``nn.Linear`` chain is copied into)."""
+        return list(self.hidden), self.heads["0"]
 
     @property
     def newest_task(self) -> int:

@@ -9,7 +9,7 @@ frozen. EWC (Kirkpatrick et al., 2017, online form of Schwarz et al., 2018) adds
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -75,9 +75,11 @@ class EWCMethod(FineTuningMethod):
         heads = {id(p) for p in block.heads.parameters()}
         return {name: p for name, p in model.named_parameters() if id(p) not in heads}
 
-    def consolidate(self, model: nn.Module, block: ExpandableMLP, task: int, batches: Iterable[Any]) -> None:
+    def consolidate(
+        self, model: nn.Module, block: ExpandableMLP, task: int, batches: Callable[[], Iterable[Any]]
+    ) -> None:
         """Accumulate the finished task's Fisher and keep the weights it ended with as the anchor."""
-        fisher = self.task_fisher(model, block, task, batches)
+        fisher = self.task_fisher(model, block, task, batches())
         for name, value in fisher.items():
             self._fisher[name] = self.gamma * self._fisher.get(name, torch.zeros_like(value)) + value
         self._anchor = {name: p.detach().clone() for name, p in self.shared(model, block).items()}

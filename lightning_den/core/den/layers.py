@@ -187,16 +187,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         self._width_cache: dict[int, tuple[int, ...]] = {}
         self.register_load_state_dict_post_hook(_forget_widths)
 
-    def first_task_layers(self) -> tuple[list[nn.Module], nn.Module]:
-        """Task 0's hidden layers and head (what a converted ``nn.Linear`` chain is copied into)."""
-        return list(self.hidden), self.heads["0"]
-
     # --- tasks and widths ---
-
-    @property
-    def num_tasks(self) -> int:
-        """Number of tasks that have a head (the newest one may still be in training)."""
-        return len(self.heads)
 
     def widths(self, task: int) -> tuple[int, ...]:
         """Number of units of each hidden layer alive for ``task`` (born at or before it)."""

@@ -77,16 +77,7 @@ class PackNetMLP(PerTaskHeads, nn.Module):
         self._mask_cache: dict[tuple[int, torch.device, torch.dtype], list[Tensor | None]] = {}
         self.register_load_state_dict_post_hook(_forget_masks)
 
-    def first_task_layers(self) -> tuple[list[nn.Module], nn.Module]:
-        """Task 0's hidden layers and head (what a converted ``nn.Linear`` chain is copied into)."""
-        return list(self.hidden), self.heads["0"]
-
     # --- tasks ---
-
-    @property
-    def num_tasks(self) -> int:
-        """Number of tasks that have a head (the newest one may still be in training)."""
-        return len(self.heads)
 
     @property
     def training_newest(self) -> bool:
