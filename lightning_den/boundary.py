@@ -37,14 +37,17 @@ class TaskBoundary:
         previous_task: the task before the boundary.
         previous_phase: the phase before the boundary.
         ended_task: the task that has just been completed, or ``None`` for a boundary between phases.
-        widths: units per hidden layer after the boundary (all units, newest task included).
+        widths: units per hidden layer after the boundary (all units, newest task included), of the block
+            trained (the first named one when the callback trains several).
         loss: mean training loss of the last epoch of the phase that ended.
         changes: the surgery plan that was applied, as plain data (lists of ints, floats): for DEN
             ``selection`` (BFS result, inputs then units per hidden layer) with its report
             (:data:`~lightning_den.core.den.selection.SELECTION_KEYS`: shares of units selected, of inputs,
             of zero weights), ``added`` (units per layer), ``pruned`` (dead new units per layer, when an
             expansion ends: before the split, the next task or the end of the stream) and ``split``
-            (unit indices per layer).
+            (unit indices per layer). For the block of ``widths``.
+        changes_by_block: every trained block's plan, by the block's name in the model (one entry, equal to
+            ``changes``, unless the callback trains several blocks).
     """
 
     task: int
@@ -55,6 +58,7 @@ class TaskBoundary:
     widths: tuple[int, ...]
     loss: float
     changes: dict[str, Any] = field(default_factory=dict)
+    changes_by_block: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

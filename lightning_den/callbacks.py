@@ -25,8 +25,9 @@ class DENCallback(TaskSequenceCallback):
     r"""Dynamically Expandable Networks for a :class:`~lightning_den.DENLightningModule`.
 
     Args:
-        block: name of the :class:`~lightning_den.ExpandableMLP` to grow; found automatically when the
-            module has exactly one.
+        block: name of the :class:`~lightning_den.ExpandableMLP` to grow, or of the ``nn.Sequential`` of
+            Linear layers to convert into one; found automatically when the module has exactly one. A list of
+            names grows each block with its own selection, expansion and split, in the same phases.
         sparsity_l1: L1 strength :math:`\mu` (Eq. 2-5); the proximal threshold is ``lr * sparsity_l1``.
         group_sparsity: group-lasso strength :math:`\gamma` on new units' incoming weights (Eq. 5);
             threshold ``lr * group_sparsity``.
@@ -75,7 +76,7 @@ class DENCallback(TaskSequenceCallback):
 
     def __init__(
         self,
-        block: str | None = None,
+        block: str | list[str] | None = None,
         sparsity_l1: float = 1e-2,
         group_sparsity: float = 1.0,
         drift_penalty: float = 0.25,
@@ -116,13 +117,21 @@ class DENCallback(TaskSequenceCallback):
         super().__init__(method, block=block, convergence_tol=convergence_tol)
 
     def on_task_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, boundary: TaskBoundary) -> None:
-        """Log what selective retraining selected (step: the task) to every logger of the Trainer."""
-        if SELECTION_KEYS[0] not in boundary.changes:
-            return
-        changes = boundary.changes
-        metrics = {f"selection/fraction/layer_{i}": f for i, f in enumerate(changes["selected_fraction"])}
-        metrics["selection/inputs"] = changes["selected_inputs"]
-        metrics.update({f"sparsity/zero_fraction/layer_{i}": z for i, z in enumerate(changes["zero_fraction"])})
-        metrics["sparsity/zero_fraction/head"] = changes["head_zero_fraction"]
-        for logger in trainer.loggers:
+        """Log what selective retraining selected (step: the task) to every logger of the Trainer; with several
+        blocks, each block's metrics are named after it (``selection/<block>/fraction/layer_0``)."""
+        several = len(boundary.changes_by_block) > 1
+        metrics = {}
+        for name, changes in boundary.changes_by_block.items():
+            if SELECTION_KEYS[0] not in changes:
+                continue
+            block = f"{name}/" if several else ""
+            metrics.update(
+                {f"selection/{block}fraction/layer_{i}": f for i, f in enumerate(changes["selected_fraction"])}
+            )
+            metrics[f"selection/{block}inputs"] = changes["selected_inputs"]
+            metrics.update(
+                {f"sparsity/{block}zero_fraction/layer_{i}": z for i, z in enumerate(changes["zero_fraction"])}
+            )
+            metrics[f"sparsity/{block}zero_fraction/head"] = changes["head_zero_fraction"]
+        for logger in trainer.loggers if metrics else []:
             logger.log_metrics(metrics, step=boundary.task)

@@ -15,7 +15,9 @@ The public callbacks (``DENCallback``, ``ProgressiveCallback``, ...) each pair o
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from enum import StrEnum
 from typing import Any
@@ -38,10 +40,10 @@ from lightning_den.boundary import (
     rebuild_training_objects,
 )
 from lightning_den.core.checks import check_number
-from lightning_den.core.convert import attach_block
+from lightning_den.core.convert import attach_block, saved_blocks
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.method import PhaseProgress, TaskMethod, Trainable, phase_is_done
-from lightning_den.core.routing import set_active_task
+from lightning_den.core.routing import set_active_task, task_blocks
 from lightning_den.module import EPOCH_END, refuse_resuming_within_an_epoch
 from lightning_den.progress import show_task_and_phase
 
@@ -59,11 +61,15 @@ class TaskSequenceCallback(Callback):
     block (:func:`~lightning_den.core.convert.attach_block`), computing bit for bit what it computed, and the
     module's ``forward(x)`` then routes to the current task's head.
 
+    Several blocks (``block=["encoder", "decoder"]``) each get their own copy of the method: the same
+    phases at the same time, each block's own surgery, selection and regularisers, as peft adapts every
+    module it targets. Fine-tuning and EWC train the whole model and take one block.
+
     Args:
         method: the algorithm (pure torch): its phases, surgery, trainable entries and regularisers.
         block: name of the module's block to train, or of the ``nn.Sequential`` of Linear layers to convert
             into it (found automatically when there is exactly one block of the method's type, or else exactly
-            one such chain).
+            one such chain), or a list of such names.
         convergence_tol: a phase ends early once its mean training loss changes by less than this
             fraction from one epoch to the next; ``0`` runs every phase for its full epochs.
 
@@ -75,15 +81,19 @@ class TaskSequenceCallback(Callback):
         sequence_trainer([callback]).fit(DENMLP(64, [32], num_classes=2), datamodule=SplitDigits())
     """
 
-    def __init__(self, method: TaskMethod, block: str | None = None, convergence_tol: float = 1e-3) -> None:
+    def __init__(
+        self, method: TaskMethod, block: str | Sequence[str] | None = None, convergence_tol: float = 1e-3
+    ) -> None:
         if not isinstance(method, TaskMethod):
             raise MisconfigurationException(f"`method` must be a TaskMethod, got {type(method).__name__}")
         self.method = method
-        self.block = block
+        self.block = _block_names(block, method)
         self.convergence_tol = configured(check_number, "convergence_tol", convergence_tol)
         self.progress = method.start()
         self._pending: tuple[PhaseProgress, dict[str, Any]] | None = None
-        self._block: nn.Module | None = None
+        self._blocks: dict[str, nn.Module] = {}
+        self._methods: dict[str, TaskMethod] = {}
+        self._load_check: Any = None  # the model's load_state_dict pre-hook (see `_refuse_other_blocks`)
         self._frozen = FrozenEntries({})
         self._step_hooks: list[Any] = []
         self._resumed = False
@@ -106,15 +116,20 @@ class TaskSequenceCallback(Callback):
         return {"task": str(self.progress.task), "phase": str(self.phase), **self.method.status(self.progress)}
 
     def widths(self) -> tuple[int, ...]:
-        """Units per hidden layer of the block now (for logs and boundaries)."""
-        return tuple(self.model_block.widths(self.model_block.newest_task))
+        """Units per hidden layer of the (first named) block now (for logs and boundaries)."""
+        return _widths(self.model_block)
 
     @property
     def model_block(self) -> Any:
-        """The block the method trains (found at ``setup``)."""
-        if self._block is None:
+        """The block the method trains, the first named one when there are several (found at ``setup``)."""
+        if not self._blocks:
             raise RuntimeError(f"{type(self).__name__} is not attached: call `trainer.fit` first")
-        return self._block
+        return next(iter(self._blocks.values()))
+
+    def _each(self) -> Iterator[tuple[str, Any, TaskMethod]]:
+        """Every block the callback trains, by name, with its method."""
+        for name, block in self._blocks.items():
+            yield name, block, self._methods[name]
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -127,14 +142,42 @@ class TaskSequenceCallback(Callback):
             _check_trainer(trainer, type(self).__name__)
             _check_datamodule(trainer, type(self).__name__)
         method = self.method
-        self.block, self._block = configured(
-            attach_block, pl_module, method.block_type, self.block, method.block_options()
+        names = self.block if isinstance(self.block, list) else [self.block]
+        self._blocks = dict(
+            configured(attach_block, pl_module, method.block_type, name, method.block_options()) for name in names
         )
+        if len(self._blocks) < len(names):
+            raise MisconfigurationException(f"`block={names}` names one block twice; name each block once")
+        if self.block is None:
+            self.block = next(iter(self._blocks))
+        self._refuse_other_blocks(pl_module)
+        # the callback's method drives the first block; every other block gets a copy made before training
+        self._methods = {
+            name: self._methods.get(name) or (method if not index else copy.deepcopy(method))
+            for index, name in enumerate(self._blocks)
+        }
         if stage != "fit":
             return
         self._check_epoch_limit(trainer, trainer.datamodule.num_tasks)
         _warn_of_checkpoints_within_epochs(trainer)
         show_task_and_phase(trainer.progress_bar_callback)
+
+    def _refuse_other_blocks(self, pl_module: pl.LightningModule) -> None:
+        """Make loading a checkpoint whose grown blocks are not the ones converted here fail with the fix
+        (until ``teardown``)."""
+        if self._load_check is not None:
+            self._load_check.remove()
+        self._load_check = pl_module.register_load_state_dict_pre_hook(self._check_loaded_blocks)
+
+    def _check_loaded_blocks(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        saved = saved_blocks(state_dict, prefix)
+        missing = sorted(name for name in saved if name not in task_blocks(module))
+        if missing:
+            raise MisconfigurationException(
+                f"the checkpoint holds the grown blocks {sorted(saved)}, but {type(self).__name__} converted "
+                f"{sorted(self._blocks)} of {type(module).__name__}, so {missing} cannot load: pass "
+                f"`block={sorted(saved)}` as in the run that saved it"
+            )
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A fit without a checkpoint: task 0 of a fresh model, or the first task a loaded model has not learnt."""
@@ -149,15 +192,22 @@ class TaskSequenceCallback(Callback):
         self.progress = self.method.start()
         self._pending, self._finished, self._continued = None, False, None
         learned = self.model_block.tasks_learned
+        if any(block.tasks_learned != learned for block in self._blocks.values()):
+            found = {name: block.tasks_learned for name, block in self._blocks.items()}
+            raise MisconfigurationException(
+                f"the blocks have learnt different numbers of tasks ({found}): {name} trains blocks that "
+                "learnt the same tasks together; convert the others from a fresh model"
+            )
         if learned > 0:
             self._continue_after(trainer, pl_module, learned)
             return
-        if self.model_block.num_tasks != 1:
-            raise MisconfigurationException(
-                f"the block {self.block!r} already has {self.model_block.task_parts} for "
-                f"{self.model_block.num_tasks} tasks but the model has learnt none: {name} starts from a freshly "
-                "built model or continues one that finished its tasks"
-            )
+        for block_name, block in self._blocks.items():
+            if block.num_tasks != 1:
+                raise MisconfigurationException(
+                    f"the block {block_name!r} already has {block.task_parts} for {block.num_tasks} tasks but the "
+                    f"model has learnt none: {name} starts from a freshly built model or continues one that "
+                    "finished its tasks"
+                )
         self._check_labels(datamodule, 0)
         datamodule.set_task(0)
         set_active_task(pl_module, 0)
@@ -171,12 +221,14 @@ class TaskSequenceCallback(Callback):
                 f"train. To add tasks, fit it on a stream with more tasks (its first {learned} tasks are taken to be "
                 "the ones the model learnt; their test data is used to evaluate them)."
             )
-        if self.model_block.num_tasks != learned:
-            raise MisconfigurationException(
-                f"the model was saved in the middle of task {learned} (it has {self.model_block.task_parts} for "
-                f"{self.model_block.num_tasks} tasks, {learned} learnt): resume that run with `trainer.fit(model, "
-                "datamodule=dm, ckpt_path=...)` from its last checkpoint instead of continuing it with new callbacks"
-            )
+        for block in self._blocks.values():
+            if block.num_tasks != learned:
+                raise MisconfigurationException(
+                    f"the model was saved in the middle of task {learned} (it has {block.task_parts} for "
+                    f"{block.num_tasks} tasks, {learned} learnt): resume that run with `trainer.fit(model, "
+                    "datamodule=dm, ckpt_path=...)` from its last checkpoint instead of continuing it with new "
+                    "callbacks"
+                )
         # the phase that ended task learned - 1 (walking the phases, expanding wherever it may)
         self.progress, target = self.method.progress_after(learned, tasks)
         self._check_labels(trainer.datamodule, target.task)
@@ -231,7 +283,7 @@ class TaskSequenceCallback(Callback):
         check_optimizers_cover(trainer, pl_module)
         self._hook_optimizers(trainer)
         rank_zero_info(
-            f"{self.method.name}: task {self.progress.task}, phase {self.progress.phase}, widths {self.widths()}"
+            f"{self.method.name}: task {self.progress.task}, phase {self.progress.phase}, widths {self._widths_text()}"
         )
 
     def _decide_after_last_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -274,11 +326,13 @@ class TaskSequenceCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the step hooks; the method drops what refers to the finished fit's optimizer."""
-        self.method.release()
-        for handle in self._step_hooks:
+        """Remove the step hooks and the model's load check; the methods drop what refers to the finished fit's
+        optimizer."""
+        for _, _, method in self._each():
+            method.release()
+        for handle in [*self._step_hooks, *([self._load_check] if self._load_check is not None else [])]:
             handle.remove()
-        self._step_hooks = []
+        self._step_hooks, self._load_check = [], None
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -297,11 +351,13 @@ class TaskSequenceCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Add the method's penalty gradients, then zero the gradients of the entries the phase does not train."""
-        self.method.before_step(pl_module, self.model_block)
+        for _, block, method in self._each():
+            method.before_step(pl_module, block)
         self._frozen.mask_gradients_()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        self.method.after_step(self.model_block, optimizer)
+        for _, block, method in self._each():
+            method.after_step(block, optimizer)
         self._frozen.restore_()
 
     @override
@@ -334,7 +390,8 @@ class TaskSequenceCallback(Callback):
             trainer.should_stop = True
             self._finished = True
             set_active_task(pl_module, progress.task, tasks_learned=progress.task + 1)
-            plan = trainer.strategy.broadcast(self.method.end_plan(self.model_block, self.progress), src=0)
+            plans = {name: method.end_plan(block, self.progress) for name, block, method in self._each()}
+            plan = trainer.strategy.broadcast(plans, src=0)
             cross_boundary(trainer, pl_module, lambda: self._end(pl_module, plan), rebuild=False)
             return
         self._schedule(trainer, target)
@@ -348,23 +405,27 @@ class TaskSequenceCallback(Callback):
             trainer.datamodule.set_task(target.task)
         self._pending = (target, plan)
 
-    def _end(self, pl_module: pl.LightningModule, plan: dict[str, Any]) -> TaskBoundary:
-        if plan:
-            self.method.apply_end(self.model_block, plan)
-        return self._boundary(self.progress, None, plan)
+    def _end(self, pl_module: pl.LightningModule, plans: dict[str, dict[str, Any]]) -> TaskBoundary:
+        for name, block, method in self._each():
+            if plans[name]:
+                method.apply_end(block, plans[name])
+        return self._boundary(self.progress, None, plans)
 
-    def _cross(self, pl_module: pl.LightningModule, target: PhaseProgress, plan: dict[str, Any]) -> TaskBoundary:
+    def _cross(
+        self, pl_module: pl.LightningModule, target: PhaseProgress, plans: dict[str, dict[str, Any]]
+    ) -> TaskBoundary:
         previous = self.progress
-        if target.task != previous.task:
-            datamodule = pl_module.trainer.datamodule
-            batches = lambda: datamodule.task_dataloader(previous.task, "train")  # noqa: E731 - built if used
-            self.method.consolidate(pl_module, self.model_block, previous.task, batches)
-        self.method.apply(self.model_block, previous, target, plan)
+        datamodule = pl_module.trainer.datamodule
+        batches = lambda: datamodule.task_dataloader(previous.task, "train")  # noqa: E731 - built if used
+        for name, block, method in self._each():
+            if target.task != previous.task:
+                method.consolidate(pl_module, block, previous.task, batches)
+            method.apply(block, previous, target, plans[name])
         if target.task != previous.task:
             set_active_task(pl_module, target.task, tasks_learned=previous.task + 1)
         self.progress = target
         self._enter_phase(pl_module)
-        return self._boundary(previous, target, plan)
+        return self._boundary(previous, target, plans)
 
     def _enter_phase(self, pl_module: pl.LightningModule) -> None:
         masks: dict[nn.Parameter, Tensor] = {}
@@ -374,20 +435,25 @@ class TaskSequenceCallback(Callback):
             if isinstance(entries, Tensor):
                 masks[p] = entries
         self._frozen = FrozenEntries(masks)
-        self.method.enter_phase(self.model_block, self.progress, trainable)
+        for _, block, method in self._each():
+            method.enter_phase(block, self.progress, trainable)
 
     def _trainable(self, pl_module: pl.LightningModule) -> dict[nn.Parameter, Trainable]:
-        """The method's rule for the block's parameters; outside the block, every task or the first only."""
+        """The method's rule for each block's parameters; outside the blocks, every task or the first only."""
         outside = self.method.trains_outside_block or self.progress.task == 0
         result: dict[nn.Parameter, Trainable] = {p: outside for p in pl_module.parameters()}
-        result.update(self.method.trainable(self.model_block, self.progress))
+        for _, block, method in self._each():
+            result.update(method.trainable(block, self.progress))
         return result
 
-    def _plan(self, trainer: pl.Trainer, target: PhaseProgress) -> dict[str, Any]:
-        return self.method.plan(self.model_block, self.progress, target, trainer.datamodule.num_tasks)
+    def _plan(self, trainer: pl.Trainer, target: PhaseProgress) -> dict[str, dict[str, Any]]:
+        """Each block's surgery for entering ``target``, by block name."""
+        num_tasks = trainer.datamodule.num_tasks
+        return {name: method.plan(block, self.progress, target, num_tasks) for name, block, method in self._each()}
 
     def _check_stream(self, pl_module: pl.LightningModule, num_tasks: int) -> None:
-        configured(self.method.check_stream, self.model_block, self.model_block.tasks_learned, num_tasks)
+        for _, block, method in self._each():
+            configured(method.check_stream, block, block.tasks_learned, num_tasks)
 
     def _hook_optimizers(self, trainer: pl.Trainer) -> None:
         for handle in self._step_hooks:
@@ -395,8 +461,10 @@ class TaskSequenceCallback(Callback):
         self._step_hooks = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
 
     def _check_labels(self, datamodule: Any, task: int) -> None:
-        """Raise if ``task``'s labels do not fit the head the block will give it."""
-        labels, outputs = datamodule.num_classes(task), self.model_block.classes_of(task)
+        """Raise if ``task``'s labels do not fit the head the block will give it (with several blocks: the
+        largest head, as any of them may produce the logits)."""
+        labels = datamodule.num_classes(task)
+        outputs = max(block.classes_of(task) for block in self._blocks.values())
         if labels > outputs:
             raise ValueError(
                 f"task {task} has labels up to {labels - 1} but its head will have {outputs} outputs: build the "
@@ -425,7 +493,9 @@ class TaskSequenceCallback(Callback):
             )
         return mean_loss
 
-    def _boundary(self, previous: PhaseProgress, target: PhaseProgress | None, plan: dict[str, Any]) -> TaskBoundary:
+    def _boundary(
+        self, previous: PhaseProgress, target: PhaseProgress | None, plans: dict[str, dict[str, Any]]
+    ) -> TaskBoundary:
         ended = previous.task if target is None or target.task != previous.task else None
         boundary = TaskBoundary(
             task=previous.task if target is None else target.task,
@@ -435,12 +505,13 @@ class TaskSequenceCallback(Callback):
             ended_task=ended,
             widths=self.widths(),
             loss=previous.last_loss,
-            changes=dict(plan),
+            changes=dict(next(iter(plans.values()))),
+            changes_by_block={name: dict(plan) for name, plan in plans.items()},
         )
         step = "end of stream" if target is None else f"task {target.task}, phase {target.phase}"
         loss = f" (loss {previous.last_loss:.4f})" if math.isfinite(previous.last_loss) else " (learnt earlier)"
         rank_zero_info(
-            f"{self.method.name}: task {previous.task} {previous.phase}{loss} -> {step}; widths {list(boundary.widths)}"
+            f"{self.method.name}: task {previous.task} {previous.phase}{loss} -> {step}; widths {self._widths_text()}"
         )
         return boundary
 
@@ -455,12 +526,12 @@ class TaskSequenceCallback(Callback):
             target, plan = self._pending
             pending = {"target": target.state_dict(), "plan": plan}
         return {
-            "format": 1,
+            "format": 2,
             EPOCH_END: not self._in_epoch,
             "progress": self.progress.state_dict(),
             "pending": pending,
             "finished": self._finished,
-            "method": self.method.state_dict(),
+            "methods": {name: method.state_dict() for name, _, method in self._each()},
         }
 
     @override
@@ -471,16 +542,67 @@ class TaskSequenceCallback(Callback):
         weights loaded).
         """
         refuse_resuming_within_an_epoch([state_dict])
+        state_dict = _by_block(state_dict, next(iter(self._blocks)))
+        if set(state_dict["methods"]) != set(self._methods):
+            raise MisconfigurationException(
+                f"the checkpoint trained the blocks {sorted(state_dict['methods'])} but this {type(self).__name__} "
+                f"trains {sorted(self._methods)}: resume with the same `block=` argument"
+            )
         self.progress = self._progress(state_dict["progress"])
         pending = state_dict.get("pending")
         self._pending = None if pending is None else (self._progress(pending["target"]), pending["plan"])
         self._finished = bool(state_dict.get("finished", False))
-        self.method.load_state_dict(state_dict.get("method", {}))
+        for name, _, method in self._each():
+            method.load_state_dict(state_dict["methods"][name])
         self._resumed = True
 
     def _progress(self, saved: dict[str, Any]) -> PhaseProgress:
         """A saved progress with its phase as a member of the method's phase ``Enum``."""
         return PhaseProgress(**{**saved, "phase": self.method.phases(saved["phase"])})
+
+    def _widths_text(self) -> str:
+        if len(self._blocks) == 1:
+            return str(list(self.widths()))
+        return ", ".join(f"{name} {list(_widths(block))}" for name, block in self._blocks.items())
+
+
+def _widths(block: Any) -> tuple[int, ...]:
+    return tuple(block.widths(block.newest_task))
+
+
+def _block_names(block: str | Sequence[str] | None, method: TaskMethod) -> str | list[str] | None:
+    """``block`` as the callback keeps it: one name, a list of distinct names, or ``None`` (found at setup).
+
+    Raises:
+        MisconfigurationException: names that are not strings, an empty list or a repeated name, or several
+            blocks for a method that trains the whole model.
+    """
+    if block is None or isinstance(block, str):
+        return block
+    names = list(block) if isinstance(block, Sequence) else None
+    if not names or not all(isinstance(name, str) for name in names) or len(set(names)) < len(names):
+        raise MisconfigurationException(
+            f"`block` must be a module name or a list of distinct module names, got {block!r}"
+        )
+    if len(names) > 1 and method.trains_outside_block:
+        raise MisconfigurationException(
+            f"{method.name} trains the whole model and takes one block (its task heads); got `block={names}`. "
+            "Name one block"
+        )
+    return names
+
+
+def _by_block(state: dict[str, Any], block: str) -> dict[str, Any]:
+    """A saved driver state with the method states and the pending plan by block name (format 1, written
+    before several blocks were possible, held the one block's)."""
+    if state.get("format", 1) >= 2:
+        return state
+    pending = state.get("pending")
+    return {
+        **state,
+        "methods": {block: state.get("method", {})},
+        "pending": None if pending is None else {**pending, "plan": {block: pending["plan"]}},
+    }
 
 
 def configured(build: Any, *args: Any, **kwargs: Any) -> Any:

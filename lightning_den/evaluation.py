@@ -173,13 +173,18 @@ class TaskEvaluation(Callback):
         self._fitting = True
         self._stream_ended = False
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find the block to report on before training (the callbacks converted the model at ``setup``)."""
+        self._block_name(pl_module)
+
     def on_task_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, boundary: TaskBoundary) -> None:
         """Evaluate every task seen so far when ``boundary`` ends a task; report after the last one.
 
         A boundary whose surgery selected a subnetwork (DEN's selective retraining) is recorded too.
         """
-        if SELECTION_KEYS[0] in boundary.changes:
-            self.selection[boundary.task] = {key: boundary.changes[key] for key in SELECTION_KEYS}
+        changes = boundary.changes_by_block.get(self._block_name(pl_module), boundary.changes)
+        if SELECTION_KEYS[0] in changes:
+            self.selection[boundary.task] = {key: changes[key] for key in SELECTION_KEYS}
         if boundary.ended_task is None:
             return
         ended = boundary.ended_task
@@ -252,18 +257,22 @@ class TaskEvaluation(Callback):
             per_task.extend([None] * (task - len(per_task)))
 
     def _block(self, pl_module: pl.LightningModule) -> Any:
+        return task_blocks(pl_module)[self._block_name(pl_module)]
+
+    def _block_name(self, pl_module: pl.LightningModule) -> str:
+        """The name of the block reported on: ``block``, or the module's only block."""
         blocks = task_blocks(pl_module)
         if self.block is not None:
             if self.block not in blocks:
                 raise MisconfigurationException(
                     f"`block={self.block!r}` is not a block of the module; its blocks are {sorted(blocks)}"
                 )
-            return blocks[self.block]
+            return self.block
         if len(blocks) != 1:
             raise MisconfigurationException(
                 f"TaskEvaluation found {len(blocks)} blocks {sorted(blocks)}; name the one to report with `block=...`"
             )
-        return next(iter(blocks.values()))
+        return next(iter(blocks))
 
     def _output_directory(self, trainer: pl.Trainer) -> Path:
         """Where the files go. ``trainer.log_dir`` is a collective: the first call must happen on every rank."""

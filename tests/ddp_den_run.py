@@ -1,11 +1,12 @@
 """A whole DEN sequence under real 2-process DDP on CPU (gloo); run by tests/test_ddp.py.
 
-Usage: python tests/ddp_den_run.py OUTPUT.json [ddp|ddp_spawn|ddp-plain]. Lightning's defaults are on
+Usage: python tests/ddp_den_run.py OUTPUT.json [ddp|ddp_spawn|ddp-plain|ddp-two-blocks]. Lightning's defaults are on
 (validation every epoch, the default logger, checkpoints) with ``TaskEvaluation`` and a
 ``ModelCheckpoint(save_last=True)``. Rank 1 computes deliberately wrong surgery plans: the run must
 still end with identical weights on both ranks, because the plan decided on rank 0 is broadcast and
 applied everywhere. Under ``ddp_spawn`` the main process must get the grown network back. ``ddp-plain``
-trains a user's plain LightningModule (its ``nn.Sequential`` converted on every rank) under ``ddp``.
+trains a user's plain LightningModule (its ``nn.Sequential`` converted on every rank) under ``ddp``;
+``ddp-two-blocks`` one with two chains, both named and grown.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_den import DENCallback, DENMethod, TaskEvaluation
-from tests.helpers import UserModule, short_phases, tiny_model, tiny_stream
+from lightning_den.core.routing import task_blocks
+from tests.helpers import TwoChains, UserModule, short_phases, tiny_model, tiny_stream
+
+#: the model each mode trains under DDP, and the blocks it names
+MODELS = {"ddp-plain": (UserModule, None), "ddp-two-blocks": (TwoChains, TwoChains.BLOCKS)}
 
 
 class WrongPlansOnRankOne(DENMethod):
@@ -55,13 +60,14 @@ class CompareRanks(Callback):
 
     def on_task_boundary(self, trainer, pl_module, boundary) -> None:
         weights = b"".join(p.detach().cpu().numpy().tobytes() for p in pl_module.parameters())
-        plan = json.dumps(boundary.changes, sort_keys=True).encode()
+        plan = json.dumps(boundary.changes_by_block, sort_keys=True).encode()
         gathered = pl_module.all_gather(torch.stack([digest(weights), digest(plan)]))
         self.records.append(
             {
                 "phase": boundary.phase,
                 "task": boundary.task,
                 "widths": list(boundary.widths),
+                "widths_by_block": {name: list(b.widths(b.newest_task)) for name, b in task_blocks(pl_module).items()},
                 "changes": boundary.changes,
                 "same_weights": bool(torch.equal(gathered[0, 0], gathered[1, 0])),
                 "same_plan": bool(torch.equal(gathered[0, 1], gathered[1, 1])),
@@ -90,27 +96,28 @@ def main() -> None:
     torch.set_num_threads(1)
     compare = CompareRanks()
     settings = short_phases(loss_threshold=0.0, split_threshold=0.0)
-    den = DENCallback(**settings)
+    model_type, blocks = MODELS.get(strategy, (tiny_model, None))
+    den = DENCallback(block=blocks, **settings)
     settings.pop("convergence_tol")
     den.method = WrongPlansOnRankOne(**settings)  # DENCallback's logging, with the wrong plans on rank 1
     worker_digest = out.with_suffix(".rank0")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp" if strategy == "ddp-plain" else strategy,
+        strategy="ddp" if strategy in MODELS else strategy,
         max_epochs=-1,
         reload_dataloaders_every_n_epochs=1,
         callbacks=[
             den,
             compare,
-            TaskEvaluation(print_report=False),
+            TaskEvaluation(print_report=False, block=blocks[-1] if blocks else None),
             ModelCheckpoint(dirpath="ckpt", save_last=True),
             SaveFinalDigest(worker_digest),
         ],
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = UserModule() if strategy == "ddp-plain" else tiny_model()
+    model = model_type()
     trainer.fit(model, datamodule=tiny_stream(num_tasks=3))
     if strategy == "ddp_spawn":  # this is the main process: the workers are gone
         Path(out).write_text(

@@ -108,3 +108,18 @@ class UserModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class TwoChains(UserModule):
+    """An encoder chain feeding a classifier chain, both plain ``nn.Sequential`` of Linear layers."""
+
+    BLOCKS = ("encoder", "classifier")
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.net
+        self.encoder = nn.Sequential(nn.Linear(IN_FEATURES, 8), nn.Tanh(), nn.Linear(8, 5))
+        self.classifier = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.encoder(x)))

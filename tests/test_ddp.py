@@ -60,3 +60,12 @@ def test_two_process_ddp_converts_a_users_plain_module_alike_on_every_rank(tmp_p
     assert saved["wrong_plans_on_rank_1"] >= 4  # the broadcast plan won, as for the ready model
     assert all(r["same_plan"] and r["same_weights"] for r in records)
     assert records[-1]["widths"][0] > 8  # the user's 8-unit layer grew
+
+
+@pytest.mark.slow
+def test_two_process_ddp_grows_several_named_blocks_alike_on_every_rank(tmp_path):
+    saved = run_two_processes(tmp_path, "ddp-two-blocks")
+    records = saved["boundaries"]
+    assert saved["wrong_plans_on_rank_1"] >= 4
+    assert all(r["same_plan"] and r["same_weights"] for r in records)  # every block's plan, from rank 0
+    assert records[-1]["widths_by_block"]["encoder"][0] > 8 and records[-1]["widths_by_block"]["classifier"][0] > 7

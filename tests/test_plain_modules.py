@@ -14,10 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_den
 from lightning_den import DENCallback, PackNetCallback, ProgressiveCallback, TaskEvaluation
-from tests.helpers import IN_FEATURES, UserModule, short_phases, tiny_stream
+from lightning_den.baselines import EWCCallback
+from tests.helpers import IN_FEATURES, TwoChains, UserModule, short_phases, tiny_stream
 
 
 def trainer(tmp_path, callbacks) -> pl.Trainer:
@@ -101,3 +104,94 @@ def test_the_conv_example_converts_the_classifier_of_a_plain_module(tmp_path):
     result = subprocess.run([sys.executable, str(example)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "after task 2: accuracy" in result.stdout and "through the model's own forward(x)" in result.stdout
+
+
+# ---------------------------------------------------------------- several blocks: block=[names]
+
+
+BOTH = TwoChains.BLOCKS
+MULTI = {
+    "den": lambda **kw: DENCallback(**short_phases(loss_threshold=0.0), **kw),
+    "pnn": lambda **kw: ProgressiveCallback(epochs_per_task=2, **kw),
+    "packnet": lambda **kw: PackNetCallback(train_epochs=2, retrain_epochs=1, prune_fraction=0.75, **kw),
+}
+
+
+@pytest.mark.parametrize("method", sorted(MULTI))
+def test_a_list_of_names_grows_every_named_chain_in_the_same_phases(tmp_path, method):
+    torch.manual_seed(0)
+    model, watch = TwoChains(), OutputsAtTaskEnds()
+    x = torch.randn(5, IN_FEATURES)
+    before = model(x)
+    callback = MULTI[method](block=BOTH)
+    evaluation = TaskEvaluation(block="classifier", plots=False, print_report=False)
+    logger = CSVLogger(tmp_path)
+    fit = pl.Trainer(
+        max_epochs=-1, reload_dataloaders_every_n_epochs=1, accelerator="cpu", default_root_dir=tmp_path,
+        enable_progress_bar=False, logger=logger, callbacks=[callback, watch, evaluation],
+    )  # fmt: skip
+    fit.fit(model, datamodule=tiny_stream(4))
+    blocks = {name: model.get_submodule(name) for name in BOTH}
+    assert all(isinstance(block, callback.method.block_type) for block in blocks.values())
+    assert {name: (b.num_tasks, b.tasks_learned, b.active_task) for name, b in blocks.items()} == {
+        name: (4, 4, 3) for name in BOTH
+    }
+    assert not torch.equal(model(x), before)
+    # each block has its own method, and the boundary reports each block's plan by name
+    assert callback._methods["encoder"] is callback.method and callback._methods["classifier"] is not callback.method
+    assert len(evaluation.accuracy) == 4
+    if method == "den":  # both chains grew (every expansion adds units) and selection is logged per block
+        assert blocks["encoder"].widths(3)[0] > 8 and blocks["classifier"].widths(3)[0] > 7
+        logged = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert {f"selection/{name}/fraction/layer_0" for name in BOTH} <= set(logged)
+        assert sorted(evaluation.selection) == [1, 2, 3]
+    else:  # zero forgetting through both converted chains, bit for bit
+        assert all(torch.equal(outputs, watch.outputs[0]) for outputs in watch.outputs)
+
+
+def test_several_blocks_resume_by_name_and_a_different_list_is_refused(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    straight = TwoChains()
+    first = TwoChains()
+    first.load_state_dict(straight.state_dict())
+    trainer(tmp_path, [DENCallback(block=BOTH, **short_phases()), checkpoint]).fit(first, datamodule=tiny_stream(2))
+    trainer(tmp_path / "straight", [DENCallback(block=BOTH, **short_phases())]).fit(straight, datamodule=tiny_stream(3))
+    last = tmp_path / "ckpt" / "last.ckpt"
+    resumed = TwoChains()
+    trainer(tmp_path, [DENCallback(block=BOTH, **short_phases())]).fit(
+        resumed, datamodule=tiny_stream(3), ckpt_path=last
+    )
+    assert all(resumed.get_submodule(name).tasks_learned == 3 for name in BOTH)
+    # a sequence resumed between tasks ends where the uninterrupted one does, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), straight.parameters(), strict=True))
+    with pytest.raises(MisconfigurationException, match=r"so \['classifier'\] cannot load: pass `block="):
+        trainer(tmp_path, [DENCallback(block=["encoder"], **short_phases())]).fit(
+            TwoChains(), datamodule=tiny_stream(3), ckpt_path=last
+        )
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ([], "a module name or a list of distinct module names"),
+        (["encoder", "encoder"], "a list of distinct module names"),
+        (["encoder", 3], "a list of distinct module names"),
+    ],
+)
+def test_a_wrong_list_of_blocks_is_refused_when_the_callback_is_made(block, message):
+    with pytest.raises(MisconfigurationException, match=message):
+        DENCallback(block=block)
+
+
+def test_methods_that_train_the_whole_model_take_one_block():
+    with pytest.raises(MisconfigurationException, match="EWC trains the whole model and takes one block"):
+        EWCCallback(block=BOTH)
+
+
+def test_task_evaluation_names_its_block_before_training_when_there_are_several(tmp_path):
+    model = TwoChains()
+    fit = trainer(tmp_path, [DENCallback(block=BOTH, **short_phases()), TaskEvaluation()])
+    with pytest.raises(MisconfigurationException, match=r"found 2 blocks \['classifier', 'encoder'\]; name the one"):
+        fit.fit(model, datamodule=tiny_stream(2))
+    assert fit.current_epoch == 0 and fit.global_step == 0

@@ -80,3 +80,22 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, 
         assert a == b if name.endswith("_extra_state") else torch.equal(a, b), name
     # the evaluation resumed too: the whole report equals the uninterrupted run's
     assert resumed_evaluation.summary == whole_evaluation.summary
+
+
+def test_a_checkpoint_written_before_several_blocks_were_possible_resumes_the_same(tmp_path, uninterrupted):
+    """Format 1 of the driver state held the one block's method state and pending plan, not by block name."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, extra=[CrashAt(7)])  # the expansion is decided, not applied: a pending plan is saved
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    (key,) = [key for key, state in checkpoint["callbacks"].items() if "methods" in state]
+    state = checkpoint["callbacks"][key]
+    assert state["format"] == 2 and state["pending"] is not None
+    (method_state,), (plan,) = state.pop("methods").values(), state["pending"]["plan"].values()
+    state.update(format=1, method=method_state, pending={**state["pending"], "plan": plan})
+    torch.save(checkpoint, last)
+
+    resumed_model, _ = run(tmp_path, ckpt_path=str(last))
+    whole_model, _ = uninterrupted
+    for a, b in zip(whole_model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -25,7 +25,8 @@ class PackNetCallback(TaskSequenceCallback):
         retrain_epochs: most epochs retraining the kept weights after pruning.
         last_task_claims_free: the last task of the stream takes every weight still free instead of pruning
             (PackNet's rule); ``False`` prunes it like the others, leaving room for tasks added later.
-        block: name of the PackNetMLP (found automatically if there is one).
+        block: name of the PackNetMLP, or of the chain to convert (found automatically if there is one), or a
+            list of names: each block gets its own masks, pruned and frozen in the same phases.
         convergence_tol: see :class:`~lightning_den.driver.TaskSequenceCallback`.
         seed: seed of the new heads' initial weights.
 
@@ -40,7 +41,7 @@ class PackNetCallback(TaskSequenceCallback):
         train_epochs: int = 20,
         retrain_epochs: int = 5,
         last_task_claims_free: bool = True,
-        block: str | None = None,
+        block: str | list[str] | None = None,
         convergence_tol: float = 0.0,
         seed: int = 0,
     ) -> None:

@@ -22,7 +22,8 @@ class ProgressiveCallback(TaskSequenceCallback):
         epochs_per_task: most epochs of each task (fewer once the loss levels off, see ``convergence_tol``).
         lateral: lateral adapters when a user's ``nn.Sequential`` of Linear layers is converted; ``False``: one
             independent network per task (a ready ``ProgressiveNet`` keeps its own ``lateral``).
-        block: name of the ProgressiveMLP, or of the chain to convert (found automatically if there is one).
+        block: name of the ProgressiveMLP, or of the chain to convert (found automatically if there is one), or
+            a list of names: each block gets a column per task.
         convergence_tol: see :class:`~lightning_den.driver.TaskSequenceCallback`.
         seed: seed of the new columns' initial weights (the same on every rank).
 
@@ -37,7 +38,7 @@ class ProgressiveCallback(TaskSequenceCallback):
         self,
         epochs_per_task: int = 20,
         lateral: bool = True,
-        block: str | None = None,
+        block: str | list[str] | None = None,
         convergence_tol: float = 0.0,
         seed: int = 0,
     ) -> None:

@@ -194,12 +194,32 @@ def load_grown(model: nn.Module, checkpoint_path: str | Path, map_location: Any 
     """
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
     state = checkpoint.get("state_dict", checkpoint)
-    suffix = "._extra_state"
-    for key, saved in state.items():
-        if key.endswith(suffix) and isinstance(saved, dict) and saved.get("block") in BLOCK_TYPES:
-            attach_block(model, BLOCK_TYPES[saved["block"]], key[: -len(suffix)])
+    for name, block_type in saved_blocks(state).items():
+        attach_block(model, block_type, name)
     model.load_state_dict(state)
     return model
+
+
+def saved_blocks(state_dict: dict[str, Any], prefix: str = "") -> dict[str, type[nn.Module]]:
+    """The blocks a model's ``state_dict`` holds (each block saves its type in ``<name>._extra_state``), by
+    name relative to ``prefix``.
+
+    Example:
+        >>> from lightning_den.core.den import ExpandableMLP
+        >>> model = nn.Module()
+        >>> model.net = ExpandableMLP(4, [3], head_classes=[2])
+        >>> {name: block.__name__ for name, block in saved_blocks(model.state_dict()).items()}
+        {'net': 'ExpandableMLP'}
+    """
+    suffix = "._extra_state"
+    return {
+        key[len(prefix) : -len(suffix)]: BLOCK_TYPES[saved["block"]]
+        for key, saved in state_dict.items()
+        if key.startswith(prefix)
+        and key.endswith(suffix)
+        and isinstance(saved, dict)
+        and saved.get("block") in BLOCK_TYPES
+    }
 
 
 def _block_types() -> dict[str, type[nn.Module]]:
