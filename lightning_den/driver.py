@@ -327,9 +327,10 @@ class TaskSequenceCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the step hooks and the model's load check; the methods drop what refers to the finished fit's
-        optimizer."""
-        for _, _, method in self._each():
+        optimizer and give the blocks their plain layout."""
+        for _, block, method in self._each():
             method.release()
+            method.arrange(block, None)
         for handle in [*self._step_hooks, *([self._load_check] if self._load_check is not None else [])]:
             handle.remove()
         self._step_hooks, self._load_check = [], None
@@ -428,6 +429,8 @@ class TaskSequenceCallback(Callback):
         return self._boundary(previous, target, plans)
 
     def _enter_phase(self, pl_module: pl.LightningModule) -> None:
+        for _, block, method in self._each():
+            method.arrange(block, self.progress)
         masks: dict[nn.Parameter, Tensor] = {}
         trainable = self._trainable(pl_module)
         for p, entries in trainable.items():

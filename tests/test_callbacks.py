@@ -37,13 +37,12 @@ class CheckFrozenEntries(Callback):
         self.phases_seen: set[str] = set()
 
     def _record(self, pl_module, phase: DENPhase, selection) -> None:
-        entries = trainable_entries(pl_module.mlp, phase, selection)
+        entries = trainable_entries(pl_module.mlp, phase, selection)  # by weight and bias, however laid out
         self.reference = {}
-        for name, p in pl_module.mlp.named_parameters():
+        for name, trained in entries.items():
+            p = pl_module.mlp.get_parameter(name)
             frozen = (
-                ~entries[name]
-                if isinstance(entries[name], torch.Tensor)
-                else torch.full_like(p, not entries[name], dtype=torch.bool)
+                ~trained if isinstance(trained, torch.Tensor) else torch.full_like(p, not trained, dtype=torch.bool)
             )
             self.reference[name] = (frozen, p.detach().clone())
 
@@ -56,8 +55,8 @@ class CheckFrozenEntries(Callback):
             self.phases_seen.add(boundary.phase)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        for name, p in pl_module.mlp.named_parameters():
-            frozen, before = self.reference[name]
+        for name, (frozen, before) in self.reference.items():
+            p = pl_module.mlp.get_parameter(name)
             assert torch.equal(p.detach()[frozen], before[frozen]), f"frozen entries of {name} moved"
         self.checked_steps += 1
 

@@ -215,6 +215,12 @@ class TaskMethod(ABC):
 
     # ------------------------------------------------------------------ what trains, and the regularisers
 
+    def arrange(self, block: nn.Module, progress: PhaseProgress | None) -> None:
+        """Give the block's parameters the layout ``progress``'s phase trains best, before :meth:`trainable` is
+        asked (DEN's expansion: the new units' entries as Parameters of their own, so that the optimizer never
+        holds frozen entries); ``None``: the plain layout, at the end of a fit. The function must not change."""
+        return None
+
     @abstractmethod
     def trainable(self, block: nn.Module, progress: PhaseProgress) -> dict[nn.Parameter, Trainable]:
         """What ``progress``'s phase trains: for every parameter of the block, True, False or a boolean mask."""

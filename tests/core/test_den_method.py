@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from lightning_den.core.den import DENMethod, DENPhase, ExpandableMLP, drift_targets, proximal_targets
-from lightning_den.core.den.entries import trainable_entries
+from lightning_den.core.den.entries import parameter_entries, separate_trained_entries_, trainable_entries
 from lightning_den.core.den.selection import select_subnetwork
 from lightning_den.core.den.surgery import snapshot
 from lightning_den.core.freezing import FrozenEntries
@@ -214,15 +214,19 @@ def test_no_proximal_step_changes_an_entry_its_phase_does_not_train(config, data
     random_history(data, mlp, generator)
     phase = data.draw(st.sampled_from(list(DENPhase)), label="phase")
     selection = select_subnetwork(mlp, mlp.newest_task, data.draw(st.sampled_from([None, 0.5]), label="budget"))
-    trainable = trainable_entries(mlp, phase, selection)
-    params = dict(mlp.named_parameters())
-    before = {name: p.detach().clone() for name, p in params.items()}
+    trainable = trainable_entries(mlp, phase, selection)  # by weight and bias
+    before = {name: mlp.get_parameter(name).detach().clone() for name in trainable}
+    if data.draw(st.booleans(), label="separate"):  # expansion's layout: trained entries as Parameters of their own
+        separate_trained_entries_(mlp, trainable)
+    by_parameter = parameter_entries(mlp, trainable)
+    laid_out = {name: by_parameter[p] for name, p in mlp.named_parameters()}
     l1, group = data.draw(st.floats(0.0, 2.0), label="l1"), data.draw(st.floats(0.0, 2.0), label="group")
     with torch.no_grad():
-        for target in proximal_targets(mlp, trainable, phase).values():
+        for target in proximal_targets(mlp, laid_out, phase).values():
             target.step_(l1, group)
-    for name, p in params.items():
-        frozen = ~as_mask(trainable[name], p.shape)
+    for name, trained in trainable.items():
+        p = mlp.get_parameter(name)
+        frozen = ~as_mask(trained, p.shape)
         assert torch.equal(p.detach()[frozen], before[name][frozen]), f"{phase}: a frozen entry of {name} changed"
 
 
@@ -231,14 +235,22 @@ def test_no_proximal_step_changes_an_entry_its_phase_does_not_train(config, data
 def test_group_lasso_acts_only_on_units_born_in_the_newest_task(config, data):
     mlp, generator = build(config)
     random_history(data, mlp, generator)
-    trainable = trainable_entries(mlp, DENPhase.EXPANSION)
-    for param, target in proximal_targets(mlp, trainable, DENPhase.EXPANSION).items():
+    method = DENMethod()
+    method.arrange(mlp, PhaseProgress(task=mlp.newest_task, phase=DENPhase.EXPANSION))
+    trainable = method.trainable(mlp, PhaseProgress(task=mlp.newest_task, phase=DENPhase.EXPANSION))
+    laid_out = {name: trainable[p] for name, p in mlp.named_parameters()}
+    grouped = set()
+    for param, target in proximal_targets(mlp, laid_out, DENPhase.EXPANSION).items():
         if target.new_rows is None:
             continue
-        layer = next(layer for layer in mlp.hidden if layer.weight is param)
+        layer = next(layer for layer in mlp.hidden if getattr(layer, "new_unit_weight", None) is param)
         born = int((layer.birth == mlp.newest_task).sum())
         assert target.new_rows.shape[0] == born and target.new_biases.shape[0] == born
+        # the separated Parameter is a view of the layer's weight: what the optimizer steps is the network
         assert target.new_rows.data_ptr() == layer.weight[layer.out_features - born :].data_ptr()
+        grouped.add(id(layer))
+    newborn = {id(layer) for layer in mlp.hidden if bool((layer.birth == mlp.newest_task).any())}
+    assert grouped == newborn  # every layer with new units, and only those
 
 
 @pytest.mark.parametrize("phase", list(DENPhase))

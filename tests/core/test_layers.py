@@ -219,3 +219,61 @@ def test_timestamped_inference_and_newest_task_training_cost_what_a_dense_mlp_co
     trained = kernels(lambda: mlp(x, task=newest).sum().backward())
     assert "aten::slice_backward" not in trained
     assert trained == kernels(lambda: dense(x).sum().backward())
+
+
+# ---------------------------------------------------------------- the trained entries as Parameters of their own
+
+
+@FAST
+@given(config=mlp_configs(), data=st.data())
+def test_separating_the_trained_entries_preserves_the_function_and_the_checkpoint(config, data):
+    mlp, generator = build(config)
+    for _ in range(data.draw(st.integers(0, 4), label="history length")):
+        apply_random_operation(data, mlp, generator)
+    x = random_inputs(mlp)
+    tasks = range(mlp.num_tasks)
+    before = {task: mlp(x, task=task) for task in tasks}
+    saved = state_copy(mlp)
+    for layer in mlp.hidden:
+        rows = data.draw(st.integers(0, layer.out_features), label="frozen rows")
+        layer.train_outside_(rows, data.draw(st.integers(0, layer.in_features), label="frozen columns"))
+    assert all(torch.equal(mlp(x, task=task), before[task]) for task in tasks)  # bit for bit, every task
+    assert_same_state(mlp, saved)  # the checkpoint keeps the plain layout and the same values
+    for layer in mlp.hidden:
+        layer.join_()
+        assert not layer.separated and layer.weight.requires_grad
+    assert {name.rpartition(".")[2] for name, _ in mlp.named_parameters()} == {"weight", "bias"}
+    assert all(torch.equal(mlp(x, task=task), before[task]) for task in tasks)
+
+
+def test_an_optimizer_over_the_separated_entries_trains_them_and_nothing_else():
+    layer = ExpandableMLP(4, [5], head_classes=2).hidden[0]
+    layer.train_outside_(3, 2)  # rows 0-2 over columns 0-1 stay
+    frozen = layer.weight.detach()[:3, :2].clone()
+    trained = [p for p in layer.parameters() if p.requires_grad]
+    assert {tuple(p.shape) for p in trained} == {(2, 4), (2,), (3, 2)}
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.5)  # every Parameter, as users write
+    before = layer.weight.detach().clone()
+    layer(torch.randn(7, 4)).square().sum().backward()
+    optimizer.step()
+    assert torch.equal(layer.weight.detach()[:3, :2], frozen) and layer.weight.grad is None
+    moved = layer.weight.detach() != before
+    assert moved[3:].all() and moved[:3, 2:].all()  # the optimizer stepped the views: the layer's own weight moved
+    assert not torch.equal(layer.bias.detach()[3:], torch.zeros(2)) and layer.bias.grad is None
+
+
+def test_separated_entries_stay_views_when_the_layer_is_cast_and_load_into_the_plain_layout():
+    layer = ExpandableMLP(4, [5], head_classes=2).hidden[0]
+    layer.train_outside_(3, 2)
+    layer.double()
+    assert layer.new_unit_weight.dtype == torch.float64
+    assert layer.new_unit_weight.data_ptr() == layer.weight[3:].data_ptr()
+    assert layer.old_unit_new_inputs.data_ptr() == layer.weight[:, 2:].data_ptr()
+    state = {name: value.clone() + 1 for name, value in layer.state_dict().items() if name != "birth"}
+    layer.load_state_dict({**state, "birth": layer.birth})
+    assert not layer.separated and torch.equal(layer.weight.detach(), state["weight"])
+
+
+def test_a_frozen_block_larger_than_the_layer_is_refused():
+    with pytest.raises(ValueError, match=r"must fit the layer \[5, 4\], got \[6, 1\]"):
+        ExpandableMLP(4, [5], head_classes=2).hidden[0].train_outside_(6, 1)

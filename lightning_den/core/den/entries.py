@@ -17,6 +17,12 @@ phase          trains (:func:`trainable_entries`)                     L1 proxima
 
 A regulariser never changes an entry the phase does not train: the L1 and group-lasso targets
 (:func:`proximal_targets`) are the trained entries only, and the pull's gradient is masked with the rest.
+
+In ``expansion`` the frozen entries of each hidden layer are a leading block (old units, old inputs), so
+:func:`separate_trained_entries_` gives the trained ones Parameters of their own
+(:meth:`~lightning_den.core.den.layers.ExpandableLinear.train_outside_`) and
+:func:`parameter_entries` says what each Parameter trains: the optimizer then holds no frozen entry, and
+needs no mask.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.den.layers import TRAINED_VIEWS, ExpandableMLP
 from lightning_den.core.den.phases import DENPhase
 from lightning_den.core.den.prox import group_lasso_prox_, l1_prox_, l1_prox_masked_
 from lightning_den.core.freezing import frozen_leading_block
@@ -87,6 +93,47 @@ def trainable_entries(
     return result
 
 
+def separate_trained_entries_(mlp: ExpandableMLP, entries: dict[str, Trainable]) -> None:
+    """Give the trained entries of every hidden layer whose frozen entries (``entries``, from
+    :func:`trainable_entries`) are a leading block of its weight and bias (possibly empty) Parameters of
+    their own; the other layers get their plain layout back. Rebuild the optimizers afterwards.
+
+    Example:
+        >>> from lightning_den.core.den.surgery import add_units_
+        >>> mlp = ExpandableMLP(4, [3], head_classes=2)
+        >>> _ = mlp.add_task_(), add_units_(mlp, [2], torch.Generator().manual_seed(0))
+        >>> separate_trained_entries_(mlp, trainable_entries(mlp, DENPhase.EXPANSION))
+        >>> tuple(mlp.hidden[0].new_unit_weight.shape)
+        (2, 4)
+    """
+    for index, layer in enumerate(mlp.hidden):
+        weight, bias = (
+            _frozen_block(entries[f"hidden.{index}.{name}"], ndim) for name, ndim in (("weight", 2), ("bias", 1))
+        )
+        if weight is not None and bias == weight[:1]:
+            layer.train_outside_(weight[0].stop, weight[1].stop)
+        else:
+            layer.join_()
+
+
+def _frozen_block(trained: Trainable, ndim: int) -> tuple[slice, ...] | None:
+    """The frozen leading block of an ``ndim``-d parameter's entries (empty when all train); ``None`` if the
+    frozen entries are not one (or all are frozen)."""
+    if trained is True:
+        return (slice(0),) * ndim
+    return frozen_leading_block(trained) if isinstance(trained, Tensor) else None
+
+
+def parameter_entries(mlp: ExpandableMLP, entries: dict[str, Trainable]) -> dict[nn.Parameter, Trainable]:
+    """``entries`` (by name, from :func:`trainable_entries`) per Parameter of ``mlp`` as it is laid out now: a
+    layer separated by :func:`separate_trained_entries_` trains its own Parameters, not its weight and bias."""
+    result: dict[nn.Parameter, Trainable] = {}
+    for name, param in mlp.named_parameters():
+        layer_name, _, attribute = name.rpartition(".")
+        result[param] = attribute in TRAINED_VIEWS if mlp.get_submodule(layer_name).separated else entries[name]
+    return result
+
+
 def _index_mask(indices: list[int], size: int, device: torch.device) -> Tensor:
     mask = torch.zeros(size, dtype=torch.bool, device=device)
     mask[indices] = True
@@ -125,9 +172,10 @@ def proximal_targets(
 ) -> dict[nn.Parameter, ProximalTarget]:
     """For every weight the phase trains (``trainable``, from :func:`trainable_entries`): its proximal target.
 
-    L1 acts on the trained entries: the whole weight, the two blocks around a frozen leading block (old
-    units' weights while new ones train), or a mask. Group lasso acts in ``EXPANSION`` on the units born
-    in the newest task (a suffix of each hidden layer).
+    ``trainable`` maps the names of ``mlp``'s Parameters as laid out now (:func:`separate_trained_entries_`)
+    to what they train. L1 acts on the trained entries: a whole weight (or a separated layer's trained
+    part) or a mask. Group lasso acts in ``EXPANSION`` on the units born in the newest task: the
+    ``new_unit_weight`` of each separated hidden layer, with its ``new_unit_bias``.
 
     Example:
         >>> mlp = ExpandableMLP(4, [3], head_classes=2)
@@ -138,28 +186,17 @@ def proximal_targets(
     params = dict(mlp.named_parameters())
     targets: dict[nn.Parameter, ProximalTarget] = {}
     for name, entries in trainable.items():
-        if not name.endswith("weight") or entries is False:
+        if not name.endswith(("weight", "new_inputs")) or entries is False:
             continue
         weight = params[name].detach()
         new_rows = new_biases = None
-        if phase is DENPhase.EXPANSION and name.startswith("hidden."):
-            layer = mlp.hidden[int(name.split(".")[1])]
-            first = int((layer.birth < mlp.newest_task).sum())
-            if first < layer.out_features:
-                new_rows, new_biases = weight[first:], layer.bias.detach()[first:]
+        if phase is DENPhase.EXPANSION and name.endswith("new_unit_weight"):
+            new_rows, new_biases = weight, params[name.replace("weight", "bias")].detach()
         if entries is True:
             targets[params[name]] = ProximalTarget(weight, blocks=(weight,), new_rows=new_rows, new_biases=new_biases)
-            continue
-        frozen = frozen_leading_block(entries)
-        if frozen is not None and weight.ndim == 2:
-            rows, cols = frozen[0].stop, frozen[1].stop
-            blocks = tuple(b for b in (weight[rows:], weight[:rows, cols:]) if b.numel())
-            targets[params[name]] = ProximalTarget(weight, blocks=blocks, new_rows=new_rows, new_biases=new_biases)
         else:
             mask, scratch = entries.to(device=weight.device, dtype=weight.dtype), torch.empty_like(weight)
-            targets[params[name]] = ProximalTarget(
-                weight, mask=mask, scratch=scratch, new_rows=new_rows, new_biases=new_biases
-            )
+            targets[params[name]] = ProximalTarget(weight, mask=mask, scratch=scratch)
     return targets
 
 

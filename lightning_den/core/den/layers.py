@@ -44,6 +44,11 @@ class ExpandableLinear(nn.Module):
         ``weight``: ``[out_features, in_features]`` (``nn.Linear`` layout), ``bias``: ``[out_features]``,
         ``birth``: ``[out_features]`` (int64 buffer, non-decreasing).
 
+    While only the entries outside a leading block train (DEN's expansion: the old units' weights from old
+    inputs stay), :meth:`train_outside_` registers those entries as Parameters of their own, views of
+    ``weight`` and ``bias`` (which stop requiring gradients), so that an optimizer holds and steps only
+    them; the forward assembles the same weight, so it computes bit for bit what it computed.
+
     Example:
         >>> layer = ExpandableLinear(4, 3)
         >>> layer(torch.ones(2, 4)).shape
@@ -62,6 +67,7 @@ class ExpandableLinear(nn.Module):
         self.weight = reference.weight
         self.bias = reference.bias
         self.register_buffer("birth", torch.full((out_features,), birth_task, dtype=torch.long))
+        self._frozen_block: tuple[int, int] | None = None  # (rows, columns) while train_outside_ holds
 
     @property
     def in_features(self) -> int:
@@ -79,6 +85,8 @@ class ExpandableLinear(nn.Module):
         (zeros, then a copy), which a dense ``nn.Linear`` never pays.
         """
         weight, bias = self.weight, self.bias
+        if self._frozen_block is not None:
+            weight, bias = self._assembled()
         rows, columns = weight.shape
         if out_width is not None and out_width != rows:
             weight, bias = weight[:out_width], bias[:out_width]
@@ -89,9 +97,96 @@ class ExpandableLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
+    # --- training the entries outside a frozen leading block as Parameters of their own ---
+
+    @property
+    def separated(self) -> bool:
+        """Whether :meth:`train_outside_` holds (the trained entries are Parameters of their own)."""
+        return self._frozen_block is not None
+
+    @torch.no_grad()
+    def train_outside_(self, rows: int, columns: int) -> None:
+        """Train only the entries outside ``weight[:rows, :columns]`` and ``bias[:rows]``, through Parameters
+        that are views of them: ``new_unit_weight`` (rows ``rows:``), ``new_unit_bias`` and
+        ``old_unit_new_inputs`` (``weight[:rows, columns:]``), each registered only when it is not empty.
+        ``weight`` and ``bias`` stop requiring gradients; :meth:`join_` undoes it (so does any shape change).
+        Rebuild the optimizers afterwards.
+
+        Example:
+            >>> layer = ExpandableLinear(3, 4)
+            >>> layer.train_outside_(2, 3)
+            >>> [name for name, p in layer.named_parameters() if p.requires_grad]
+            ['new_unit_weight', 'new_unit_bias']
+            >>> sorted(layer.state_dict())  # checkpoints keep the plain layout
+            ['bias', 'birth', 'weight']
+        """
+        self.join_()
+        if not (0 <= rows <= self.out_features and 0 <= columns <= self.in_features):
+            raise ValueError(
+                f"the frozen block must fit the layer [{self.out_features}, {self.in_features}], "
+                f"got [{rows}, {columns}]"
+            )
+        self._frozen_block = (rows, columns)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+        for name, view in self._trained_views().items():
+            if view.numel():
+                self.register_parameter(name, nn.Parameter(view))
+
+    def join_(self) -> None:
+        """Back to one ``weight`` and ``bias`` Parameter, trainable (no-op if :meth:`train_outside_` does not hold)."""
+        if self._frozen_block is None:
+            return
+        for name in TRAINED_VIEWS:
+            self._parameters.pop(name, None)
+        self._frozen_block = None
+        self.weight.requires_grad_(True)
+        self.bias.requires_grad_(True)
+
+    def _trained_views(self) -> dict[str, Tensor]:
+        rows, columns = self._frozen_block
+        weight, bias = self.weight.detach(), self.bias.detach()
+        return {
+            "new_unit_weight": weight[rows:],
+            "new_unit_bias": bias[rows:],
+            "old_unit_new_inputs": weight[:rows, columns:],
+        }
+
+    def _assembled(self) -> tuple[Tensor, Tensor]:
+        """``weight`` and ``bias`` built from the frozen block and the trained Parameters (so gradients reach
+        those); the same values as ``weight`` and ``bias``, which share their memory."""
+        rows, columns = self._frozen_block
+        trained = self._parameters
+        top = self.weight[:rows]
+        if "old_unit_new_inputs" in trained:
+            top = torch.cat([self.weight[:rows, :columns], trained["old_unit_new_inputs"]], dim=1)
+        if "new_unit_weight" not in trained:
+            return top, self.bias
+        weight = torch.cat([top, trained["new_unit_weight"]])
+        return weight, torch.cat([self.bias[:rows], trained["new_unit_bias"]])
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in TRAINED_VIEWS:  # views of weight and bias, which are saved whole
+            destination.pop(prefix + name, None)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self.join_()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ExpandableLinear:
+        """Move or cast the layer; the trained Parameters stay views of ``weight`` and ``bias``."""
+        super()._apply(fn, recurse)
+        if self._frozen_block is not None:
+            for name, view in self._trained_views().items():
+                if name in self._parameters:
+                    self._parameters[name].data = view
+        return self
+
     # --- shape changes (each replaces the Parameters; optimizers must be rebuilt afterwards) ---
 
     def _replace_(self, weight: Tensor, bias: Tensor, birth: Tensor) -> None:
+        self.join_()
         requires_grad = self.weight.requires_grad
         self.weight = nn.Parameter(weight, requires_grad=requires_grad)
         self.bias = nn.Parameter(bias, requires_grad=requires_grad)
@@ -148,6 +243,10 @@ class ExpandableLinear(nn.Module):
         bias = self.bias.new_zeros(out_features)
         bias[:rows] = self.bias[:rows]
         self._replace_(weight, bias, torch.as_tensor(births, dtype=torch.long, device=self.birth.device))
+
+
+#: the Parameters :meth:`ExpandableLinear.train_outside_` registers
+TRAINED_VIEWS = ("new_unit_weight", "new_unit_bias", "old_unit_new_inputs")
 
 
 class ExpandableMLP(PerTaskHeads, nn.Module):

@@ -20,7 +20,9 @@ from lightning_den.core.den.entries import (
     DriftTarget,
     ProximalTarget,
     drift_targets,
+    parameter_entries,
     proximal_targets,
+    separate_trained_entries_,
     trainable_entries,
 )
 from lightning_den.core.den.layers import ExpandableMLP
@@ -166,10 +168,18 @@ class DENMethod(TaskMethod):
 
     # ------------------------------------------------------------------ what trains, and the regularisers
 
+    def arrange(self, block: ExpandableMLP, progress: PhaseProgress | None) -> None:
+        """In expansion, the trained entries of each hidden layer become Parameters of their own
+        (:func:`~lightning_den.core.den.entries.separate_trained_entries_`); other phases use the plain layout."""
+        for layer in block.hidden:
+            layer.join_()
+        if progress is not None and DENPhase(progress.phase) is DENPhase.EXPANSION:
+            separate_trained_entries_(block, trainable_entries(block, DENPhase.EXPANSION))
+
     def trainable(self, block: ExpandableMLP, progress: PhaseProgress) -> dict[nn.Parameter, Trainable]:
-        """The phase's entries of the block (:func:`~lightning_den.core.den.entries.trainable_entries`)."""
-        entries = trainable_entries(block, DENPhase(progress.phase), self._selection)
-        return {p: entries[name] for name, p in block.named_parameters()}
+        """The phase's entries of the block (:func:`~lightning_den.core.den.entries.trainable_entries`), per
+        Parameter as the block is laid out (:meth:`arrange`)."""
+        return parameter_entries(block, trainable_entries(block, DENPhase(progress.phase), self._selection))
 
     def enter_phase(
         self, block: ExpandableMLP, progress: PhaseProgress, trainable: dict[nn.Parameter, Trainable]
