@@ -40,6 +40,7 @@ class TaskBoundary:
         widths: units per hidden layer after the boundary (all units, newest task included), of the block
             trained (the first named one when the callback trains several).
         loss: mean training loss of the last epoch of the phase that ended.
+        epochs: epochs the phase that ended trained (0 for a task learnt in an earlier run).
         changes: the surgery plan that was applied, as plain data (lists of ints, floats): for DEN
             ``selection`` (BFS result, inputs then units per hidden layer) with its report
             (:data:`~lightning_den.core.den.selection.SELECTION_KEYS`: shares of units selected, of inputs,
@@ -59,6 +60,7 @@ class TaskBoundary:
     loss: float
     changes: dict[str, Any] = field(default_factory=dict)
     changes_by_block: dict[str, dict[str, Any]] = field(default_factory=dict)
+    epochs: int = 0
 
     @property
     def finished(self) -> bool:

@@ -510,6 +510,7 @@ class TaskSequenceCallback(Callback):
             loss=previous.last_loss,
             changes=dict(next(iter(plans.values()))),
             changes_by_block={name: dict(plan) for name, plan in plans.items()},
+            epochs=previous.epochs,
         )
         step = "end of stream" if target is None else f"task {target.task}, phase {target.phase}"
         loss = f" (loss {previous.last_loss:.4f})" if math.isfinite(previous.last_loss) else " (learnt earlier)"

@@ -125,6 +125,7 @@ class TaskEvaluation(Callback):
         selection: per task, what its selective retraining selected (DEN): ``selected_fraction`` of each
             hidden layer's units, ``selected_inputs``, ``zero_fraction`` of each hidden layer's weights and
             ``head_zero_fraction`` of the new head's, when the selection was made.
+        phase_epochs: per task, the epochs each of its phases trained (in this run), in phase order.
         summary: the dict written to ``continual_metrics.json`` (after the last task, or when the fit
             ends early); undefined numbers are ``None`` in it, as in the file.
 
@@ -160,6 +161,7 @@ class TaskEvaluation(Callback):
         self.parameters: list[int | None] = []
         self.summary: dict[str, Any] = {}
         self.selection: dict[int, dict[str, Any]] = {}
+        self.phase_epochs: dict[int, dict[str, int]] = {}
         self._directory: Path | None = None
         self._fitting = False
         self._stream_ended = False
@@ -182,6 +184,8 @@ class TaskEvaluation(Callback):
 
         A boundary whose surgery selected a subnetwork (DEN's selective retraining) is recorded too.
         """
+        if boundary.epochs:
+            self.phase_epochs.setdefault(boundary.previous_task, {})[str(boundary.previous_phase)] = boundary.epochs
         changes = boundary.changes_by_block.get(self._block_name(pl_module), boundary.changes)
         if SELECTION_KEYS[0] in changes:
             self.selection[boundary.task] = {key: changes[key] for key in SELECTION_KEYS}
@@ -232,6 +236,7 @@ class TaskEvaluation(Callback):
             "widths": [None if w is None else list(w) for w in self.widths],
             "parameters": list(self.parameters),
             "selection": {str(task): report for task, report in self.selection.items()},
+            "phase_epochs": {str(task): dict(epochs) for task, epochs in self.phase_epochs.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -240,6 +245,7 @@ class TaskEvaluation(Callback):
         self.widths = [None if w is None else tuple(w) for w in state_dict["widths"]]
         self.parameters = list(state_dict["parameters"])
         self.selection = {int(task): report for task, report in state_dict.get("selection", {}).items()}
+        self.phase_epochs = {int(task): dict(epochs) for task, epochs in state_dict.get("phase_epochs", {}).items()}
 
     def _make_room(self, task: int) -> None:
         """Make ``task``'s row the next one: rows this run did not measure before it become ``None`` rows,
@@ -349,6 +355,7 @@ class TaskEvaluation(Callback):
                 "parameters_after_task": self.parameters,
                 "parameters_per_task": [mlp.num_parameters(t) for t in range(tasks)],
                 "selection": [self.selection.get(t) for t in range(tasks)] if self.selection else None,
+                "phase_epochs": [self.phase_epochs.get(t) for t in range(tasks)],
             }
         )
 

@@ -73,6 +73,9 @@ def format_report(summary: dict[str, Any]) -> str:
     if summary.get("widths"):
         widths = ("-" if w is None else "-".join(map(str, w)) for w in summary["widths"])
         lines.append("widths per task: " + ", ".join(widths))
+    trained = [(task, epochs) for task, epochs in enumerate(summary.get("phase_epochs") or []) if epochs]
+    if trained:
+        lines.append("epochs per task: " + "; ".join(f"{task}: {_epochs_text(epochs)}" for task, epochs in trained))
     selected = [(task, report) for task, report in enumerate(summary.get("selection") or []) if report]
     if selected:
         lines.append("selective retraining, per task: share of each hidden layer's units selected | zero weights")
@@ -81,6 +84,13 @@ def format_report(summary: dict[str, Any]) -> str:
             zeros = " ".join(f"{z:.2f}" for z in report["zero_fraction"])
             lines.append(f"  task {task}: {fractions} | {zeros} (head {report['head_zero_fraction']:.2f})")
     return "\n".join(lines)
+
+
+def _epochs_text(epochs: dict[str, int]) -> str:
+    """``{"head_fit": 2, "selective": 5}`` as ``7 (head_fit 2, selective 5)``; one phase as its count."""
+    if len(epochs) == 1:
+        return str(next(iter(epochs.values())))
+    return f"{sum(epochs.values())} (" + ", ".join(f"{phase} {count}" for phase, count in epochs.items()) + ")"
 
 
 def plot_report(summary: dict[str, Any], directory: str | Path) -> list[Path]:

@@ -223,6 +223,35 @@ def test_a_complete_sequence_says_so(tmp_path):
     assert saved["first_measured_task"] == 0
 
 
+class CountEpochs(Callback):
+    """Counts the training epochs of each (task, phase) as the driver's progress names them."""
+
+    def __init__(self, den: DENCallback) -> None:
+        self.den, self.counts = den, {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # runs before the driver moves to the next phase
+        key = (self.den.progress.task, str(self.den.progress.phase))
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+
+def test_the_epochs_of_every_phase_are_reported_per_task(tmp_path, caplog):
+    den = DENCallback(
+        first_task_epochs=3, head_fit_epochs=2, selective_epochs=4, loss_threshold=0.0, convergence_tol=0.05
+    )
+    counter, evaluation = CountEpochs(den), quiet_evaluation(tmp_path, print_report=True)
+    trainer = sequence_trainer([counter, den, evaluation])
+    with caplog.at_level(logging.INFO):
+        trainer.fit(digits_model(), datamodule=SplitDigits(3))
+    saved = strict_json(tmp_path / "continual_metrics.json")
+    expected = [{phase: n for (t, phase), n in counter.counts.items() if t == task} for task in range(3)]
+    assert saved["phase_epochs"] == expected == [evaluation.phase_epochs[t] for t in range(3)]
+    assert list(expected[1]) == ["head_fit", "selective", "expansion", "split"]
+    assert sum(sum(epochs.values()) for epochs in expected) == trainer.current_epoch  # every epoch, once
+    (line,) = [line for line in caplog.text.splitlines() if line.startswith("epochs per task: ")]
+    task_1 = expected[1]
+    assert f"0: {expected[0]['sparse']}; 1: {sum(task_1.values())} (head_fit {task_1['head_fit']}, " in line
+
+
 def test_a_fit_stopped_before_any_task_ended_writes_nothing_and_does_not_crash(tmp_path):
     evaluation = quiet_evaluation(tmp_path)
     den = DENCallback(first_task_epochs=3, head_fit_epochs=1, selective_epochs=1, expansion_epochs=1, split_epochs=1)
