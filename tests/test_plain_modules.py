@@ -47,9 +47,9 @@ class OutputsAtTaskEnds(Callback):
 
 
 METHODS = {
-    "den": lambda: DENCallback(**short_phases(loss_threshold=0.0)),
-    "pnn": lambda: ProgressiveCallback(epochs_per_task=2),
-    "packnet": lambda: PackNetCallback(train_epochs=2, retrain_epochs=1, prune_fraction=0.75),
+    "den": lambda **kw: DENCallback(**short_phases(loss_threshold=0.0), **kw),
+    "pnn": lambda **kw: ProgressiveCallback(epochs_per_task=2, **kw),
+    "packnet": lambda **kw: PackNetCallback(train_epochs=2, retrain_epochs=1, prune_fraction=0.75, **kw),
 }
 
 
@@ -110,20 +110,15 @@ def test_the_conv_example_converts_the_classifier_of_a_plain_module(tmp_path):
 
 
 BOTH = TwoChains.BLOCKS
-MULTI = {
-    "den": lambda **kw: DENCallback(**short_phases(loss_threshold=0.0), **kw),
-    "pnn": lambda **kw: ProgressiveCallback(epochs_per_task=2, **kw),
-    "packnet": lambda **kw: PackNetCallback(train_epochs=2, retrain_epochs=1, prune_fraction=0.75, **kw),
-}
 
 
-@pytest.mark.parametrize("method", sorted(MULTI))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_list_of_names_grows_every_named_chain_in_the_same_phases(tmp_path, method):
     torch.manual_seed(0)
     model, watch = TwoChains(), OutputsAtTaskEnds()
     x = torch.randn(5, IN_FEATURES)
     before = model(x)
-    callback = MULTI[method](block=BOTH)
+    callback = METHODS[method](block=BOTH)
     evaluation = TaskEvaluation(block="classifier", plots=False, print_report=False)
     logger = CSVLogger(tmp_path)
     fit = pl.Trainer(
