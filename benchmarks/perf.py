@@ -177,8 +177,9 @@ def optimizer_in_expansion(args: argparse.Namespace, optimizer: str) -> dict[str
     add_units_(mlp, [10] * len(args.hidden), generator)
     mlp = mlp.to(device)
     every = list(mlp.parameters())
-    DENMethod().arrange(mlp, PhaseProgress(task=mlp.newest_task, phase=DENPhase.EXPANSION))
-    trained = [p for p in mlp.parameters() if p.requires_grad]
+    method, progress = DENMethod(), PhaseProgress(task=mlp.newest_task, phase=DENPhase.EXPANSION)
+    method.arrange(mlp, progress)
+    trained = [p for p, entries in method.trainable(mlp, progress).items() if entries is not False]
 
     def step_s(params: list[torch.nn.Parameter]) -> float:
         step = OPTIMIZERS[optimizer](params)

@@ -40,7 +40,7 @@ from lightning_den.boundary import (
     rebuild_training_objects,
 )
 from lightning_den.core.checks import check_number
-from lightning_den.core.convert import attach_block, saved_blocks
+from lightning_den.core.convert import attach_blocks, saved_blocks
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.method import PhaseProgress, TaskMethod, Trainable, phase_is_done
 from lightning_den.core.routing import set_active_task, task_blocks
@@ -143,17 +143,13 @@ class TaskSequenceCallback(Callback):
             _check_datamodule(trainer, type(self).__name__)
         method = self.method
         names = self.block if isinstance(self.block, list) else [self.block]
-        self._blocks = dict(
-            configured(attach_block, pl_module, method.block_type, name, method.block_options()) for name in names
-        )
-        if len(self._blocks) < len(names):
-            raise MisconfigurationException(f"`block={names}` names one block twice; name each block once")
+        self._blocks = configured(attach_blocks, pl_module, method.block_type, names, method.block_options())
         if self.block is None:
             self.block = next(iter(self._blocks))
         self._refuse_other_blocks(pl_module)
         # the callback's method drives the first block; every other block gets a copy made before training
         self._methods = {
-            name: self._methods.get(name) or (method if not index else copy.deepcopy(method))
+            name: self._methods.get(name) or (method if not index else _copy_for_block(method, index))
             for index, name in enumerate(self._blocks)
         }
         if stage != "fit":
@@ -307,7 +303,10 @@ class TaskSequenceCallback(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Name where an interrupted sequence stopped and how to go on."""
+        """Name where an interrupted sequence stopped and how to go on; give the blocks their plain layout
+        (Lightning skips ``teardown`` after an exception)."""
+        for _, block, method in self._each():
+            method.arrange(block, None)
         if isinstance(exception, KeyboardInterrupt) and not self._finished:
             self._warn_incomplete(trainer, "it was interrupted")
 
@@ -510,7 +509,7 @@ class TaskSequenceCallback(Callback):
             loss=previous.last_loss,
             changes=dict(next(iter(plans.values()))),
             changes_by_block={name: dict(plan) for name, plan in plans.items()},
-            epochs=previous.epochs,
+            epochs=previous.epochs if math.isfinite(previous.last_loss) else 0,  # 0: learnt in an earlier run
         )
         step = "end of stream" if target is None else f"task {target.task}, phase {target.phase}"
         loss = f" (loss {previous.last_loss:.4f})" if math.isfinite(previous.last_loss) else " (learnt earlier)"
@@ -530,7 +529,7 @@ class TaskSequenceCallback(Callback):
             target, plan = self._pending
             pending = {"target": target.state_dict(), "plan": plan}
         return {
-            "format": 2,
+            "format": 3,
             EPOCH_END: not self._in_epoch,
             "progress": self.progress.state_dict(),
             "pending": pending,
@@ -546,6 +545,13 @@ class TaskSequenceCallback(Callback):
         weights loaded).
         """
         refuse_resuming_within_an_epoch([state_dict])
+        phase = state_dict["progress"]["phase"]
+        if state_dict.get("format", 1) < 3 and phase in self.method.arranged_phases:
+            raise MisconfigurationException(
+                f"this checkpoint was written in {self.method.name}'s '{phase}' phase by an earlier lightning_den, "
+                "which laid that phase's parameters and optimizer state out differently: resume from a checkpoint "
+                "written in another phase (e.g. at the end of the previous task), or with the version that wrote it"
+            )
         state_dict = _by_block(state_dict, next(iter(self._blocks)))
         if set(state_dict["methods"]) != set(self._methods):
             raise MisconfigurationException(
@@ -596,9 +602,16 @@ def _block_names(block: str | Sequence[str] | None, method: TaskMethod) -> str |
     return names
 
 
+def _copy_for_block(method: TaskMethod, index: int) -> TaskMethod:
+    """A fresh copy of ``method`` for the ``index``-th named block, drawing its own random numbers."""
+    duplicate = copy.deepcopy(method)
+    duplicate.seed = method.seed + index
+    return duplicate
+
+
 def _by_block(state: dict[str, Any], block: str) -> dict[str, Any]:
     """A saved driver state with the method states and the pending plan by block name (format 1, written
-    before several blocks were possible, held the one block's)."""
+    before several blocks were possible, held the one block's; format 2 had DEN's expansion laid out plainly)."""
     if state.get("format", 1) >= 2:
         return state
     pending = state.get("pending")

@@ -186,7 +186,10 @@ class TaskEvaluation(Callback):
         """
         if boundary.epochs:
             self.phase_epochs.setdefault(boundary.previous_task, {})[str(boundary.previous_phase)] = boundary.epochs
-        changes = boundary.changes_by_block.get(self._block_name(pl_module), boundary.changes)
+        if boundary.changes_by_block:
+            changes = boundary.changes_by_block.get(self._block_name(pl_module), {})
+        else:  # a boundary announced by hand, without blocks
+            changes = boundary.changes
         if SELECTION_KEYS[0] in changes:
             self.selection[boundary.task] = {key: changes[key] for key in SELECTION_KEYS}
         if boundary.ended_task is None:

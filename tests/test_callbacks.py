@@ -61,10 +61,18 @@ class CheckFrozenEntries(Callback):
         self.checked_steps += 1
 
 
-def test_frozen_entries_stay_bit_identical_under_adamw_weight_decay(tmp_path):
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.5),
+        functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.5, fused=True),
+        functools.partial(torch.optim.SGD, lr=1e-2, momentum=0.9, weight_decay=0.1, fused=True),
+    ],
+    ids=["adamw", "adamw-fused", "sgd-fused"],
+)
+def test_frozen_entries_stay_bit_identical_under_any_optimizer(tmp_path, optimizer):
     checker = CheckFrozenEntries()
-    adamw = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.5)
-    model = tiny_model(optimizer=adamw)
+    model = tiny_model(optimizer=optimizer)
     den = DENCallback(**short_phases(loss_threshold=0.0))  # always expand: every phase runs
     make_trainer(tmp_path, [den, checker]).fit(model, datamodule=tiny_stream(num_tasks=3))
     assert checker.checked_steps > 0
@@ -469,3 +477,23 @@ def test_ablation_variants_run_only_their_phases_and_prune_what_expansion_left(t
         assert [b.phase for b in leaving] == ["head_fit", None]
         assert all(any(layer for layer in b.changes["pruned"]) for b in leaving)  # units really were pruned
         assert all(not dead_new_units(model.mlp, layer) for layer in range(len(HIDDEN)))
+
+
+class CrashInExpansion(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.mlp.hidden[0].separated:
+            raise RuntimeError("crash in expansion")
+
+
+@pytest.mark.parametrize("ending", ["expansion ends the stream", "a crash in expansion"])
+def test_the_network_has_its_plain_layout_after_the_fit(tmp_path, ending):
+    model, den = tiny_model(), DENCallback(**short_phases(loss_threshold=0.0, split=False))
+    if ending == "expansion ends the stream":
+        make_trainer(tmp_path, [den]).fit(model, datamodule=tiny_stream(num_tasks=2))
+    else:
+        with pytest.raises(RuntimeError, match="crash in expansion"):
+            make_trainer(tmp_path, [den, CrashInExpansion()]).fit(model, datamodule=tiny_stream(num_tasks=2))
+    assert str(den.phase) == "expansion"
+    assert not any(layer.separated for layer in model.mlp.hidden)
+    assert {name.rpartition(".")[2] for name, _ in model.named_parameters()} == {"weight", "bias"}
+    assert all(p.requires_grad for p in model.mlp.hidden.parameters())

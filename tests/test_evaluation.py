@@ -351,3 +351,11 @@ def test_state_with_missing_and_undefined_entries_survives_a_weights_only_load(t
     again.load_state_dict(loaded)
     assert again.accuracy == state["accuracy"] and again.widths == [None, (8,)] and again.parameters == [None, 1234]
     assert again.auroc[0] == [None] and math.isnan(again.auroc[1][0]) and again.auroc[1][1] == 0.5
+
+
+def test_a_task_learnt_in_an_earlier_run_reports_no_epochs(tmp_path):
+    model = digits_model()
+    sequence_trainer([one_epoch_phases()]).fit(model, datamodule=SplitDigits(2))
+    evaluation = quiet_evaluation(tmp_path)
+    sequence_trainer([one_epoch_phases(), evaluation]).fit(model, datamodule=SplitDigits(3))
+    assert list(evaluation.phase_epochs) == [2] and evaluation.summary["phase_epochs"][:2] == [None, None]

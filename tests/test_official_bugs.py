@@ -87,7 +87,7 @@ def test_b6_group_lasso_acts_on_the_l1_result():
     l1_prox_([expected], 0.1)
     group_lasso_prox_([expected[3:]], 0.4)
     stepped = weight.clone()
-    ProximalTarget(stepped, blocks=(stepped,), new_rows=stepped[3:]).step_(l1=0.1, group=0.4)
+    ProximalTarget(stepped, new_rows=stepped[3:]).step_(l1=0.1, group=0.4)
     assert torch.equal(stepped, expected)
     # the other order gives a different result, so the order is part of the contract
     other = weight.clone()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 import lightning_den
 from lightning_den import DENCallback, PackNetCallback, ProgressiveCallback, TaskEvaluation
@@ -190,3 +191,33 @@ def test_task_evaluation_names_its_block_before_training_when_there_are_several(
     with pytest.raises(MisconfigurationException, match=r"found 2 blocks \['classifier', 'encoder'\]; name the one"):
         fit.fit(model, datamodule=tiny_stream(2))
     assert fit.current_epoch == 0 and fit.global_step == 0
+
+
+def test_a_wrong_name_in_the_list_leaves_the_model_as_it_was(tmp_path):
+    model = TwoChains()
+    before = {name: type(module) for name, module in model.named_children()}
+    fit = trainer(tmp_path, [DENCallback(block=["encoder", "clasifier"], **short_phases())])
+    with pytest.raises(MisconfigurationException, match=r"`block='clasifier'` is not a module of TwoChains"):
+        fit.fit(model, datamodule=tiny_stream(2))
+    assert {name: type(module) for name, module in model.named_children()} == before  # encoder not converted
+
+
+def test_every_block_gets_its_own_random_draws(tmp_path):
+    class Twins(UserModule):  # two chains of the same shape
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(IN_FEATURES, 4), nn.ReLU(), nn.Linear(4, 2))
+            self.other = nn.Sequential(nn.Linear(IN_FEATURES, 4), nn.ReLU(), nn.Linear(4, 2))
+
+        def forward(self, x):
+            return self.net(x) + self.other(x)
+
+    class NewUnitsAsDrawn(Callback):
+        def on_task_boundary(self, trainer, pl_module, boundary) -> None:
+            if boundary.phase == "expansion":  # right after the surgery, before any training
+                self.drawn = [b.hidden[0].weight[b.hidden[0].birth == 1].clone() for b in (model.net, model.other)]
+
+    model, watch = Twins(), NewUnitsAsDrawn()
+    den = DENCallback(block=["net", "other"], **short_phases(first_task_epochs=1, loss_threshold=0.0))
+    trainer(tmp_path, [den, watch]).fit(model, datamodule=tiny_stream(2))
+    assert watch.drawn[0].numel() and not torch.equal(watch.drawn[0], watch.drawn[1])

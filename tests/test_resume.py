@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_den import DENMLP, DENCallback, TaskEvaluation
 from tests.helpers import IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
@@ -90,7 +91,7 @@ def test_a_checkpoint_written_before_several_blocks_were_possible_resumes_the_sa
     checkpoint = torch.load(last, weights_only=True)
     (key,) = [key for key, state in checkpoint["callbacks"].items() if "methods" in state]
     state = checkpoint["callbacks"][key]
-    assert state["format"] == 2 and state["pending"] is not None
+    assert state["format"] == 3 and state["pending"] is not None
     (method_state,), (plan,) = state.pop("methods").values(), state["pending"]["plan"].values()
     state.update(format=1, method=method_state, pending={**state["pending"], "plan": plan})
     torch.save(checkpoint, last)
@@ -99,3 +100,17 @@ def test_a_checkpoint_written_before_several_blocks_were_possible_resumes_the_sa
     whole_model, _ = uninterrupted
     for a, b in zip(whole_model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_written_in_expansion_before_its_parameters_were_separated_is_refused(tmp_path):
+    """Format 2 laid the expansion phase's parameters (and so its optimizer state) out plainly."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, extra=[CrashAt(8)])  # the checkpoint is written after the first expansion epoch
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    (state,) = [state for state in checkpoint["callbacks"].values() if "methods" in state]
+    assert state["progress"]["phase"] == "expansion"
+    state["format"] = 2
+    torch.save(checkpoint, last)
+    with pytest.raises(MisconfigurationException, match="written in DEN's 'expansion' phase by an earlier"):
+        run(tmp_path, ckpt_path=str(last))

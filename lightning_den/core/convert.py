@@ -117,6 +117,31 @@ def attach_block(
         ValueError: nothing to train, several candidates and no ``name``, or ``name`` cannot be converted; the
             message names what was found and the argument that fixes it.
     """
+    return next(iter(attach_blocks(model, block_type, [name], options).items()))
+
+
+def attach_blocks(
+    model: nn.Module, block_type: Any, names: list[str | None], options: dict[str, Any] | None = None
+) -> dict[str, nn.Module]:
+    """:func:`attach_block` for each of ``names``, by name: every name is checked before any chain is
+    converted, so a wrong name leaves the model as it was.
+
+    Raises:
+        ValueError: as :func:`attach_block`, for the first name that cannot be trained.
+    """
+    found = [_find_block(model, block_type, name) for name in names]
+    attached = {}
+    for name, target in found:
+        if isinstance(target, LinearChain):
+            target = block_from_chain(block_type, target, **(options or {}))
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attribute, target)
+        attached[name] = target
+    return attached
+
+
+def _find_block(model: nn.Module, block_type: Any, name: str | None) -> tuple[str, nn.Module | LinearChain]:
+    """What :func:`attach_block` trains for ``name``: a ``block_type`` of the model, or a chain to convert."""
     blocks = {n: m for n, m in model.named_modules() if isinstance(m, block_type)}
     kind = block_type.__name__
     if name is None and len(blocks) == 1:
@@ -156,10 +181,7 @@ def attach_block(
             f"a Linear layer of `{name}` is also registered elsewhere in the model ({shared}); converting it would "
             "leave the other reference on the old layer. Give that part its own layers"
         )
-    block = block_from_chain(block_type, chain, **(options or {}))
-    parent_name, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, block)
-    return name, block
+    return name, chain
 
 
 def block_from_chain(block_type: Any, chain: LinearChain, **options: Any) -> nn.Module:

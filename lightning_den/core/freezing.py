@@ -6,8 +6,9 @@ it zeroes the gradients of frozen entries before the step (clean optimizer state
 values back after it (exactness). Whole Parameters are frozen with ``requires_grad_(False)`` instead.
 
 Both run on every step, so a frozen set that is a leading block (the first ``r`` rows and ``c``
-columns: the old units while DEN trains new ones) is kept as that block, zeroed and copied back in
-one pass each; any other mask is applied densely.
+columns) is kept as that block, zeroed and copied back in one pass each; any other mask is applied
+densely. (DEN's expansion, whose frozen entries are such a block, gives its trained entries
+Parameters of their own instead: :meth:`~lightning_den.core.den.layers.ExpandableLinear.train_outside_`.)
 """
 
 from __future__ import annotations

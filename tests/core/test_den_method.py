@@ -7,6 +7,7 @@ proximal step ever changes an entry its phase does not train.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -17,9 +18,14 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from lightning_den.core.den import DENMethod, DENPhase, ExpandableMLP, drift_targets, proximal_targets
-from lightning_den.core.den.entries import parameter_entries, separate_trained_entries_, trainable_entries
+from lightning_den.core.den.entries import (
+    ProximalTarget,
+    parameter_entries,
+    separate_trained_entries_,
+    trainable_entries,
+)
 from lightning_den.core.den.selection import select_subnetwork
-from lightning_den.core.den.surgery import snapshot
+from lightning_den.core.den.surgery import add_units_, snapshot
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.method import PhaseProgress, TaskBlock, phase_is_done
 from tests.core.helpers import FAST, as_mask, build, mlp_configs, random_history
@@ -41,6 +47,7 @@ def tasks(seed: int = 0, size: int = 64) -> list[tuple[Tensor, Tensor]]:
 
 def train_phase(method: DENMethod, mlp: ExpandableMLP, progress: PhaseProgress, data) -> float:
     """One epoch of ``progress``'s phase in full batches of 16, as the driver runs it; the mean loss."""
+    method.arrange(mlp, progress)
     trainable = method.trainable(mlp, progress)
     masks = {}
     for p, entries in trainable.items():
@@ -216,7 +223,8 @@ def test_no_proximal_step_changes_an_entry_its_phase_does_not_train(config, data
     selection = select_subnetwork(mlp, mlp.newest_task, data.draw(st.sampled_from([None, 0.5]), label="budget"))
     trainable = trainable_entries(mlp, phase, selection)  # by weight and bias
     before = {name: mlp.get_parameter(name).detach().clone() for name in trainable}
-    if data.draw(st.booleans(), label="separate"):  # expansion's layout: trained entries as Parameters of their own
+    # expansion's layout (trained entries as Parameters of their own) is required there, possible elsewhere
+    if phase is DENPhase.EXPANSION or data.draw(st.booleans(), label="separate"):
         separate_trained_entries_(mlp, trainable)
     by_parameter = parameter_entries(mlp, trainable)
     laid_out = {name: by_parameter[p] for name, p in mlp.named_parameters()}
@@ -246,8 +254,9 @@ def test_group_lasso_acts_only_on_units_born_in_the_newest_task(config, data):
         layer = next(layer for layer in mlp.hidden if getattr(layer, "new_unit_weight", None) is param)
         born = int((layer.birth == mlp.newest_task).sum())
         assert target.new_rows.shape[0] == born and target.new_biases.shape[0] == born
-        # the separated Parameter is a view of the layer's weight: what the optimizer steps is the network
-        assert target.new_rows.data_ptr() == layer.weight[layer.out_features - born :].data_ptr()
+        # the separated Parameter holds the new units' rows of the layer's weight, which follows it (sync_)
+        assert target.new_rows.data_ptr() == param.data_ptr()
+        assert torch.equal(target.new_rows, layer.weight[layer.out_features - born :])
         grouped.add(id(layer))
     newborn = {id(layer) for layer in mlp.hidden if bool((layer.birth == mlp.newest_task).any())}
     assert grouped == newborn  # every layer with new units, and only those
@@ -259,3 +268,71 @@ def test_the_pull_toward_the_previous_task_acts_in_selective_retraining_and_afte
     targets = drift_targets(mlp, phase, snapshot(mlp))
     assert bool(targets) == (phase in (DENPhase.SELECTIVE, DENPhase.SPLIT))
     assert all(target.values.shape == target.reference.shape for target in targets)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_expansion_on_separated_parameters_is_the_masked_dense_step_bit_for_bit(fused):
+    """The reference is expansion as it ran before its entries were separated: a dense Adam step under
+    gradient masks, masked L1 and group lasso on the new rows, frozen entries written back."""
+    generator = torch.Generator().manual_seed(0)
+    mlp = ExpandableMLP(IN_FEATURES, [7, 5], head_classes=3)
+    mlp.add_task_(generator)
+    add_units_(mlp, [2, 3], generator)
+    reference = copy.deepcopy(mlp)
+    progress = PhaseProgress(task=1, phase=DENPhase.EXPANSION)
+    method, l1, group = DENMethod(), 0.01, 0.2
+
+    method.arrange(mlp, progress)
+    trainable = method.trainable(mlp, progress)
+    for p, entries in trainable.items():
+        p.requires_grad_(entries is not False)
+    method.enter_phase(mlp, progress, trainable)
+    targets = list(
+        proximal_targets(mlp, {n: trainable[p] for n, p in mlp.named_parameters()}, DENPhase.EXPANSION).values()
+    )
+    step = torch.optim.Adam([p for p in mlp.parameters() if p.requires_grad], lr=0.05, fused=fused)
+
+    entries = trainable_entries(reference, DENPhase.EXPANSION)
+    params = dict(reference.named_parameters())
+    masks = {params[n]: m for n, m in entries.items() if isinstance(m, Tensor)}
+    for name, p in params.items():
+        p.requires_grad_(entries[name] is not False)
+    frozen = FrozenEntries(masks)
+    reference_targets = []
+    for name, m in entries.items():
+        if name.endswith("weight") and m is not False:
+            weight = params[name].detach()
+            mask = None if m is True else m.to(weight.dtype)
+            new_rows = new_biases = None
+            if name.startswith("hidden."):
+                layer = reference.get_submodule(name.rpartition(".")[0])
+                first = int((layer.birth < 1).sum())
+                new_rows, new_biases = weight[first:], layer.bias.detach()[first:]
+            scratch = None if mask is None else torch.empty_like(weight)
+            reference_targets.append(ProximalTarget(weight, mask, scratch, new_rows, new_biases))
+    reference_step = torch.optim.Adam([p for p in reference.parameters() if p.requires_grad], lr=0.05, fused=fused)
+
+    x, y = torch.randn(32, IN_FEATURES, generator=generator), torch.randint(0, 3, (32,), generator=generator)
+    for _ in range(5):
+        for model, optimizer in ((mlp, step), (reference, reference_step)):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x, task=1), y).backward()
+        frozen.mask_gradients_()
+        step.step()
+        reference_step.step()
+        with torch.no_grad():
+            for target in targets + reference_targets:
+                target.step_(l1, group)
+        for layer in mlp.hidden:
+            layer.sync_()
+        frozen.restore_()
+    separated, plain = mlp.state_dict(), reference.state_dict()
+    assert separated.keys() == plain.keys()
+    for name in plain:
+        if not isinstance(plain[name], Tensor):
+            continue
+        if fused:  # torch's fused CPU kernel rounds an entry's update by where it lies in its tensor (1 ulp)
+            torch.testing.assert_close(separated[name], plain[name], rtol=1e-6, atol=1e-8)
+        else:
+            assert torch.equal(separated[name], plain[name]), name
+    assert torch.equal(mlp.hidden[1].weight[:5, :7], reference.hidden[1].weight[:5, :7])  # frozen: exact

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -246,29 +247,44 @@ def test_separating_the_trained_entries_preserves_the_function_and_the_checkpoin
     assert all(torch.equal(mlp(x, task=task), before[task]) for task in tasks)
 
 
-def test_an_optimizer_over_the_separated_entries_trains_them_and_nothing_else():
+OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.1, weight_decay=0.5),
+    "adam-fused": lambda params: torch.optim.Adam(params, lr=0.1, fused=True),
+    "adamw-fused": lambda params: torch.optim.AdamW(params, lr=0.1, weight_decay=0.5, fused=True),
+    "sgd-fused": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_an_optimizer_over_the_separated_entries_trains_them_and_nothing_else(optimizer):
     layer = ExpandableMLP(4, [5], head_classes=2).hidden[0]
     layer.train_outside_(3, 2)  # rows 0-2 over columns 0-1 stay
-    frozen = layer.weight.detach()[:3, :2].clone()
     trained = [p for p in layer.parameters() if p.requires_grad]
     assert {tuple(p.shape) for p in trained} == {(2, 4), (2,), (3, 2)}
-    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.5)  # every Parameter, as users write
-    before = layer.weight.detach().clone()
-    layer(torch.randn(7, 4)).square().sum().backward()
-    optimizer.step()
-    assert torch.equal(layer.weight.detach()[:3, :2], frozen) and layer.weight.grad is None
+    assert all(p.is_contiguous() for p in trained)  # fused kernels step numel() entries from data_ptr()
+    step = OPTIMIZERS[optimizer](layer.parameters())  # every Parameter, as users write
+    before, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    for _ in range(2):
+        step.zero_grad()
+        layer(torch.randn(7, 4)).square().sum().backward()
+        step.step()
+        layer.sync_()
     moved = layer.weight.detach() != before
-    assert moved[3:].all() and moved[:3, 2:].all()  # the optimizer stepped the views: the layer's own weight moved
-    assert not torch.equal(layer.bias.detach()[3:], torch.zeros(2)) and layer.bias.grad is None
+    assert not moved[:3, :2].any() and layer.weight.grad is None  # the frozen block, bit for bit
+    assert moved[3:].all() and moved[:3, 2:].all()  # what trains moved, and the layer's own weight shows it
+    assert torch.equal(layer.bias.detach()[:3], bias[:3]) and (layer.bias.detach()[3:] != bias[3:]).all()
+    assert torch.equal(layer(torch.ones(1, 4)), F.linear(torch.ones(1, 4), layer.weight, layer.bias))
 
 
-def test_separated_entries_stay_views_when_the_layer_is_cast_and_load_into_the_plain_layout():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_separated_layer_cast_or_loaded_keeps_one_set_of_values(dtype):
     layer = ExpandableMLP(4, [5], head_classes=2).hidden[0]
     layer.train_outside_(3, 2)
-    layer.double()
-    assert layer.new_unit_weight.dtype == torch.float64
-    assert layer.new_unit_weight.data_ptr() == layer.weight[3:].data_ptr()
-    assert layer.old_unit_new_inputs.data_ptr() == layer.weight[:, 2:].data_ptr()
+    layer.to(dtype)
+    assert layer.new_unit_weight.dtype == dtype and torch.equal(layer.new_unit_weight, layer.weight[3:])
+    with torch.no_grad():
+        layer.old_unit_new_inputs.add_(1)
+    assert torch.equal(layer.state_dict()["weight"][:3, 2:], layer.old_unit_new_inputs)  # saved up to date
     state = {name: value.clone() + 1 for name, value in layer.state_dict().items() if name != "birth"}
     layer.load_state_dict({**state, "birth": layer.birth})
     assert not layer.separated and torch.equal(layer.weight.detach(), state["weight"])

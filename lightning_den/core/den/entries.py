@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_den.core.den.layers import TRAINED_VIEWS, ExpandableMLP
+from lightning_den.core.den.layers import TRAINED_ENTRIES, ExpandableMLP
 from lightning_den.core.den.phases import DENPhase
 from lightning_den.core.den.prox import group_lasso_prox_, l1_prox_, l1_prox_masked_
 from lightning_den.core.freezing import frozen_leading_block
@@ -108,7 +108,7 @@ def separate_trained_entries_(mlp: ExpandableMLP, entries: dict[str, Trainable])
     """
     for index, layer in enumerate(mlp.hidden):
         weight, bias = (
-            _frozen_block(entries[f"hidden.{index}.{name}"], ndim) for name, ndim in (("weight", 2), ("bias", 1))
+            _frozen_block(entries[f"hidden.{index}.{name}"], getattr(layer, name).shape) for name in ("weight", "bias")
         )
         if weight is not None and bias == weight[:1]:
             layer.train_outside_(weight[0].stop, weight[1].stop)
@@ -116,12 +116,12 @@ def separate_trained_entries_(mlp: ExpandableMLP, entries: dict[str, Trainable])
             layer.join_()
 
 
-def _frozen_block(trained: Trainable, ndim: int) -> tuple[slice, ...] | None:
-    """The frozen leading block of an ``ndim``-d parameter's entries (empty when all train); ``None`` if the
-    frozen entries are not one (or all are frozen)."""
-    if trained is True:
-        return (slice(0),) * ndim
-    return frozen_leading_block(trained) if isinstance(trained, Tensor) else None
+def _frozen_block(trained: Trainable, shape: torch.Size) -> tuple[slice, ...] | None:
+    """The frozen leading block of a parameter of ``shape`` (empty when every entry trains, all of it when
+    none does); ``None`` if its frozen entries are not a leading block."""
+    if isinstance(trained, bool):
+        return tuple(slice(0 if trained else size) for size in shape)
+    return frozen_leading_block(trained)
 
 
 def parameter_entries(mlp: ExpandableMLP, entries: dict[str, Trainable]) -> dict[nn.Parameter, Trainable]:
@@ -130,7 +130,7 @@ def parameter_entries(mlp: ExpandableMLP, entries: dict[str, Trainable]) -> dict
     result: dict[nn.Parameter, Trainable] = {}
     for name, param in mlp.named_parameters():
         layer_name, _, attribute = name.rpartition(".")
-        result[param] = attribute in TRAINED_VIEWS if mlp.get_submodule(layer_name).separated else entries[name]
+        result[param] = attribute in TRAINED_ENTRIES if mlp.get_submodule(layer_name).separated else entries[name]
     return result
 
 
@@ -142,13 +142,11 @@ def _index_mask(indices: list[int], size: int, device: torch.device) -> Tensor:
 
 @dataclass(frozen=True)
 class ProximalTarget:
-    """What DEN's proximal steps touch in one weight: L1 on ``blocks`` (views of trained entries) or, for a
-    scattered set of trained entries, on ``weight`` where ``mask`` (1s and 0s in its dtype) is 1, through
-    ``scratch``; then, in expansion, group lasso on ``new_rows`` (the new units' incoming weights) with their
-    ``new_biases``."""
+    """What DEN's proximal steps touch in one trained weight: L1 on all of ``weight`` or, for a scattered set
+    of trained entries, where ``mask`` (1s and 0s in its dtype) is 1, through ``scratch``; then, in
+    expansion, group lasso on ``new_rows`` (the new units' incoming weights) with their ``new_biases``."""
 
     weight: Tensor
-    blocks: tuple[Tensor, ...] = ()
     mask: Tensor | None = None
     scratch: Tensor | None = None
     new_rows: Tensor | None = None
@@ -160,7 +158,7 @@ class ProximalTarget:
         The official code ran both on the same variables at once, so the last one won (bug B6).
         """
         if self.mask is None:
-            l1_prox_(self.blocks, l1)
+            l1_prox_([self.weight], l1)
         else:
             l1_prox_masked_(self.weight, self.mask, l1, self.scratch)
         if self.new_rows is not None:
@@ -184,6 +182,17 @@ def proximal_targets(
         [(2, 3), (3, 4)]
     """
     params = dict(mlp.named_parameters())
+    if phase is DENPhase.EXPANSION:
+        joined = [
+            i
+            for i, layer in enumerate(mlp.hidden)
+            if not layer.separated and trainable[f"hidden.{i}.weight"] is not False
+        ]
+        if joined:
+            raise ValueError(
+                f"hidden layers {joined} train in expansion without their new units' own Parameters, so group "
+                "lasso has nothing to act on: lay them out with `separate_trained_entries_` first"
+            )
     targets: dict[nn.Parameter, ProximalTarget] = {}
     for name, entries in trainable.items():
         if not name.endswith(("weight", "new_inputs")) or entries is False:
@@ -193,7 +202,7 @@ def proximal_targets(
         if phase is DENPhase.EXPANSION and name.endswith("new_unit_weight"):
             new_rows, new_biases = weight, params[name.replace("weight", "bias")].detach()
         if entries is True:
-            targets[params[name]] = ProximalTarget(weight, blocks=(weight,), new_rows=new_rows, new_biases=new_biases)
+            targets[params[name]] = ProximalTarget(weight, new_rows=new_rows, new_biases=new_biases)
         else:
             mask, scratch = entries.to(device=weight.device, dtype=weight.dtype), torch.empty_like(weight)
             targets[params[name]] = ProximalTarget(weight, mask=mask, scratch=scratch)

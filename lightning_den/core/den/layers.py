@@ -45,9 +45,9 @@ class ExpandableLinear(nn.Module):
         ``birth``: ``[out_features]`` (int64 buffer, non-decreasing).
 
     While only the entries outside a leading block train (DEN's expansion: the old units' weights from old
-    inputs stay), :meth:`train_outside_` registers those entries as Parameters of their own, views of
-    ``weight`` and ``bias`` (which stop requiring gradients), so that an optimizer holds and steps only
-    them; the forward assembles the same weight, so it computes bit for bit what it computed.
+    inputs stay), :meth:`train_outside_` gives those entries Parameters of their own (``weight`` and
+    ``bias`` stop requiring gradients), so that an optimizer steps only them; the forward assembles the
+    same weight, so it computes bit for bit what it computed.
 
     Example:
         >>> layer = ExpandableLinear(4, 3)
@@ -85,7 +85,7 @@ class ExpandableLinear(nn.Module):
         (zeros, then a copy), which a dense ``nn.Linear`` never pays.
         """
         weight, bias = self.weight, self.bias
-        if self._frozen_block is not None:
+        if self._frozen_block is not None and not self._inside_frozen_block(x.shape[-1], out_width):
             weight, bias = self._assembled()
         rows, columns = weight.shape
         if out_width is not None and out_width != rows:
@@ -93,6 +93,11 @@ class ExpandableLinear(nn.Module):
         if x.shape[-1] != columns:
             weight = weight[:, : x.shape[-1]]
         return F.linear(x, weight, bias)
+
+    def _inside_frozen_block(self, in_width: int, out_width: int | None) -> bool:
+        """Whether a prefix of these widths reads only frozen entries (an earlier task while new units train)."""
+        rows, columns = self._frozen_block
+        return out_width is not None and out_width <= rows and in_width <= columns
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -106,11 +111,12 @@ class ExpandableLinear(nn.Module):
 
     @torch.no_grad()
     def train_outside_(self, rows: int, columns: int) -> None:
-        """Train only the entries outside ``weight[:rows, :columns]`` and ``bias[:rows]``, through Parameters
-        that are views of them: ``new_unit_weight`` (rows ``rows:``), ``new_unit_bias`` and
-        ``old_unit_new_inputs`` (``weight[:rows, columns:]``), each registered only when it is not empty.
-        ``weight`` and ``bias`` stop requiring gradients; :meth:`join_` undoes it (so does any shape change).
-        Rebuild the optimizers afterwards.
+        """Train only the entries outside ``weight[:rows, :columns]`` and ``bias[:rows]``, through Parameters of
+        their own (contiguous copies, so that any optimizer kernel, fused ones included, steps exactly them):
+        ``new_unit_weight`` (rows ``rows:``), ``new_unit_bias`` and ``old_unit_new_inputs``
+        (``weight[:rows, columns:]``), each registered only when it is not empty. ``weight`` and ``bias`` stop
+        requiring gradients and are brought up to date by :meth:`sync_` (after every optimizer step);
+        :meth:`join_` undoes it all (so does any shape change). Rebuild the optimizers afterwards.
 
         Example:
             >>> layer = ExpandableLinear(3, 4)
@@ -120,30 +126,42 @@ class ExpandableLinear(nn.Module):
             >>> sorted(layer.state_dict())  # checkpoints keep the plain layout
             ['bias', 'birth', 'weight']
         """
-        self.join_()
         if not (0 <= rows <= self.out_features and 0 <= columns <= self.in_features):
             raise ValueError(
                 f"the frozen block must fit the layer [{self.out_features}, {self.in_features}], "
                 f"got [{rows}, {columns}]"
             )
+        self.join_()
         self._frozen_block = (rows, columns)
         self.weight.requires_grad_(False)
         self.bias.requires_grad_(False)
-        for name, view in self._trained_views().items():
-            if view.numel():
-                self.register_parameter(name, nn.Parameter(view))
+        for name, entries in self._trained_entries().items():
+            if entries.numel():
+                self.register_parameter(name, nn.Parameter(entries.clone()))
 
-    def join_(self) -> None:
-        """Back to one ``weight`` and ``bias`` Parameter, trainable (no-op if :meth:`train_outside_` does not hold)."""
+    @torch.no_grad()
+    def sync_(self) -> None:
+        """Write the trained Parameters of :meth:`train_outside_` into ``weight`` and ``bias`` (no-op otherwise)."""
         if self._frozen_block is None:
             return
-        for name in TRAINED_VIEWS:
+        for name, entries in self._trained_entries().items():
+            if name in self._parameters:
+                entries.copy_(self._parameters[name])
+
+    def join_(self) -> None:
+        """Back to one ``weight`` and ``bias`` Parameter, up to date and trainable (no-op if :meth:`train_outside_`
+        does not hold)."""
+        if self._frozen_block is None:
+            return
+        self.sync_()
+        for name in TRAINED_ENTRIES:
             self._parameters.pop(name, None)
         self._frozen_block = None
         self.weight.requires_grad_(True)
         self.bias.requires_grad_(True)
 
-    def _trained_views(self) -> dict[str, Tensor]:
+    def _trained_entries(self) -> dict[str, Tensor]:
+        """Views of ``weight`` and ``bias`` where the Parameters of :meth:`train_outside_` belong."""
         rows, columns = self._frozen_block
         weight, bias = self.weight.detach(), self.bias.detach()
         return {
@@ -154,7 +172,7 @@ class ExpandableLinear(nn.Module):
 
     def _assembled(self) -> tuple[Tensor, Tensor]:
         """``weight`` and ``bias`` built from the frozen block and the trained Parameters (so gradients reach
-        those); the same values as ``weight`` and ``bias``, which share their memory."""
+        those): bit for bit the values :meth:`sync_` writes."""
         rows, columns = self._frozen_block
         trained = self._parameters
         top = self.weight[:rows]
@@ -166,22 +184,14 @@ class ExpandableLinear(nn.Module):
         return weight, torch.cat([self.bias[:rows], trained["new_unit_bias"]])
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        self.sync_()
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in TRAINED_VIEWS:  # views of weight and bias, which are saved whole
+        for name in TRAINED_ENTRIES:  # their values are in weight and bias, which are saved whole
             destination.pop(prefix + name, None)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         self.join_()
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> ExpandableLinear:
-        """Move or cast the layer; the trained Parameters stay views of ``weight`` and ``bias``."""
-        super()._apply(fn, recurse)
-        if self._frozen_block is not None:
-            for name, view in self._trained_views().items():
-                if name in self._parameters:
-                    self._parameters[name].data = view
-        return self
 
     # --- shape changes (each replaces the Parameters; optimizers must be rebuilt afterwards) ---
 
@@ -246,7 +256,7 @@ class ExpandableLinear(nn.Module):
 
 
 #: the Parameters :meth:`ExpandableLinear.train_outside_` registers
-TRAINED_VIEWS = ("new_unit_weight", "new_unit_bias", "old_unit_new_inputs")
+TRAINED_ENTRIES = ("new_unit_weight", "new_unit_bias", "old_unit_new_inputs")
 
 
 class ExpandableMLP(PerTaskHeads, nn.Module):
@@ -305,8 +315,8 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
 
     def num_parameters(self, task: int | None = None) -> int:
         """Parameters used by ``task``'s prefix network and head, or by the whole network if ``None``."""
-        if task is None:
-            return sum(p.numel() for p in self.parameters())
+        if task is None:  # weights and biases (a separated layer's own Parameters are copies of parts of them)
+            return sum(layer.weight.numel() + layer.bias.numel() for layer in [*self.hidden, *self.heads.values()])
         return mlp_parameters(self.in_features, self.widths(task), self.heads[str(task)].out_features)
 
     def num_parameters_through(self, task: int) -> int:

@@ -60,6 +60,7 @@ class DENMethod(TaskMethod):
     phases = DENPhase
     block_type = ExpandableMLP
     name = "DEN"
+    arranged_phases = frozenset({DENPhase.EXPANSION.value})
 
     def __init__(
         self,
@@ -213,12 +214,15 @@ class DENMethod(TaskMethod):
             )
 
     def after_step(self, block: ExpandableMLP, optimizer: torch.optim.Optimizer) -> None:
-        """L1, then group lasso, on the trained entries; thresholds scaled by each param group's lr."""
+        """L1, then group lasso, on the trained entries (thresholds scaled by each param group's lr); then the
+        layers' weights take the values of their separated Parameters (expansion)."""
         for group, targets in self._targets_by_group(block, optimizer):
             # read at every step (schedulers change it); a tensor lr (capturable Adam) would be read back here
             lr = float(group["lr"])
             for target in targets:
                 target.step_(lr * self.sparsity_l1, lr * self.group_sparsity)
+        for layer in block.hidden:  # the network's own weights follow what the step changed
+            layer.sync_()
 
     def _targets_by_group(
         self, block: ExpandableMLP, optimizer: torch.optim.Optimizer
