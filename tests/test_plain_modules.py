@@ -221,3 +221,11 @@ def test_every_block_gets_its_own_random_draws(tmp_path):
     den = DENCallback(block=["net", "other"], **short_phases(first_task_epochs=1, loss_threshold=0.0))
     trainer(tmp_path, [den, watch]).fit(model, datamodule=tiny_stream(2))
     assert watch.drawn[0].numel() and not torch.equal(watch.drawn[0], watch.drawn[1])
+
+
+def test_blocks_that_learnt_different_tasks_are_refused_together(tmp_path):
+    model = TwoChains()
+    trainer(tmp_path, [DENCallback(block="encoder", **short_phases())]).fit(model, datamodule=tiny_stream(2))
+    fit = trainer(tmp_path, [DENCallback(block=BOTH, **short_phases())])
+    with pytest.raises(MisconfigurationException, match=r"learnt different numbers of tasks \(\{'encoder': 2, 'cl"):
+        fit.fit(model, datamodule=tiny_stream(3))
