@@ -21,7 +21,7 @@ A regulariser never changes an entry the phase does not train: the L1 and group-
 In ``expansion`` the frozen entries of each hidden layer are a leading block (old units, old inputs), so
 :func:`separate_trained_entries_` gives the trained ones Parameters of their own
 (:meth:`~lightning_den.core.den.layers.ExpandableLinear.train_outside_`) and
-:func:`parameter_entries` says what each Parameter trains: the optimizer then holds no frozen entry, and
+:func:`parameter_entries` says what each Parameter trains: the optimizer then steps no frozen entry, and
 needs no mask.
 """
 
