@@ -219,8 +219,9 @@ class TaskMethod(ABC):
 
     def arrange(self, block: nn.Module, progress: PhaseProgress | None) -> None:
         """Give the block's parameters the layout ``progress``'s phase trains best, before :meth:`trainable` is
-        asked (DEN's expansion: the new units' entries as Parameters of their own, so that the optimizer never
-        holds frozen entries); ``None``: the plain layout, at the end of a fit. The function must not change."""
+        asked (DEN's expansion: the new units' entries as Parameters of their own, so that the optimizer steps
+        no frozen entry); ``None``: the plain layout, at the end of a fit or after an exception. The function
+        the block computes must not change."""
         return None
 
     @abstractmethod
