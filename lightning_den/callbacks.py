@@ -133,5 +133,7 @@ class DENCallback(TaskSequenceCallback):
                 {f"sparsity/{block}zero_fraction/layer_{i}": z for i, z in enumerate(changes["zero_fraction"])}
             )
             metrics[f"sparsity/{block}zero_fraction/head"] = changes["head_zero_fraction"]
-        for logger in trainer.loggers if metrics else []:
+        if not metrics:
+            return
+        for logger in trainer.loggers:
             logger.log_metrics(metrics, step=boundary.task)

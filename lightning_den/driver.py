@@ -305,8 +305,7 @@ class TaskSequenceCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Name where an interrupted sequence stopped and how to go on; give the blocks their plain layout
         (Lightning skips ``teardown`` after an exception)."""
-        for _, block, method in self._each():
-            method.arrange(block, None)
+        self._plain_layout()
         if isinstance(exception, KeyboardInterrupt) and not self._finished:
             self._warn_incomplete(trainer, "it was interrupted")
 
@@ -327,9 +326,9 @@ class TaskSequenceCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the step hooks and the model's load check; the methods drop what refers to the finished fit's
         optimizer and give the blocks their plain layout."""
-        for _, block, method in self._each():
+        for _, _, method in self._each():
             method.release()
-            method.arrange(block, None)
+        self._plain_layout()
         for handle in [*self._step_hooks, *([self._load_check] if self._load_check is not None else [])]:
             handle.remove()
         self._step_hooks, self._load_check = [], None
@@ -426,6 +425,10 @@ class TaskSequenceCallback(Callback):
         self.progress = target
         self._enter_phase(pl_module)
         return self._boundary(previous, target, plans)
+
+    def _plain_layout(self) -> None:
+        for _, block, method in self._each():
+            method.arrange(block, None)
 
     def _enter_phase(self, pl_module: pl.LightningModule) -> None:
         for _, block, method in self._each():

@@ -172,10 +172,11 @@ class DENMethod(TaskMethod):
     def arrange(self, block: ExpandableMLP, progress: PhaseProgress | None) -> None:
         """In expansion, the trained entries of each hidden layer become Parameters of their own
         (:func:`~lightning_den.core.den.entries.separate_trained_entries_`); other phases use the plain layout."""
+        if progress is not None and str(progress.phase) in self.arranged_phases:
+            separate_trained_entries_(block, trainable_entries(block, DENPhase(progress.phase)))
+            return
         for layer in block.hidden:
             layer.join_()
-        if progress is not None and DENPhase(progress.phase) is DENPhase.EXPANSION:
-            separate_trained_entries_(block, trainable_entries(block, DENPhase.EXPANSION))
 
     def trainable(self, block: ExpandableMLP, progress: PhaseProgress) -> dict[nn.Parameter, Trainable]:
         """The phase's entries of the block (:func:`~lightning_den.core.den.entries.trainable_entries`), per
