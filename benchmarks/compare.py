@@ -158,15 +158,24 @@ def tune_ewc(
 ) -> tuple[float, dict[str, float]]:
     """The ``lambda`` of EWC with the best final average score (AUROC when every task is binary) on
     ``held_out``, and every candidate's score."""
-    scores = {}
-    for strength in lambdas:
-        try:
-            result = run_method(*build(strength), held_out, folder / f"ewc_lambda_{strength!r}", seed)
-            scores[repr(strength)] = average_score(result["auroc"] or result["accuracy"])
-        except FloatingPointError:  # the loss diverged with this strength
-            scores[repr(strength)] = -math.inf
+    scores = {
+        repr(strength): held_out_score(build(strength), held_out, folder / f"ewc_lambda_{strength!r}", seed)[0]
+        for strength in lambdas
+    }
     best = max(scores, key=scores.__getitem__)
     return float(best), scores
+
+
+def held_out_score(
+    build: tuple[Callable, Callable], held_out: TaskSequenceDataModule, folder: Path, seed: int
+) -> tuple[float, int]:
+    """A method's final average score on ``held_out`` (AUROC when every task is binary, ``-inf`` when its
+    loss diverged) and its parameters after the last task."""
+    try:
+        result = run_method(*build, held_out, folder, seed)
+    except FloatingPointError:
+        return -math.inf, 0
+    return average_score(result["auroc"] or result["accuracy"]), result["parameters_after_task"][-1]
 
 
 def largest_drop(rows: list[list[float | None]]) -> float:

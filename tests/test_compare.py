@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,26 @@ def test_compare_runs_every_method_on_a_users_own_model_class(tmp_path):
     assert len(rows) == 8 and "widths [12]" in (out / "comparison.md").read_text()
     first, last = rows["one network per task"]["parameters_after_task"][::2]  # STL: one independent copy per task
     assert last == 3 * first and rows["Progressive Networks"]["parameters_after_task"][-1] > last
+
+
+def test_tune_scores_each_value_of_a_den_setting_on_the_validation_split_over_seeds(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    out = tmp_path / "tuning"
+    arguments = ["--setting", "units_per_expansion", "--values", "2", "6", "--seeds", "0", "1", "--out", str(out)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "tune.py"), str(config), *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = json.loads((out / "den_units_per_expansion.json").read_text())
+    assert list(saved["scores"]) == ["2", "6"] and saved["seeds"] == [0, 1]
+    for value, per_seed in saved["scores"].items():
+        assert len(per_seed) == 2 and all(0.0 <= score <= 1.0 for score in per_seed)
+        for seed, score in zip((0, 1), per_seed, strict=True):  # each score is the run's own final average
+            run = out / f"den_units_per_expansion_{value}" / f"seed_{seed}"
+            metrics = json.loads((run / "continual_metrics.json").read_text())
+            assert metrics["summary"]["average_auroc"] == pytest.approx(score)
+    small, large = (statistics.fmean(saved["parameters"][v]) for v in ("2", "6"))
+    assert large > small  # more units per expansion grew more parameters: the setting reached DEN
+    table = (out / "den_units_per_expansion.md").read_text().splitlines()
+    row = next(line for line in table if line.startswith("| 6 |"))
+    assert f"{statistics.fmean(saved['scores']['6']):.4f}" in row

@@ -1,0 +1,85 @@
+"""Choose one of DEN's settings on a validation split, over several seeds, as the shipped configurations were.
+
+Each task's training data are cut into training and validation data (``compare.validation_stream``; the test
+data are never seen); DEN runs with each candidate value under each seed, and the final average score
+(AUROC when every task is binary, accuracy otherwise) and the parameters are written to
+``<out>/den_<setting>.json`` and ``.md``:
+
+    .venv/bin/python benchmarks/tune.py examples/mnist_variation.yaml --root ../shared/data/mnist \\
+        --setting drift_penalty --values 3 12 30 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from compare import den_variant, held_out_score, ready_models, validation_stream
+
+from lightning_den import DENCallback, ReadyModel
+from lightning_den.cli import DENCLI
+
+
+def markdown(setting: str, seeds: list[int], scores: dict[str, list[float]], parameters: dict[str, list[int]]) -> str:
+    """One row per candidate value: the score per seed, their mean and the mean parameters."""
+    lines = [
+        f"DEN's `{setting}` on a validation split of each task's training data, seeds {seeds}",
+        "",
+        f"| {setting} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | parameters (mean) |",
+        "|---" * (len(seeds) + 3) + "|",
+    ]
+    for value, per_seed in scores.items():
+        cells = " | ".join(f"{score:.4f}" for score in per_seed)
+        lines.append(
+            f"| {value} | {cells} | {statistics.fmean(per_seed):.4f} | {round(statistics.fmean(parameters[value])):,} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="a lightning-den fit configuration of DENMLP with a DENCallback")
+    parser.add_argument("--setting", required=True, help="a DENCallback argument, e.g. drift_penalty")
+    parser.add_argument("--values", nargs="+", type=float, required=True, help="the candidate values")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--root", default=None, help="MNIST folder, overriding the config's data.init_args.root")
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<config>/tuning)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    overrides = ["--data.init_args.root", args.root] if args.root else []
+    cli = DENCLI(args=["--config", args.config, *overrides], run=False, save_config_callback=None)
+    den = next((cb for cb in cli.trainer.callbacks if isinstance(cb, DENCallback)), None)
+    if den is None or not isinstance(cli.model, ReadyModel):
+        parser.error(f"{args.config} needs a ready model (DENMLP) and a DENCallback")
+    if not hasattr(den.method, args.setting):
+        parser.error(f"DENCallback has no setting {args.setting!r}")
+    out = Path(args.out or f"benchmarks/results/{Path(args.config).stem}/tuning")
+    hparams = {k: cli.model.hparams[k] for k in ("in_features", "hidden_sizes", "num_classes")}
+    build_model = ready_models(hparams, cli.model.optimizer_factory)["den"]
+    held_out = validation_stream(cli.datamodule, args.seeds[0])
+    scores: dict[str, list[float]] = {}
+    parameters: dict[str, list[int]] = {}
+    integer = isinstance(getattr(den.method, args.setting), int)  # e.g. units_per_expansion
+    for value in args.values:
+        changes: dict[str, Any] = {args.setting: int(value) if integer else value}
+        for seed in args.seeds:
+            folder = out / f"den_{args.setting}_{value:g}" / f"seed_{seed}"
+            build = (build_model, functools.partial(den_variant, den, seed, **changes))
+            score, size = held_out_score(build, held_out, folder, seed)
+            scores.setdefault(f"{value:g}", []).append(score)
+            parameters.setdefault(f"{value:g}", []).append(size)
+            print(f"{args.setting}={value:g} seed {seed}: {score:.4f} at {size:,} parameters", flush=True)
+    table = markdown(args.setting, args.seeds, scores, parameters)
+    (out / f"den_{args.setting}.md").write_text(table + "\n")
+    record = {"config": args.config, "setting": args.setting, "seeds": args.seeds, "scores": scores}
+    (out / f"den_{args.setting}.json").write_text(json.dumps({**record, "parameters": parameters}, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
