@@ -69,11 +69,12 @@ METHODS = {
 
 
 def den_variant(den: DENCallback, seed: int, **changes: Any) -> DENCallback:
-    """A fresh copy of the configuration's DEN callback with ``seed`` and ``changes`` (the paper's ablations)."""
+    """A fresh copy of the configuration's DEN callback with ``seed`` and ``changes`` (the paper's ablations),
+    each set on DEN's method or, for the callback's own settings (``convergence_tol``), on the callback."""
     variant = copy.deepcopy(den)
     variant.method.seed = seed
     for name, value in changes.items():
-        setattr(variant.method, name, value)
+        setattr(variant.method if hasattr(variant.method, name) else variant, name, value)
     return variant
 
 
@@ -168,14 +169,15 @@ def tune_ewc(
 
 def held_out_score(
     build: tuple[Callable, Callable], held_out: TaskSequenceDataModule, folder: Path, seed: int
-) -> tuple[float, int]:
+) -> tuple[float, dict[str, Any]]:
     """A method's final average score on ``held_out`` (AUROC when every task is binary, ``-inf`` when its
-    loss diverged) and its parameters after the last task."""
+    loss diverged), and its run's parameters after the last task, epochs and seconds (empty if it diverged)."""
     try:
         result = run_method(*build, held_out, folder, seed)
     except FloatingPointError:
-        return -math.inf, 0
-    return average_score(result["auroc"] or result["accuracy"]), result["parameters_after_task"][-1]
+        return -math.inf, {}
+    cost = {"parameters": result["parameters_after_task"][-1], "epochs": result["epochs"], "seconds": result["seconds"]}
+    return average_score(result["auroc"] or result["accuracy"]), cost
 
 
 def largest_drop(rows: list[list[float | None]]) -> float:

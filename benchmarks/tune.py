@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -25,19 +26,23 @@ from lightning_den import DENCallback, ReadyModel
 from lightning_den.cli import DENCLI
 
 
-def markdown(setting: str, seeds: list[int], scores: dict[str, list[float]], parameters: dict[str, list[int]]) -> str:
-    """One row per candidate value: the score per seed, their mean and the mean parameters."""
+def markdown(setting: str, seeds: list[int], scores: dict[str, list[float]], costs: dict[str, list[dict]]) -> str:
+    """One row per candidate value: the score per seed, their mean, and the mean parameters, epochs and seconds."""
     lines = [
         f"DEN's `{setting}` on a validation split of each task's training data, seeds {seeds}",
         "",
-        f"| {setting} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | parameters (mean) |",
-        "|---" * (len(seeds) + 3) + "|",
+        f"| {setting} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | parameters | epochs | seconds |",
+        "|---" * (len(seeds) + 5) + "|",
     ]
     for value, per_seed in scores.items():
         cells = " | ".join(f"{score:.4f}" for score in per_seed)
-        lines.append(
-            f"| {value} | {cells} | {statistics.fmean(per_seed):.4f} | {round(statistics.fmean(parameters[value])):,} |"
+        runs = [cost for cost in costs[value] if cost]  # a diverged run has no cost
+        parameters, epochs, seconds = (
+            statistics.fmean(run[key] for run in runs) if runs else math.nan
+            for key in ("parameters", "epochs", "seconds")
         )
+        mean = statistics.fmean(per_seed)
+        lines.append(f"| {value} | {cells} | {mean:.4f} | {parameters:,.0f} | {epochs:.0f} | {seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -56,28 +61,29 @@ def main(argv: list[str] | None = None) -> None:
     den = next((cb for cb in cli.trainer.callbacks if isinstance(cb, DENCallback)), None)
     if den is None or not isinstance(cli.model, ReadyModel):
         parser.error(f"{args.config} needs a ready model (DENMLP) and a DENCallback")
-    if not hasattr(den.method, args.setting):
-        parser.error(f"DENCallback has no setting {args.setting!r}")
+    current = getattr(den.method, args.setting, getattr(den, args.setting, None))
+    if current is None or isinstance(current, bool):
+        parser.error(f"DENCallback has no numeric setting {args.setting!r}")
     out = Path(args.out or f"benchmarks/results/{Path(args.config).stem}/tuning")
     hparams = {k: cli.model.hparams[k] for k in ("in_features", "hidden_sizes", "num_classes")}
     build_model = ready_models(hparams, cli.model.optimizer_factory)["den"]
     held_out = validation_stream(cli.datamodule, args.seeds[0])
     scores: dict[str, list[float]] = {}
-    parameters: dict[str, list[int]] = {}
-    integer = isinstance(getattr(den.method, args.setting), int)  # e.g. units_per_expansion
+    costs: dict[str, list[dict[str, Any]]] = {}
+    integer = isinstance(current, int)  # e.g. units_per_expansion
     for value in args.values:
         changes: dict[str, Any] = {args.setting: int(value) if integer else value}
         for seed in args.seeds:
             folder = out / f"den_{args.setting}_{value:g}" / f"seed_{seed}"
             build = (build_model, functools.partial(den_variant, den, seed, **changes))
-            score, size = held_out_score(build, held_out, folder, seed)
+            score, cost = held_out_score(build, held_out, folder, seed)
             scores.setdefault(f"{value:g}", []).append(score)
-            parameters.setdefault(f"{value:g}", []).append(size)
-            print(f"{args.setting}={value:g} seed {seed}: {score:.4f} at {size:,} parameters", flush=True)
-    table = markdown(args.setting, args.seeds, scores, parameters)
+            costs.setdefault(f"{value:g}", []).append(cost)
+            print(f"{args.setting}={value:g} seed {seed}: {score:.4f}, {cost}", flush=True)
+    table = markdown(args.setting, args.seeds, scores, costs)
     (out / f"den_{args.setting}.md").write_text(table + "\n")
     record = {"config": args.config, "setting": args.setting, "seeds": args.seeds, "scores": scores}
-    (out / f"den_{args.setting}.json").write_text(json.dumps({**record, "parameters": parameters}, indent=2))
+    (out / f"den_{args.setting}.json").write_text(json.dumps({**record, "costs": costs}, indent=2))
     print(table)
 
 

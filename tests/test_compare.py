@@ -176,7 +176,7 @@ def test_tune_scores_each_value_of_a_den_setting_on_the_validation_split_over_se
             run = out / f"den_units_per_expansion_{value}" / f"seed_{seed}"
             metrics = json.loads((run / "continual_metrics.json").read_text())
             assert metrics["summary"]["average_auroc"] == pytest.approx(score)
-    small, large = (statistics.fmean(saved["parameters"][v]) for v in ("2", "6"))
+    small, large = (statistics.fmean(run["parameters"] for run in saved["costs"][v]) for v in ("2", "6"))
     assert large > small  # more units per expansion grew more parameters: the setting reached DEN
     table = (out / "den_units_per_expansion.md").read_text().splitlines()
     row = next(line for line in table if line.startswith("| 6 |"))
