@@ -38,6 +38,25 @@ def test_loaders_follow_the_current_task():
     assert fresh.current_task == 2
 
 
+def test_loaders_serve_the_batches_of_a_plain_tensor_dataset_bit_for_bit():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dm = SplitDigits(num_tasks=2, batch_size=24)
+    dm.set_task(1)
+    for loader, (inputs, labels) in (
+        (dm.train_dataloader(), dm.train_tasks[1]),
+        (dm.test_dataloader()[0], dm.test_tasks[0]),
+    ):
+        plain = DataLoader(TensorDataset(inputs, labels), batch_size=24, sampler=loader.sampler)
+        served, expected = list(loader), list(plain)  # the same order: the loader's own sampler
+        assert len(served) == len(expected) > 1
+        for (x, y), (x_plain, y_plain) in zip(served, expected, strict=True):
+            assert x.dtype == x_plain.dtype and y.dtype == y_plain.dtype
+            assert torch.equal(x, x_plain) and torch.equal(y, y_plain)
+    shuffled = [y for _, y in dm.train_dataloader()]
+    assert not torch.equal(torch.cat(shuffled), dm.train_tasks[1][1])  # the training order really is shuffled
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -76,6 +76,31 @@ def _check_split(name: str, split: Sequence[TaskTensors], shape: torch.Size | No
             )
 
 
+class BatchedTensorDataset(TensorDataset):
+    """A :class:`~torch.utils.data.TensorDataset` that gathers a whole batch with one indexing per tensor.
+
+    A ``DataLoader`` asks a dataset with ``__getitems__`` for all of a batch's indices at once; a plain
+    ``TensorDataset`` indexes and copies one example at a time and then stacks them. The batch is the same,
+    bit for bit; use :func:`gathered_batch` as the loader's ``collate_fn``.
+
+    Example:
+        >>> data = BatchedTensorDataset(torch.arange(10.0).view(5, 2), torch.arange(5))
+        >>> loader = DataLoader(data, batch_size=2, collate_fn=gathered_batch)
+        >>> next(iter(loader))
+        [tensor([[0., 1.],
+                [2., 3.]]), tensor([0, 1])]
+    """
+
+    def __getitems__(self, indices: list[int]) -> list[Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return [tensor[index] for tensor in self.tensors]
+
+
+def gathered_batch(batch: list[Tensor]) -> list[Tensor]:
+    """The ``collate_fn`` of a :class:`BatchedTensorDataset`'s loader: its batch is already stacked."""
+    return batch
+
+
 class SeededPermutation(Sampler[int]):
     """The same random order of ``size`` indices every time it is iterated (it keeps no generator state)."""
 
@@ -180,13 +205,13 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.current_task = task
 
     def _loader(self, pair: TaskTensors, shuffle: bool) -> DataLoader:
-        dataset = TensorDataset(*pair)
+        dataset = BatchedTensorDataset(*pair)
         if not shuffle:
-            return DataLoader(dataset, batch_size=self.batch_size)
+            return DataLoader(dataset, batch_size=self.batch_size, collate_fn=gathered_batch)
         # a new order every epoch, the same one when a run is repeated or resumed from a checkpoint
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         order = SeededPermutation(len(dataset), self.seed + 100_003 * self.current_task + epoch)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=order)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=order, collate_fn=gathered_batch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_tasks[self.current_task], shuffle=True)
