@@ -13,6 +13,8 @@ phases, surgery, trainable entries, regularisers), with the Lightning driver
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning.pytorch as pl
 
 from lightning_den.boundary import TaskBoundary
@@ -35,7 +37,8 @@ class DENCallback(TaskSequenceCallback):
             after the split (Eq. 4, 6).
         loss_threshold: :math:`\tau`; the network expands when the mean training loss of the last
             selective-retraining epoch is above it.
-        units_per_expansion: :math:`k`, units added to every hidden layer by an expansion.
+        units_per_expansion: :math:`k`, units added to every hidden layer by an expansion, or one count per
+            hidden layer (``[40, 0]`` grows only the first).
         split_threshold: :math:`\sigma`; old units whose incoming weights moved farther (L2) are split.
         max_splits_per_layer: most units split per layer and task (most drifted first); ``None``: all.
         selection_budget: most units of each hidden layer that selective retraining may select, as a
@@ -81,7 +84,7 @@ class DENCallback(TaskSequenceCallback):
         group_sparsity: float = 1.0,
         drift_penalty: float = 0.25,
         loss_threshold: float = 0.01,
-        units_per_expansion: int = 10,
+        units_per_expansion: int | Sequence[int] = 10,
         split_threshold: float = 0.05,
         max_splits_per_layer: int | None = None,
         selection_budget: float | None = None,

@@ -130,6 +130,25 @@ def test_group_lasso_reaches_exactly_the_new_units(tmp_path):
     assert split.widths == tuple(HIDDEN)
 
 
+def test_units_per_expansion_per_layer_grows_each_layer_by_its_own_count(tmp_path):
+    recorder = RecordBoundaries()
+    counts = [4] + [0] * (len(HIDDEN) - 1)  # only the first hidden layer grows
+    den = DENCallback(**short_phases(loss_threshold=0.0, group_sparsity=0.0, units_per_expansion=counts))
+    make_trainer(tmp_path, [den, recorder]).fit(tiny_model(), datamodule=tiny_stream(num_tasks=2))
+    before, expansion = (next(b for b in recorder.boundaries if b.phase == p) for p in ("selective", "expansion"))
+    assert expansion.changes["added"] == counts
+    assert expansion.widths == tuple(w + c for w, c in zip(before.widths, counts, strict=True))
+
+
+def test_units_per_expansion_of_another_depth_than_the_block_is_refused_before_training(tmp_path):
+    den = DENCallback(**short_phases(units_per_expansion=[3] * (len(HIDDEN) + 1)))
+    model = tiny_model()
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(MisconfigurationException, match=rf"gives {len(HIDDEN) + 1} counts .* has {len(HIDDEN)} hidden"):
+        make_trainer(tmp_path, [den]).fit(model, datamodule=tiny_stream(num_tasks=2))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(weights, model.parameters(), strict=True))
+
+
 def test_whole_sequence_in_one_fit_with_timestamped_inference(tmp_path):
     recorder = RecordBoundaries()
     datamodule = tiny_stream(num_tasks=3)
@@ -209,6 +228,9 @@ def test_parameters_outside_the_block_learn_only_in_the_first_task(tmp_path):
         ({"sparsity_l1": -1.0}, "sparsity_l1"),
         ({"drift_penalty": float("nan")}, "drift_penalty"),
         ({"units_per_expansion": 0}, "units_per_expansion"),
+        ({"units_per_expansion": [0, 0]}, "one integer >= 0 per layer .at least one positive."),
+        ({"units_per_expansion": [3, -1]}, "units_per_expansion"),
+        ({"units_per_expansion": [2.5]}, "units_per_expansion"),
         ({"selective_epochs": 0}, "selective_epochs"),
         ({"max_splits_per_layer": -2}, "max_splits_per_layer"),
         ({"selection_budget": 0.0}, r"`selection_budget` must be a fraction in \(0, 1\], got 0.0 \(or None: select"),

@@ -52,6 +52,24 @@ def check_count(name: str, value: Any, *, minimum: int = 1) -> int:
     return value
 
 
+def check_counts(name: str, value: Any) -> int | tuple[int, ...]:
+    """``value`` if it is a positive integer, or as a tuple if it is a sequence of integers ``>= 0`` of which
+    at least one is positive (one per layer).
+
+    Example:
+        >>> check_counts("units_per_expansion", [40, 0])
+        (40, 0)
+    """
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        return check_count(name, value)
+    counts = list(value)
+    if not counts or any(not _is_int(count) or count < 0 for count in counts) or not any(counts):
+        raise ValueError(
+            f"`{name}` must be a positive integer or one integer >= 0 per layer (at least one positive), got {value!r}"
+        )
+    return tuple(counts)
+
+
 def check_flag(name: str, value: Any) -> bool:
     """``value`` if it is ``True`` or ``False``."""
     if not isinstance(value, bool):

@@ -10,12 +10,13 @@ unit test can step through it by hand.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_den.core.checks import check_count, check_flag, check_fraction, check_number, optional
+from lightning_den.core.checks import check_count, check_counts, check_flag, check_fraction, check_number, optional
 from lightning_den.core.den.entries import (
     DriftTarget,
     ProximalTarget,
@@ -68,7 +69,7 @@ class DENMethod(TaskMethod):
         group_sparsity: float = 1.0,
         drift_penalty: float = 0.25,
         loss_threshold: float = 0.01,
-        units_per_expansion: int = 10,
+        units_per_expansion: int | Sequence[int] = 10,
         split_threshold: float = 0.05,
         max_splits_per_layer: int | None = None,
         selection_budget: float | None = None,
@@ -87,7 +88,7 @@ class DENMethod(TaskMethod):
         self.drift_penalty = check_number("drift_penalty", drift_penalty)
         self.loss_threshold = check_number("loss_threshold", loss_threshold)
         self.split_threshold = check_number("split_threshold", split_threshold)
-        self.units_per_expansion = check_count("units_per_expansion", units_per_expansion)
+        self.units_per_expansion = check_counts("units_per_expansion", units_per_expansion)
         self.max_splits_per_layer = optional(
             check_count, "max_splits_per_layer", max_splits_per_layer, "no cap", minimum=0
         )
@@ -133,7 +134,7 @@ class DENMethod(TaskMethod):
             selection = select_subnetwork(block, target.task, self.selection_budget)
             return {"selection": selection, **selection_report(block, target.task, selection)}
         if phase is DENPhase.EXPANSION:
-            return {"added": [self.units_per_expansion] * len(block.hidden)}
+            return {"added": self._units_added(block)}
         plan = self.end_plan(block, progress)  # leaving expansion, for the split or the next task: prune its dead
         if phase is DENPhase.SPLIT:
             plan["split"] = [
@@ -141,6 +142,21 @@ class DENMethod(TaskMethod):
                 for i in range(len(block.hidden))
             ]
         return plan
+
+    def _units_added(self, block: ExpandableMLP) -> list[int]:
+        """Units an expansion adds to each hidden layer."""
+        if isinstance(self.units_per_expansion, int):
+            return [self.units_per_expansion] * len(block.hidden)
+        return list(self.units_per_expansion)
+
+    def check_stream(self, block: ExpandableMLP, first_task: int, num_tasks: int) -> None:
+        """A per-layer ``units_per_expansion`` needs one count per hidden layer of the block."""
+        counts = self.units_per_expansion
+        if not isinstance(counts, int) and len(counts) != len(block.hidden):
+            raise ValueError(
+                f"`units_per_expansion` gives {len(counts)} counts ({list(counts)}) but the block has "
+                f"{len(block.hidden)} hidden layers: give one count per hidden layer, or one number for all"
+            )
 
     def end_plan(self, block: ExpandableMLP, progress: PhaseProgress) -> dict[str, Any]:
         """The new units expansion left dead, when the phase ending is an expansion (no split follows)."""
