@@ -67,8 +67,8 @@ def test_timestamped_inference_ignores_later_units_even_with_nonzero_weights():
         mlp.add_task_()
         for layer in mlp.hidden:
             layer.append_units_(torch.full((1, layer.in_features), 5.0), torch.full((1,), 5.0), birth_task=1)
-        mlp.hidden[1].append_inputs_(torch.full((3, 1), 5.0))
-        mlp.heads["1"].append_inputs_(torch.full((2, 1), 5.0))
+        mlp.hidden[1].append_inputs_(torch.full((3, 1, 1), 5.0))
+        mlp.heads["1"].append_inputs_(torch.full((2, 1, 1), 5.0))
         mlp.structure_changed()
         assert mlp.widths(0) == (3, 2) and mlp.widths(1) == (4, 3)
         assert torch.equal(mlp(x, task=0), task0)

@@ -76,20 +76,20 @@ def trainable_entries(
             if selection is None:
                 raise ValueError("the selective phase needs the BFS selection of the task's subnetwork")
             rows = _index_mask(selection[index + 1], layer.out_features, layer.birth.device)
-            cols = _index_mask(selection[index], layer.in_features, layer.birth.device)
-            result[weight_key] = _normalise(rows[:, None] & cols[None, :])
+            cols = _index_mask(selection[index], layer.in_units, layer.birth.device)
+            result[weight_key] = _normalise(layer.input_entries(rows[:, None] & cols[None, :]))
             result[bias_key] = _normalise(rows)
         else:  # EXPANSION: new units' incoming weights, and the old units' inputs from new units
             rows = layer.birth == task
-            cols = torch.zeros(layer.in_features, dtype=torch.bool, device=layer.birth.device)
+            cols = torch.zeros(layer.in_units, dtype=torch.bool, device=layer.birth.device)
             if index > 0:
                 cols = mlp.hidden[index - 1].birth == task
-            result[weight_key] = _normalise(rows[:, None] | cols[None, :])
+            result[weight_key] = _normalise(layer.input_entries(rows[:, None] | cols[None, :]))
             result[bias_key] = _normalise(rows)
     if phase is DENPhase.SELECTIVE:
         head = mlp.heads[str(task)]
-        columns = _index_mask(selection[-1], head.in_features, head.birth.device)
-        result[f"heads.{task}.weight"] = _normalise(columns[None, :].expand(head.out_features, -1).clone())
+        columns = _index_mask(selection[-1], head.in_units, head.birth.device)
+        result[f"heads.{task}.weight"] = _normalise(head.input_entries(columns[None, :].expand(head.out_features, -1)))
     return result
 
 

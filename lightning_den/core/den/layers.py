@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_den.core.init import draw_linear_
+from lightning_den.core.init import draw_linear_, uniform_init
 from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 
@@ -61,12 +61,19 @@ class ExpandableLinear(nn.Module):
     bias: nn.Parameter
     birth: Tensor
 
-    def __init__(self, in_features: int, out_features: int, birth_task: int = 0) -> None:
+    def __init__(self, in_features: int, out_features: int, birth_task: int = 0, input_group: int = 1) -> None:
         super().__init__()
-        reference = nn.Linear(in_features, out_features)
+        if input_group < 1 or in_features % input_group:
+            raise ValueError(f"`input_group` must divide in_features ({in_features}) into units, got {input_group}")
+        #: entries of a row per unit of the layer below: 1, or the positions of a flattened feature map
+        self.input_group = input_group
+        self._hold(nn.Linear(in_features, out_features), birth_task)
+
+    def _hold(self, reference: nn.Module, birth_task: int) -> None:
+        """Take ``reference``'s freshly drawn ``weight`` and ``bias``; every unit is born in ``birth_task``."""
         self.weight = reference.weight
         self.bias = reference.bias
-        self.register_buffer("birth", torch.full((out_features,), birth_task, dtype=torch.long))
+        self.register_buffer("birth", torch.full((self.weight.shape[0],), birth_task, dtype=torch.long))
         self._frozen_block: tuple[int, int] | None = None  # (rows, columns) while train_outside_ holds
 
     @property
@@ -77,6 +84,36 @@ class ExpandableLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def in_units(self) -> int:
+        """Units of the layer below this layer reads (input features, or channels of a flattened feature map)."""
+        return self.by_input_unit(self.weight).shape[1]
+
+    def by_input_unit(self, weight: Tensor) -> Tensor:
+        """A view of ``weight`` (rows of this layer's layout, a prefix of its columns) as
+        ``[rows, input units, entries per unit]``, the layout every unit-level operation works on.
+
+        Example:
+            >>> layer = ExpandableLinear(6, 2, input_group=3)  # reads 2 channels of a 3-position feature map
+            >>> tuple(layer.by_input_unit(layer.weight).shape)
+            (2, 2, 3)
+        """
+        return weight.unflatten(1, (-1, self.input_group))
+
+    def from_input_units(self, weight: Tensor) -> Tensor:
+        """The inverse of :meth:`by_input_unit`: ``[rows, units, entries]`` back to this layer's layout."""
+        return weight.flatten(1)
+
+    def input_entries(self, by_unit: Tensor) -> Tensor:
+        """``by_unit`` ``[rows, input units]`` (e.g. a mask of trained connections) spread over every entry of
+        each connection, in this layer's layout."""
+        per_unit = self.by_input_unit(self.weight).shape[2]
+        return self.from_input_units(by_unit[:, :, None].expand(-1, -1, per_unit))
+
+    def input_width(self, x: Tensor) -> int:
+        """The number of input columns ``x`` carries (a prefix of this layer's)."""
+        return x.shape[-1]
+
     def forward(self, x: Tensor, out_width: int | None = None) -> Tensor:
         """``x @ W[:out_width, :x.shape[-1]].T + b[:out_width]``: the prefix slice, as a view.
 
@@ -84,15 +121,20 @@ class ExpandableLinear(nn.Module):
         all of it: autograd would give such a slice a backward that writes the whole gradient twice
         (zeros, then a copy), which a dense ``nn.Linear`` never pays.
         """
-        weight, bias = self.weight, self.bias
-        if self._frozen_block is not None and not self._inside_frozen_block(x.shape[-1], out_width):
-            weight, bias = self._assembled()
-        rows, columns = weight.shape
-        if out_width is not None and out_width != rows:
-            weight, bias = weight[:out_width], bias[:out_width]
-        if x.shape[-1] != columns:
-            weight = weight[:, : x.shape[-1]]
+        weight, bias = self._prefix(x, out_width)
         return F.linear(x, weight, bias)
+
+    def _prefix(self, x: Tensor, out_width: int | None) -> tuple[Tensor, Tensor]:
+        """The weight and bias of the first ``out_width`` units reading the columns ``x`` carries."""
+        weight, bias = self.weight, self.bias
+        in_width = self.input_width(x)
+        if self._frozen_block is not None and not self._inside_frozen_block(in_width, out_width):
+            weight, bias = self._assembled()
+        if out_width is not None and out_width != weight.shape[0]:
+            weight, bias = weight[:out_width], bias[:out_width]
+        if in_width != weight.shape[1]:
+            weight = weight[:, :in_width]
+        return weight, bias
 
     def _inside_frozen_block(self, in_width: int, out_width: int | None) -> bool:
         """Whether a prefix of these widths reads only frozen entries (an earlier task while new units train)."""
@@ -111,12 +153,12 @@ class ExpandableLinear(nn.Module):
 
     @torch.no_grad()
     def train_outside_(self, rows: int, columns: int) -> None:
-        """Train only the entries outside ``weight[:rows, :columns]`` and ``bias[:rows]``, through Parameters of
-        their own (contiguous copies, so that any optimizer kernel, fused ones included, steps exactly them):
-        ``new_unit_weight`` (rows ``rows:``), ``new_unit_bias`` and ``old_unit_new_inputs``
-        (``weight[:rows, columns:]``), each registered only when it is not empty. ``weight`` and ``bias`` stop
-        requiring gradients and are brought up to date by :meth:`sync_` (after every optimizer step);
-        :meth:`join_` undoes it all (so does any shape change). Rebuild the optimizers afterwards.
+        """Train only the entries outside ``weight[:rows, :columns]`` (``columns`` in the weight's own layout) and
+        ``bias[:rows]``, through Parameters of their own (contiguous copies, so that any optimizer kernel, fused
+        ones included, steps exactly them): ``new_unit_weight`` (rows ``rows:``), ``new_unit_bias`` and
+        ``old_unit_new_inputs`` (``weight[:rows, columns:]``), each registered only when it is not empty.
+        ``weight`` and ``bias`` stop requiring gradients and are brought up to date by :meth:`sync_` (after every
+        optimizer step); :meth:`join_` undoes it all (so does any shape change). Rebuild the optimizers afterwards.
 
         Example:
             >>> layer = ExpandableLinear(3, 4)
@@ -204,11 +246,12 @@ class ExpandableLinear(nn.Module):
 
     @torch.no_grad()
     def append_units_(self, weight: Tensor, bias: Tensor, birth_task: int) -> None:
-        """Append units with the given incoming ``weight`` ``[n, in_features]`` and ``bias`` ``[n]``."""
-        if weight.ndim != 2 or weight.shape[1] != self.in_features or bias.shape != weight.shape[:1]:
+        """Append units with the given incoming ``weight`` (rows of this layer's layout, ``[n, in_features]``
+        for a linear layer) and ``bias`` ``[n]``."""
+        if weight.shape[1:] != self.weight.shape[1:] or bias.shape != weight.shape[:1]:
+            row = ", ".join(map(str, self.weight.shape[1:]))
             raise ValueError(
-                f"new units need weight [n, {self.in_features}] and bias [n], "
-                f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
+                f"new units need weight [n, {row}] and bias [n], got {tuple(weight.shape)} and {tuple(bias.shape)}"
             )
         if self.birth.numel() and birth_task < int(self.birth[-1]):
             raise ValueError(
@@ -223,11 +266,19 @@ class ExpandableLinear(nn.Module):
         )
 
     @torch.no_grad()
-    def append_inputs_(self, columns: Tensor) -> None:
-        """Append input columns ``[out_features, n]`` (the outgoing weights of new lower units)."""
-        if columns.ndim != 2 or columns.shape[0] != self.out_features:
-            raise ValueError(f"new input columns need shape [{self.out_features}, n], got {tuple(columns.shape)}")
-        self._replace_(torch.cat([self.weight, columns.to(self.weight)], dim=1), self.bias.clone(), self.birth)
+    def append_inputs_(self, weights: Tensor) -> None:
+        """Append the weights from new units of the layer below, ``[out_features, n, entries per unit]`` (the
+        layout of :meth:`by_input_unit`)."""
+        shape = (self.out_features, self.by_input_unit(self.weight).shape[2])
+        if weights.ndim != 3 or (weights.shape[0], weights.shape[2]) != shape:
+            raise ValueError(f"new inputs need shape [{shape[0]}, n, {shape[1]}], got {tuple(weights.shape)}")
+        columns = self.from_input_units(weights.to(self.weight))
+        self._replace_(torch.cat([self.weight, columns], dim=1), self.bias.clone(), self.birth)
+
+    def new_inputs(self, count: int) -> Tensor:
+        """Zero weights from ``count`` new units below, in the layout :meth:`append_inputs_` takes."""
+        per_unit = self.by_input_unit(self.weight)
+        return per_unit.new_zeros(self.out_features, count, per_unit.shape[2])
 
     @torch.no_grad()
     def keep_units_(self, keep: Tensor) -> None:
@@ -236,23 +287,100 @@ class ExpandableLinear(nn.Module):
 
     @torch.no_grad()
     def keep_inputs_(self, keep: Tensor) -> None:
-        """Keep the input columns where the boolean ``keep`` ``[in_features]`` is True."""
-        self._replace_(self.weight[:, keep].clone(), self.bias.clone(), self.birth)
+        """Keep the weights from the units below where the boolean ``keep`` ``[in_units]`` is True."""
+        kept = self.by_input_unit(self.weight)[:, keep]
+        self._replace_(self.from_input_units(kept).clone(), self.bias.clone(), self.birth)
+
+    def draw_units(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Incoming weights and biases of ``count`` new units, drawn as ``nn.Linear`` draws them over the
+        layer's current inputs."""
+        return uniform_init(count, self.in_features, generator, self.weight)
 
     @torch.no_grad()
-    def resize_(self, out_features: int, in_features: int, births: list[int]) -> None:
-        """Give the layer these shapes and births, keeping the overlapping values (zeros where new).
+    def resize_(self, out_units: int, in_units: int, births: list[int]) -> None:
+        """Give the layer ``out_units`` units reading ``in_units`` units below, with these births, keeping the
+        overlapping values (zeros where new).
 
         Used to rebuild a grown network before its weights are loaded from a checkpoint.
         """
-        if len(births) != out_features:
-            raise ValueError(f"need one birth per unit ({out_features}), got {len(births)}")
-        weight = self.weight.new_zeros(out_features, in_features)
-        rows, cols = min(out_features, self.out_features), min(in_features, self.in_features)
-        weight[:rows, :cols] = self.weight[:rows, :cols]
-        bias = self.bias.new_zeros(out_features)
+        if len(births) != out_units:
+            raise ValueError(f"need one birth per unit ({out_units}), got {len(births)}")
+        current = self.by_input_unit(self.weight)
+        weight = current.new_zeros(out_units, in_units, *current.shape[2:])
+        rows, units = min(out_units, current.shape[0]), min(in_units, current.shape[1])
+        weight[:rows, :units] = current[:rows, :units]
+        bias = self.bias.new_zeros(out_units)
         bias[:rows] = self.bias[:rows]
-        self._replace_(weight, bias, torch.as_tensor(births, dtype=torch.long, device=self.birth.device))
+        births_tensor = torch.as_tensor(births, dtype=torch.long, device=self.birth.device)
+        self._replace_(self.from_input_units(weight), bias, births_tensor)
+
+
+class ExpandableConv2d(ExpandableLinear):
+    """A 2-D convolution whose filters are units: filters are appended (and the newest removed) as
+    :class:`ExpandableLinear`'s units are, so the filters alive for task ``s`` are a prefix of the output
+    channels and timestamped inference is the slice ``W[:out(s), :in(s)]`` of the filter bank.
+
+    The units below are the input channels: a filter reads a unit through its kernel slice
+    ``weight[:, channel]``, so every unit-level operation (:meth:`by_input_unit`) sees the weight as
+    ``[filters, input channels, kernel positions]``.
+
+    Args:
+        in_channels: channels of the input.
+        out_channels: filters at construction.
+        kernel_size: side of the square kernel.
+        stride: stride of the convolution.
+        padding: zero padding on each side.
+        birth_task: task index recorded for the initial filters.
+
+    Example:
+        >>> conv = ExpandableConv2d(1, 4, kernel_size=3, padding=1)
+        >>> conv(torch.ones(2, 1, 8, 8)).shape
+        torch.Size([2, 4, 8, 8])
+        >>> conv(torch.ones(2, 1, 8, 8), out_width=3).shape   # the filters of an earlier task
+        torch.Size([2, 3, 8, 8])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        birth_task: int = 0,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.input_group = 1
+        reference = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        self._hold(reference, birth_task)
+
+    def forward(self, x: Tensor, out_width: int | None = None) -> Tensor:
+        """The convolution with the first ``out_width`` filters over the channels ``x`` carries."""
+        weight, bias = self._prefix(x, out_width)
+        return F.conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
+
+    def by_input_unit(self, weight: Tensor) -> Tensor:
+        return weight.flatten(2)
+
+    def from_input_units(self, weight: Tensor) -> Tensor:
+        return weight.unflatten(2, (self.kernel_size, self.kernel_size))
+
+    def input_width(self, x: Tensor) -> int:
+        return x.shape[1]
+
+    def draw_units(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Filters and biases of ``count`` new units, drawn as ``nn.Conv2d`` draws them (``U(-1/sqrt(fan_in),
+        1/sqrt(fan_in))`` over the input channels' kernel entries)."""
+        fan_in = self.weight[0].numel()
+        weight, bias = uniform_init(count, fan_in, generator, self.weight)
+        return weight.view(count, *self.weight.shape[1:]), bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_features}, out_channels={self.out_features}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}"
+        )
 
 
 #: the Parameters :meth:`ExpandableLinear.train_outside_` registers

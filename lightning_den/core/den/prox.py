@@ -44,7 +44,8 @@ def group_lasso_prox_(rows: Sequence[Tensor], threshold: float, biases: Sequence
     """Group soft-threshold of each unit: ``g <- g * max(1 - t / ||g||, 0)`` over its incoming weights.
 
     Args:
-        rows: 2-D tensors (or views) whose rows are the groups, e.g. ``weight[first_new_unit:]``.
+        rows: contiguous tensors (or views) whose rows are the groups, e.g. ``weight[first_new_unit:]``, or a
+            filter bank ``[filters, channels, k, k]`` (a filter is a group).
         threshold: ``learning_rate * gamma``.
         biases: optional 1-D tensors, one per entry of ``rows``; each row's bias joins its group, so a
             zeroed group is a unit that outputs exactly zero.
@@ -60,6 +61,7 @@ def group_lasso_prox_(rows: Sequence[Tensor], threshold: float, biases: Sequence
     for index, r in enumerate(rows):
         if not r.numel():
             continue
+        r = r.flatten(1)  # a view: a filter's rows are its kernel slices
         norms = torch.linalg.vector_norm(r, dim=1)
         if biases is not None:
             norms = torch.hypot(norms, biases[index])

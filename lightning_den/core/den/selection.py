@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from lightning_den.core.den.layers import ExpandableMLP
+from lightning_den.core.den.layers import ExpandableLinear, ExpandableMLP
 
 
 def select_subnetwork(mlp: ExpandableMLP, task: int, budget: float | None = None) -> list[list[int]]:
@@ -44,16 +44,23 @@ def select_subnetwork(mlp: ExpandableMLP, task: int, budget: float | None = None
     """
     mlp.check_task(task)
     widths = mlp.widths(task)
-    head = mlp.heads[str(task)].weight.detach()[:, : widths[-1]]
-    above = _strongest(head.abs().sum(dim=0), budget)
+    head = mlp.heads[str(task)]
+    above = _strongest(_input_strength(head, head.out_features, widths[-1]), budget)
     selected = [above]
     below_widths = (mlp.in_features, *widths[:-1])
     for depth, (layer, width_below) in enumerate(zip(reversed(mlp.hidden), reversed(below_widths), strict=True)):
-        rows = layer.weight.detach()[: above.numel(), :width_below]
         inputs = depth == len(mlp.hidden) - 1  # the features below the first layer are never capped
-        above = _strongest(rows[above].abs().sum(dim=0), None if inputs else budget)
+        above = _strongest(_input_strength(layer, above, width_below), None if inputs else budget)
         selected.append(above)
     return [torch.nonzero(mask).flatten().tolist() for mask in reversed(selected)]
+
+
+def _input_strength(layer: ExpandableLinear, rows: Tensor | int, width_below: int) -> Tensor:
+    """The total ``|w|`` from each of the first ``width_below`` units below into ``rows`` (a mask of the layer's
+    units, or the number of its first units), over every entry of each connection (a filter's kernel slice)."""
+    weights = layer.by_input_unit(layer.weight.detach()[: rows if isinstance(rows, int) else rows.numel()])
+    kept = weights if isinstance(rows, int) else weights[rows]
+    return kept[:, :width_below].abs().sum(dim=(0, 2))
 
 
 def _strongest(strength: Tensor, budget: float | None) -> Tensor:
@@ -114,8 +121,8 @@ def unit_drift(mlp: ExpandableMLP, layer: int, reference: Mapping[str, Tensor]) 
         [0.0, 5.0]
     """
     old = reference[f"hidden.{layer}.weight"]
-    current = mlp.hidden[layer].weight.detach()[: old.shape[0], : old.shape[1]]
-    return torch.linalg.vector_norm(current - old.to(current), dim=1)
+    current = mlp.hidden[layer].weight.detach()[tuple(map(slice, old.shape))]
+    return torch.linalg.vector_norm((current - old.to(current)).flatten(1), dim=1)
 
 
 def units_to_split(drift: Tensor, threshold: float, limit: int | None = None) -> list[int]:
@@ -147,6 +154,6 @@ def dead_new_units(mlp: ExpandableMLP, layer: int) -> list[int]:
         [1]
     """
     hidden = mlp.hidden[layer]
-    silent = (hidden.weight.detach() == 0).all(dim=1) & (hidden.bias.detach() <= 0)
+    silent = (hidden.weight.detach() == 0).flatten(1).all(dim=1) & (hidden.bias.detach() <= 0)
     dead = silent & (hidden.birth == mlp.newest_task)
     return torch.nonzero(dead).flatten().tolist()

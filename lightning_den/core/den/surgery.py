@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from lightning_den.core.den.layers import ExpandableMLP
-from lightning_den.core.init import uniform_init
 
 Snapshot = dict[str, Tensor]
 
@@ -62,10 +61,10 @@ def add_units_(mlp: ExpandableMLP, counts: Sequence[int], generator: torch.Gener
         starts.append(layer.out_features)
         if count == 0:
             continue
-        weight, bias = uniform_init(int(count), layer.in_features, generator, layer.weight)
+        weight, bias = layer.draw_units(int(count), generator)
         layer.append_units_(weight, bias, task)
         consumer = mlp.consumer(index)
-        consumer.append_inputs_(consumer.weight.new_zeros(consumer.out_features, int(count)))
+        consumer.append_inputs_(consumer.new_inputs(int(count)))
     mlp.structure_changed()
     return starts
 
@@ -92,7 +91,7 @@ def duplicate_units_(mlp: ExpandableMLP, layer: int, units: Sequence[int]) -> li
     index = torch.as_tensor(list(units), dtype=torch.long, device=hidden.weight.device)
     first = hidden.out_features
     consumer = mlp.consumer(layer)
-    outgoing = consumer.weight[:, index].detach().clone()
+    outgoing = consumer.by_input_unit(consumer.weight.detach())[:, index].clone()
     hidden.append_units_(hidden.weight[index].detach().clone(), hidden.bias[index].detach().clone(), mlp.newest_task)
     consumer.append_inputs_(outgoing)
     mlp.structure_changed()
