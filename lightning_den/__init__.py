@@ -9,7 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lightning_den._lazy import lazy_exports
-from lightning_den.core import DENMethod, DENPhase, ExpandableLinear, ExpandableMLP, TaskBlock, TaskMethod
+from lightning_den.core import (
+    DENMethod,
+    DENPhase,
+    ExpandableCNN,
+    ExpandableConv2d,
+    ExpandableLinear,
+    ExpandableMLP,
+    TaskBlock,
+    TaskMethod,
+)
 from lightning_den.core.convert import load_grown
 from lightning_den.core.routing import task
 
@@ -27,13 +36,14 @@ if TYPE_CHECKING:
     from lightning_den.data import MNISTStream, SplitDigits, TaskSequenceDataModule, TensorFileStream
     from lightning_den.driver import TaskSequenceCallback, sequence_trainer
     from lightning_den.evaluation import TaskEvaluation
-    from lightning_den.module import DENMLP, DENLightningModule, ReadyModel
+    from lightning_den.module import DENCNN, DENMLP, DENLightningModule, ReadyModel
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "DENCallback": "lightning_den.callbacks",
     "DENLightningModule": "lightning_den.module",
+    "DENCNN": "lightning_den.module",
     "DENMLP": "lightning_den.module",
     "ReadyModel": "lightning_den.module",
     "TaskSequenceCallback": "lightning_den.driver",
@@ -53,12 +63,15 @@ _LAZY = {
 }
 
 __all__ = [
+    "DENCNN",
     "DENMLP",
     "DENCallback",
     "DENLightningModule",
     "DENMethod",
     "DENPhase",
     "EWCCallback",
+    "ExpandableCNN",
+    "ExpandableConv2d",
     "ExpandableLinear",
     "ExpandableMLP",
     "FineTuningCallback",

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_den.boundary import TaskBoundary
+from lightning_den.core.den.layers import ExpandableMLP, mlp_parameters
 from lightning_den.core.den.selection import SELECTION_KEYS
 from lightning_den.core.routing import task as route_to
 from lightning_den.core.routing import task_blocks
@@ -348,8 +349,8 @@ class TaskEvaluation(Callback):
                 "auroc": auroc,
                 "summary": summary,
                 "capacity": M.capacity(
-                    mlp.in_features,
-                    list(first_widths),
+                    _trunk_parameters(mlp, list(first_widths)),
+                    first_widths[-1],
                     [mlp.classes_of(t) for t in range(tasks)],
                     self.parameters[-1],
                 ),
@@ -379,6 +380,14 @@ def _named(summary: dict[str, float | int], score: str) -> dict[str, float | int
             metric = f"{metric}_{score}"
         named[metric + count] = value
     return named
+
+
+def _trunk_parameters(block: Any, widths: list[int]) -> int:
+    """Parameters of ``block``'s layers at ``widths`` without a head: its own count for a DEN network
+    (convolutions included), an MLP's for the other blocks."""
+    if isinstance(block, ExpandableMLP):
+        return block.parameters_of(widths, 0)
+    return mlp_parameters(block.in_features, widths, 0)
 
 
 def _json_ready(value: Any) -> Any:

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_den.core.den.conv import ExpandableCNN
 from lightning_den.core.den.layers import ExpandableMLP
 from lightning_den.core.method import TaskBlock
 from lightning_den.core.routing import set_active_task, task_blocks
@@ -293,4 +294,44 @@ class DENMLP(ReadyModel):
     ) -> None:
         mlp = ExpandableMLP(in_features, hidden_sizes, num_classes)
         super().__init__("mlp", mlp, optimizer, lr_scheduler, lr_scheduler_monitor)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+
+
+class DENCNN(ReadyModel):
+    """The ready-made convolutional DEN model: an :class:`~lightning_den.core.den.conv.ExpandableCNN` (attribute
+    ``cnn``; filters are units) on images, which takes the streams' flattened rows as they come.
+
+    Args:
+        in_shape: ``[channels, height, width]`` of one image.
+        channels: initial filters per convolution, e.g. ``[20, 50]`` (LeNet).
+        hidden_sizes: initial units per fully connected hidden layer, e.g. ``[800, 500]``.
+        num_classes: outputs of each task's head (one number for all tasks, or one per task).
+        kernel_size: side of every convolution's kernel.
+        padding: zero padding of every convolution.
+        pool: side of the max pooling after every convolution.
+        optimizer: see :class:`DENLightningModule`.
+        lr_scheduler: see :class:`DENLightningModule`.
+        lr_scheduler_monitor: see :class:`DENLightningModule`.
+
+    Example:
+        >>> model = DENCNN([1, 8, 8], channels=[4], hidden_sizes=[16], num_classes=2, kernel_size=3, padding=1)
+        >>> model(torch.zeros(4, 64), task=0).shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(
+        self,
+        in_shape: list[int],
+        channels: list[int],
+        hidden_sizes: list[int],
+        num_classes: int | list[int],
+        kernel_size: int = 5,
+        padding: int = 0,
+        pool: int = 2,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_monitor: str = "train/loss",
+    ) -> None:
+        cnn = ExpandableCNN(in_shape, channels, hidden_sizes, num_classes, kernel_size, padding, pool)
+        super().__init__("cnn", cnn, optimizer, lr_scheduler, lr_scheduler_monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])

@@ -16,6 +16,7 @@ from lightning_den.metrics import (
     forgetting,
     forward_transfer,
     matrix_summary,
+    mlp_parameters,
     task_matrix,
 )
 from lightning_den.report import format_report
@@ -60,7 +61,7 @@ def test_one_task_has_no_transfer_and_bad_shapes_are_refused():
 
 
 def test_capacity_against_single_task_and_shared_networks():
-    result = capacity(10, [4, 3], [2, 2, 5], total_parameters=200)
+    result = capacity(mlp_parameters(10, [4, 3], 0), 3, [2, 2, 5], total_parameters=200)
     one_net = lambda c: 10 * 4 + 4 + 4 * 3 + 3 + 3 * c + c  # noqa: E731
     assert result["single_task_parameters"] == one_net(2) * 2 + one_net(5)
     assert result["shared_network_parameters"] == 10 * 4 + 4 + 4 * 3 + 3 + (3 * 2 + 2) * 2 + 3 * 5 + 5

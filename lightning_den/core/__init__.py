@@ -2,7 +2,14 @@
 method (``den``, ``progressive``, ``packnet``; ``trunk`` for the fine-tuning and EWC baselines), and what
 they share: freezing of single entries, the initialiser, the argument checks, per-task heads."""
 
-from lightning_den.core.den import DENMethod, DENPhase, ExpandableLinear, ExpandableMLP
+from lightning_den.core.den import (
+    DENMethod,
+    DENPhase,
+    ExpandableCNN,
+    ExpandableConv2d,
+    ExpandableLinear,
+    ExpandableMLP,
+)
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.method import EpochsPerTaskMethod, PhaseProgress, TaskBlock, TaskMethod
 from lightning_den.core.packnet import PackNetMethod, PackNetMLP
@@ -14,6 +21,8 @@ __all__ = [
     "DENPhase",
     "EWCMethod",
     "EpochsPerTaskMethod",
+    "ExpandableCNN",
+    "ExpandableConv2d",
     "ExpandableLinear",
     "ExpandableMLP",
     "FineTuningMethod",

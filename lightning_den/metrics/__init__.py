@@ -1,5 +1,6 @@
 """Continual-learning metrics: pure functions over the task matrix ``R[i][j]``."""
 
+from lightning_den.core.den.layers import mlp_parameters
 from lightning_den.metrics.functional import (
     average_score,
     backward_transfer,
@@ -7,7 +8,6 @@ from lightning_den.metrics.functional import (
     forgetting,
     forward_transfer,
     matrix_summary,
-    mlp_parameters,
     task_matrix,
 )
 

@@ -24,8 +24,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_den.core.den.layers import mlp_parameters
-
 Matrix = Tensor | Sequence[Sequence[float | None]]
 
 
@@ -157,24 +155,23 @@ def matrix_summary(rows: Matrix, reference: Sequence[float | None] | None = None
     return summary
 
 
-def capacity(
-    in_features: int, hidden_sizes: Sequence[int], classes: Sequence[int], total_parameters: int
-) -> dict[str, float]:
+def capacity(trunk: int, top_width: int, classes: Sequence[int], total_parameters: int) -> dict[str, float]:
     """Total parameters against one network per task (STL) and one shared trunk with a head per task.
 
     Args:
-        in_features: input width.
-        hidden_sizes: the widths every baseline network has (the starting widths).
+        trunk: parameters of the network every baseline has (the starting widths), without a head
+            (``mlp_parameters(in_features, widths, 0)`` for an MLP).
+        top_width: units of its last hidden layer, which each task's head reads.
         classes: outputs of each task's head.
         total_parameters: parameters of the continual model after the last task.
 
     Example:
-        >>> capacity(4, [3], [2, 2], total_parameters=23)["ratio_to_single_task"]   # STL: 2 x 23
+        >>> capacity(4 * 3 + 3, 3, [2, 2], total_parameters=23)["ratio_to_single_task"]   # STL: 2 x (15 + 8)
         0.5
     """
-    single_task = sum(mlp_parameters(in_features, hidden_sizes, c) for c in classes)
-    trunk = mlp_parameters(in_features, hidden_sizes, 0)
-    shared = trunk + sum(hidden_sizes[-1] * c + c for c in classes)
+    heads = [top_width * c + c for c in classes]
+    single_task = sum(trunk + head for head in heads)
+    shared = trunk + sum(heads)
     return {
         "total_parameters": total_parameters,
         "single_task_parameters": single_task,

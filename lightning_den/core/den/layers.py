@@ -315,74 +315,6 @@ class ExpandableLinear(nn.Module):
         self._replace_(self.from_input_units(weight), bias, births_tensor)
 
 
-class ExpandableConv2d(ExpandableLinear):
-    """A 2-D convolution whose filters are units: filters are appended (and the newest removed) as
-    :class:`ExpandableLinear`'s units are, so the filters alive for task ``s`` are a prefix of the output
-    channels and timestamped inference is the slice ``W[:out(s), :in(s)]`` of the filter bank.
-
-    The units below are the input channels: a filter reads a unit through its kernel slice
-    ``weight[:, channel]``, so every unit-level operation (:meth:`by_input_unit`) sees the weight as
-    ``[filters, input channels, kernel positions]``.
-
-    Args:
-        in_channels: channels of the input.
-        out_channels: filters at construction.
-        kernel_size: side of the square kernel.
-        stride: stride of the convolution.
-        padding: zero padding on each side.
-        birth_task: task index recorded for the initial filters.
-
-    Example:
-        >>> conv = ExpandableConv2d(1, 4, kernel_size=3, padding=1)
-        >>> conv(torch.ones(2, 1, 8, 8)).shape
-        torch.Size([2, 4, 8, 8])
-        >>> conv(torch.ones(2, 1, 8, 8), out_width=3).shape   # the filters of an earlier task
-        torch.Size([2, 3, 8, 8])
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
-        birth_task: int = 0,
-    ) -> None:
-        nn.Module.__init__(self)
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.input_group = 1
-        reference = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
-        self._hold(reference, birth_task)
-
-    def forward(self, x: Tensor, out_width: int | None = None) -> Tensor:
-        """The convolution with the first ``out_width`` filters over the channels ``x`` carries."""
-        weight, bias = self._prefix(x, out_width)
-        return F.conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
-
-    def by_input_unit(self, weight: Tensor) -> Tensor:
-        return weight.flatten(2)
-
-    def from_input_units(self, weight: Tensor) -> Tensor:
-        return weight.unflatten(2, (self.kernel_size, self.kernel_size))
-
-    def input_width(self, x: Tensor) -> int:
-        return x.shape[1]
-
-    def draw_units(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Filters and biases of ``count`` new units, drawn as ``nn.Conv2d`` draws them (``U(-1/sqrt(fan_in),
-        1/sqrt(fan_in))`` over the input channels' kernel entries)."""
-        fan_in = self.weight[0].numel()
-        weight, bias = uniform_init(count, fan_in, generator, self.weight)
-        return weight.view(count, *self.weight.shape[1:]), bias
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_channels={self.in_features}, out_channels={self.out_features}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}"
-        )
-
-
 #: the Parameters :meth:`ExpandableLinear.train_outside_` registers
 TRAINED_ENTRIES = ("new_unit_weight", "new_unit_bias", "old_unit_new_inputs")
 
@@ -417,10 +349,16 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
     ) -> None:
         super().__init__()
         hidden_sizes = self._checked_shape(in_features, hidden_sizes, head_classes)
-        self.activations = activation_modules(activations, len(hidden_sizes))
         sizes = [in_features, *hidden_sizes]
-        self.hidden = nn.ModuleList(ExpandableLinear(a, b) for a, b in itertools.pairwise(sizes))
-        self.heads = nn.ModuleDict({"0": ExpandableLinear(sizes[-1], self.classes_of(0))})
+        layers = [ExpandableLinear(a, b) for a, b in itertools.pairwise(sizes)]
+        self._hold_layers(layers, activation_modules(activations, len(hidden_sizes)))
+
+    def _hold_layers(self, layers: list[ExpandableLinear], activations: nn.ModuleList) -> None:
+        """Take the hidden ``layers`` (each reading the units of the one before) and the module after each, and
+        add task 0's head on the last."""
+        self.activations = activations
+        self.hidden = nn.ModuleList(layers)
+        self.heads = nn.ModuleDict({"0": ExpandableLinear(layers[-1].out_features, self.classes_of(0))})
         self._width_cache: dict[int, tuple[int, ...]] = {}
         self.register_load_state_dict_post_hook(_forget_widths)
 
@@ -445,12 +383,26 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         """Parameters used by ``task``'s prefix network and head, or by the whole network if ``None``."""
         if task is None:  # weights and biases (a separated layer's own Parameters are copies of parts of them)
             return sum(layer.weight.numel() + layer.bias.numel() for layer in [*self.hidden, *self.heads.values()])
-        return mlp_parameters(self.in_features, self.widths(task), self.heads[str(task)].out_features)
+        return self.parameters_of(self.widths(task), self.heads[str(task)].out_features)
 
     def num_parameters_through(self, task: int) -> int:
         """Parameters the network held when ``task`` ended: the prefix of ``task`` and heads ``0..task``."""
         heads = sum(p.numel() for t in range(task + 1) for p in self.heads[str(t)].parameters())
-        return mlp_parameters(self.in_features, self.widths(task), 0) + heads
+        return self.parameters_of(self.widths(task), 0) + heads
+
+    def parameters_of(self, widths: Sequence[int], classes: int) -> int:
+        """Parameters (weights and biases) of this network's layers at ``widths`` with one head of ``classes``
+        outputs (``0``: none); for Linear layers :func:`mlp_parameters`.
+
+        Example:
+            >>> ExpandableMLP(784, [312, 128], head_classes=1).parameters_of([312, 128], 1)
+            285113
+        """
+        total, below = 0, self.in_features
+        for layer, width in zip(self.hidden, widths, strict=True):
+            total += width * below * layer.by_input_unit(layer.weight).shape[2] + width
+            below = width
+        return total + classes * below + classes
 
     def check_prefix_invariant(self) -> None:
         """Raise ``AssertionError`` unless births are non-decreasing in every layer (internal invariant)."""
