@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_den import DENMLP, TaskSequenceDataModule
+from lightning_den import DENMLP, TaskBoundary, TaskSequenceDataModule
+from lightning_den.core.den.entries import trainable_entries
+from lightning_den.core.den.phases import DENPhase
 from lightning_den.driver import sequence_trainer
 
 IN_FEATURES = 6
@@ -123,3 +125,38 @@ class TwoChains(UserModule):
 
     def forward(self, x):
         return self.classifier(torch.relu(self.encoder(x)))
+
+
+class CheckFrozenEntries(Callback):
+    """After every optimizer step, every entry the phase does not train must equal its value at phase entry."""
+
+    def __init__(self) -> None:
+        self.reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.checked_steps = 0
+        self.phases_seen: set[str] = set()
+
+    def _record(self, pl_module, phase: DENPhase, selection) -> None:
+        block = pl_module.get_submodule(pl_module.block_name)
+        entries = trainable_entries(block, phase, selection)  # by weight and bias, however laid out
+        self.reference = {}
+        for name, trained in entries.items():
+            p = block.get_parameter(name)
+            frozen = (
+                ~trained if isinstance(trained, torch.Tensor) else torch.full_like(p, not trained, dtype=torch.bool)
+            )
+            self.reference[name] = (frozen, p.detach().clone())
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._record(pl_module, DENPhase.SPARSE, None)
+
+    def on_task_boundary(self, trainer, pl_module, boundary: TaskBoundary) -> None:
+        if boundary.phase is not None:
+            self._record(pl_module, DENPhase(boundary.phase), boundary.changes.get("selection"))
+            self.phases_seen.add(boundary.phase)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        block = pl_module.get_submodule(pl_module.block_name)
+        for name, (frozen, before) in self.reference.items():
+            p = block.get_parameter(name)
+            assert torch.equal(p.detach()[frozen], before[frozen]), f"frozen entries of {name} moved"
+        self.checked_steps += 1

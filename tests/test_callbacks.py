@@ -12,10 +12,17 @@ from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_den import DENCallback, DENLightningModule, DENPhase, ExpandableMLP, TaskBoundary
-from lightning_den.core.den.entries import trainable_entries
+from lightning_den import DENCallback, DENLightningModule, ExpandableMLP, TaskBoundary
 from lightning_den.core.den.selection import dead_new_units
-from tests.helpers import HIDDEN, IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
+from tests.helpers import (
+    HIDDEN,
+    IN_FEATURES,
+    CheckFrozenEntries,
+    make_trainer,
+    short_phases,
+    tiny_model,
+    tiny_stream,
+)
 
 
 class RecordBoundaries(Callback):
@@ -26,39 +33,6 @@ class RecordBoundaries(Callback):
 
     def on_task_boundary(self, trainer, pl_module, boundary: TaskBoundary) -> None:
         self.boundaries.append(boundary)
-
-
-class CheckFrozenEntries(Callback):
-    """After every optimizer step, every entry the phase does not train must equal its value at phase entry."""
-
-    def __init__(self) -> None:
-        self.reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.checked_steps = 0
-        self.phases_seen: set[str] = set()
-
-    def _record(self, pl_module, phase: DENPhase, selection) -> None:
-        entries = trainable_entries(pl_module.mlp, phase, selection)  # by weight and bias, however laid out
-        self.reference = {}
-        for name, trained in entries.items():
-            p = pl_module.mlp.get_parameter(name)
-            frozen = (
-                ~trained if isinstance(trained, torch.Tensor) else torch.full_like(p, not trained, dtype=torch.bool)
-            )
-            self.reference[name] = (frozen, p.detach().clone())
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self._record(pl_module, DENPhase.SPARSE, None)
-
-    def on_task_boundary(self, trainer, pl_module, boundary: TaskBoundary) -> None:
-        if boundary.phase is not None:
-            self._record(pl_module, DENPhase(boundary.phase), boundary.changes.get("selection"))
-            self.phases_seen.add(boundary.phase)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        for name, (frozen, before) in self.reference.items():
-            p = pl_module.mlp.get_parameter(name)
-            assert torch.equal(p.detach()[frozen], before[frozen]), f"frozen entries of {name} moved"
-        self.checked_steps += 1
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,7 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 @pytest.mark.skipif(not MNIST.exists(), reason="needs the shared MNIST files")
-@pytest.mark.parametrize("config", ["permuted_mnist.yaml", "mnist_variation.yaml"])
+@pytest.mark.parametrize("config", ["permuted_mnist.yaml", "mnist_variation.yaml", "split_mnist_cnn.yaml"])
 def test_the_mnist_configs_run_with_validation_on(tmp_path, config):
     # the configs as printed, cut to two tasks of a few batches: the full runs take minutes (see the README)
     quick = ["--data.init_args.num_tasks=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2"]
