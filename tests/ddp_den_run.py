@@ -1,12 +1,13 @@
 """A whole DEN sequence under real 2-process DDP on CPU (gloo); run by tests/test_ddp.py.
 
-Usage: python tests/ddp_den_run.py OUTPUT.json [ddp|ddp_spawn|ddp-plain|ddp-two-blocks]. Lightning's defaults are on
-(validation every epoch, the default logger, checkpoints) with ``TaskEvaluation`` and a
+Usage: python tests/ddp_den_run.py OUTPUT.json [ddp|ddp_spawn|ddp-plain|ddp-two-blocks|ddp-cnn].
+Lightning's defaults are on (validation every epoch, the default logger, checkpoints) with ``TaskEvaluation`` and a
 ``ModelCheckpoint(save_last=True)``. Rank 1 computes deliberately wrong surgery plans: the run must
 still end with identical weights on both ranks, because the plan decided on rank 0 is broadcast and
 applied everywhere. Under ``ddp_spawn`` the main process must get the grown network back. ``ddp-plain``
 trains a user's plain LightningModule (its ``nn.Sequential`` converted on every rank) under ``ddp``;
-``ddp-two-blocks`` one with two chains, both named and grown.
+``ddp-two-blocks`` one with two chains, both named and grown; ``ddp-cnn`` a convolutional DEN model on the
+digits (filters as units).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_den import DENCallback, DENMethod, TaskEvaluation
+from lightning_den import DENCallback, DENMethod, SplitDigits, TaskEvaluation
 from lightning_den.core.routing import task_blocks
-from tests.helpers import TwoChains, UserModule, short_phases, tiny_model, tiny_stream
+from tests.helpers import TwoChains, UserModule, short_phases, tiny_cnn, tiny_model, tiny_stream
 
 #: the model each mode trains under DDP, and the blocks it names
-MODELS = {"ddp-plain": (UserModule, None), "ddp-two-blocks": (TwoChains, TwoChains.BLOCKS)}
+MODELS = {"ddp-plain": (UserModule, None), "ddp-two-blocks": (TwoChains, TwoChains.BLOCKS), "ddp-cnn": (tiny_cnn, None)}
+#: the stream of a mode, when it is not the tiny random one
+STREAMS = {"ddp-cnn": lambda: SplitDigits(num_tasks=3)}
 
 
 class WrongPlansOnRankOne(DENMethod):
@@ -118,7 +121,7 @@ def main() -> None:
         enable_model_summary=False,
     )
     model = model_type()
-    trainer.fit(model, datamodule=tiny_stream(num_tasks=3))
+    trainer.fit(model, datamodule=STREAMS.get(strategy, lambda: tiny_stream(num_tasks=3))())
     if strategy == "ddp_spawn":  # this is the main process: the workers are gone
         Path(out).write_text(
             json.dumps(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_den import DENMLP, TaskBoundary, TaskSequenceDataModule
+from lightning_den import DENCNN, DENMLP, TaskBoundary, TaskSequenceDataModule
 from lightning_den.core.den.entries import trainable_entries
 from lightning_den.core.den.phases import DENPhase
 from lightning_den.driver import sequence_trainer
@@ -35,6 +35,12 @@ def tiny_stream(num_tasks: int = 3, size: int = 48, seed: int = 0) -> TaskSequen
 def tiny_model(lr: float = 1e-2, optimizer: Callable | None = None) -> DENMLP:
     factory = optimizer or functools.partial(torch.optim.Adam, lr=lr)
     return DENMLP(IN_FEATURES, list(HIDDEN), num_classes=2, optimizer=factory)
+
+
+def tiny_cnn(optimizer: Callable | None = None) -> DENCNN:
+    """A small convolutional DEN model for the 8x8 digits: two convolutions of 3 and 4 filters, 6 units."""
+    factory = optimizer or functools.partial(torch.optim.Adam, lr=1e-2)
+    return DENCNN([1, 8, 8], [3, 4], [6], num_classes=2, kernel_size=3, padding=1, optimizer=factory)
 
 
 def short_phases(**overrides) -> dict:

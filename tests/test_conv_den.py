@@ -13,16 +13,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_den import DENCNN, DENMLP, DENCallback, SplitDigits, TaskEvaluation
 from lightning_den.core.den.conv import ExpandableConv2d
-from tests.helpers import CheckFrozenEntries, short_phases
+from tests.helpers import CheckFrozenEntries, short_phases, tiny_cnn
 
 SETTINGS = short_phases(loss_threshold=0.0, split_threshold=0.0)  # every phase runs; every drifted filter splits
 PROBE = torch.rand(7, 64, generator=torch.Generator().manual_seed(3))
-
-
-def cnn(optimizer=None) -> DENCNN:
-    factory = optimizer or functools.partial(torch.optim.Adam, lr=1e-2)
-    return DENCNN([1, 8, 8], channels=[3, 4], hidden_sizes=[6], num_classes=2, kernel_size=3, padding=1,
-                  optimizer=factory)  # fmt: skip
 
 
 def default_trainer(folder, callbacks, **overrides) -> pl.Trainer:
@@ -36,7 +30,7 @@ def test_den_grows_filters_on_the_digits_with_lightnings_defaults_and_keeps_froz
     pl.seed_everything(0, verbose=False)
     checker = CheckFrozenEntries()
     evaluation = TaskEvaluation(print_report=False, plots=False)
-    model = cnn(functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.5, fused=True))
+    model = tiny_cnn(functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.5, fused=True))
     trainer = default_trainer(tmp_path, [DENCallback(**SETTINGS), checker, evaluation])
     trainer.fit(model, datamodule=SplitDigits(num_tasks=3))
     assert checker.checked_steps > 0 and {"head_fit", "selective", "expansion", "split"} <= checker.phases_seen
@@ -65,7 +59,7 @@ class CrashAt(Callback):
 
 def run(folder, extra=(), ckpt_path=None) -> DENCNN:
     pl.seed_everything(0, verbose=False)
-    model = cnn()
+    model = tiny_cnn()
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True)
     trainer = default_trainer(folder, [*extra, DENCallback(**SETTINGS), checkpoint], limit_val_batches=0)
     trainer.fit(model, datamodule=SplitDigits(num_tasks=3), ckpt_path=ckpt_path)
@@ -92,4 +86,4 @@ def test_a_cnn_checkpoint_loads_into_a_fresh_model_and_an_mlp_checkpoint_is_refu
             assert torch.equal(loaded(PROBE, task=task), model(PROBE, task=task))
     mlp_weights = {name.removeprefix("mlp."): value for name, value in DENMLP(64, [6], 2).state_dict().items()}
     with pytest.raises(ValueError, match=r"reads images of shape None, this one \[1, 8, 8\]"):
-        cnn().cnn.load_state_dict(mlp_weights)
+        tiny_cnn().cnn.load_state_dict(mlp_weights)

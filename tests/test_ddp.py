@@ -69,3 +69,14 @@ def test_two_process_ddp_grows_several_named_blocks_alike_on_every_rank(tmp_path
     assert saved["wrong_plans_on_rank_1"] >= 4
     assert all(r["same_plan"] and r["same_weights"] for r in records)  # every block's plan, from rank 0
     assert records[-1]["widths_by_block"]["encoder"][0] > 8 and records[-1]["widths_by_block"]["classifier"][0] > 7
+
+
+@pytest.mark.slow
+def test_two_process_ddp_grows_a_convolutional_block_alike_on_every_rank(tmp_path):
+    saved = run_two_processes(tmp_path, "ddp-cnn")
+    records = saved["boundaries"]
+    assert saved["wrong_plans_on_rank_1"] >= 4  # rank 1's selections and splits of filters differed
+    assert all(r["same_plan"] and r["same_weights"] for r in records)  # rank 0's plan won on every rank
+    assert any(sum(map(len, r["changes"].get("split", []))) for r in records)
+    first, last = records[0]["widths"], records[-1]["widths"]
+    assert last[0] > 3 and last[1] > 4 and first[:2] == [3, 4]  # both convolutions gained filters
