@@ -10,8 +10,8 @@
    For each optimizer of ``--optimizers``.
 2. Boundary cost: time spent in the callback's epoch hooks (phase decisions, BFS selection, drift,
    expansion, pruning, split, optimizer and DDP rebuild) as a share of each task's training time.
-3. Timestamped inference: task 0 of a network grown over 10 tasks against a dense MLP of task 0's
-   widths, and the newest task against a dense MLP of the full widths.
+3. Timestamped inference: task 0 of a network grown over 10 tasks against a dense network of task 0's
+   widths, and the newest task against a dense network of the full widths.
 4. Scaling: whole-sequence wall time and peak memory during the fit for 2, 5, 10 and 20 tasks (each in
    its own process), and how the time per task grows against the active parameters.
 5. Alternatives on the same stream and epochs per task: DEN's whole-sequence time against one network
@@ -42,11 +42,10 @@ from benchmarks.timing import (
     OPTIMIZERS,
     Clock,
     EpochMarks,
+    Network,
     PeakMemory,
     Rounds,
     StepTimer,
-    den_model,
-    dense_mlp,
     device_of,
     machine,
     median_time,
@@ -57,7 +56,6 @@ from benchmarks.timing import (
 from lightning_den import DENCallback
 from lightning_den.baselines import PackNetCallback, PackNetModel, ProgressiveCallback, ProgressiveNet
 from lightning_den.core.den import DENMethod
-from lightning_den.core.den.layers import ExpandableMLP
 from lightning_den.core.den.phases import DENPhase
 from lightning_den.core.den.surgery import add_units_, duplicate_units_
 from lightning_den.core.method import PhaseProgress
@@ -74,6 +72,12 @@ TARGETS = {
 }
 #: the share of each layer's units selective retraining may train, as in the shipped configurations
 SELECTION_BUDGET = 0.5
+
+
+def network_of(args: argparse.Namespace) -> Network:
+    """The benchmarked network the arguments describe: an MLP, or a CNN with ``--conv-channels``."""
+    image = tuple(args.image) if args.conv_channels else None
+    return Network(args.width_in, tuple(args.hidden), tuple(args.conv_channels), image)
 
 
 def den_settings(epochs: int, split_threshold: float, first_task_epochs: int | None = None) -> dict[str, Any]:
@@ -101,6 +105,7 @@ def training_steps(args: argparse.Namespace) -> dict[str, Any]:
     clock = Clock(args.accelerator)
     stream = synthetic_stream(2, args.width_in, args.examples, args.batch)
     device = device_of(args.accelerator)
+    network = network_of(args)
 
     def den_round(optimizer: str) -> StepTimer:
         torch.manual_seed(0)
@@ -108,14 +113,14 @@ def training_steps(args: argparse.Namespace) -> dict[str, Any]:
         den = DENCallback(**den_settings(args.epochs, split_threshold=1e9))
         timer = StepTimer(clock, label=lambda: den.progress.phase, widths=den.widths)
         stream.set_task(0)
-        model = den_model(args.width_in, args.hidden, optimizer)
+        model = network.model(optimizer=optimizer)
         sequence_trainer([den, timer], accelerator=args.accelerator).fit(model, datamodule=stream)
         return timer
 
     def lightning_round(optimizer: str, widths: tuple[int, ...]) -> float:
         torch.manual_seed(0)
-        model = den_model(args.width_in, list(widths), optimizer)
-        timer = StepTimer(clock, widths=lambda: model.mlp.widths(0))
+        model = network.model(widths, optimizer)
+        timer = StepTimer(clock, widths=lambda: model.get_submodule(model.block_name).widths(0))
         stream.set_task(0)
         trainer = sequence_trainer([timer], accelerator=args.accelerator, max_epochs=args.epochs)
         trainer.fit(model, train_dataloaders=stream.train_dataloader())
@@ -124,7 +129,7 @@ def training_steps(args: argparse.Namespace) -> dict[str, Any]:
 
     def pytorch_round(optimizer: str) -> float:
         torch.manual_seed(0)
-        model = den_model(args.width_in, args.hidden, optimizer).to(device)
+        model = network.model(optimizer=optimizer).to(device)
         step = OPTIMIZERS[optimizer](model.parameters())
         times = []
         for _ in range(args.epochs):
@@ -181,10 +186,11 @@ def optimizer_in_expansion(args: argparse.Namespace, optimizer: str) -> dict[str
     network at the same widths: the optimizer's share of expansion, which holds no frozen entry."""
     clock = Clock(args.accelerator)
     device = device_of(args.accelerator)
-    mlp = ExpandableMLP(args.width_in, args.hidden, head_classes=10)
+    network = network_of(args)
+    mlp = network.block()
     generator = torch.Generator().manual_seed(0)
     mlp.add_task_(generator)
-    add_units_(mlp, [10] * len(args.hidden), generator)
+    add_units_(mlp, [10] * len(network.widths), generator)
     mlp = mlp.to(device)
     every = list(mlp.parameters())
     method, progress = DENMethod(), PhaseProgress(task=mlp.newest_task, phase=DENPhase.EXPANSION)
@@ -224,7 +230,7 @@ def den_sequence(args: argparse.Namespace, tasks: int) -> dict[str, Any]:
     den = DENCallback(**den_settings(args.epochs, split_threshold=0.0))
     before, after = EpochMarks(clock, lambda: den.progress.task), EpochMarks(clock, lambda: den.progress.task)
     steps = StepTimer(clock, label=lambda: (den.progress.task, den.progress.phase))
-    model = den_model(args.width_in, args.hidden)
+    model = network_of(args).model()
     with PeakMemory(args.accelerator) as memory:
         start = clock()
         sequence_trainer([before, den, steps, after], accelerator=args.accelerator).fit(model, datamodule=stream)
@@ -237,7 +243,7 @@ def den_sequence(args: argparse.Namespace, tasks: int) -> dict[str, Any]:
     for (task, _), times in steps.times.items():
         warm_up_s[task] += warm_up_excess(times)
     boundary_s = [h + w for h, w in zip(hooks_s, warm_up_s, strict=True)]
-    mlp = model.mlp
+    mlp = model.get_submodule(model.block_name)
     return {
         "tasks": tasks,
         "sequence_s": total,
@@ -269,6 +275,8 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     """The sizes and device, as command-line arguments for a child process."""
     return [
         *("--width-in", str(args.width_in), "--hidden", *map(str, args.hidden)),
+        *(("--conv-channels", *map(str, args.conv_channels)) if args.conv_channels else ()),
+        *(("--image", *map(str, args.image)) if args.conv_channels else ()),
         *("--epochs", str(args.epochs), "--examples", str(args.examples), "--batch", str(args.batch)),
         *("--accelerator", args.accelerator),
         *(["--flush-denormal"] if args.flush_denormal else []),
@@ -279,20 +287,21 @@ def passthrough(args: argparse.Namespace) -> list[str]:
 
 
 def timestamped_inference(args: argparse.Namespace) -> dict[str, Any]:
-    """Task 0 after 10 tasks of growth against a dense MLP of task 0's widths; newest task against full."""
+    """Task 0 after 10 tasks of growth against a dense network of task 0's widths; newest task against full."""
     clock = Clock(args.accelerator)
     device = device_of(args.accelerator)
-    mlp = ExpandableMLP(args.width_in, args.hidden, head_classes=10)
+    network = network_of(args)
+    mlp = network.block()
     generator = torch.Generator().manual_seed(0)
     for _ in range(9):
         mlp.add_task_(generator)
-        add_units_(mlp, [max(1, h // 8) for h in args.hidden], generator)
-        duplicate_units_(mlp, 0, list(range(max(1, args.hidden[0] // 16))))
+        add_units_(mlp, [max(1, h // 8) for h in network.widths], generator)
+        duplicate_units_(mlp, 0, list(range(max(1, network.widths[0] // 16))))
     mlp = mlp.to(device).eval()
     x = torch.randn(args.batch, args.width_in, device=device)
     newest = mlp.newest_task
-    small = dense_mlp(args.width_in, mlp.widths(0)).to(device).eval()
-    large = dense_mlp(args.width_in, mlp.widths(newest)).to(device).eval()
+    small = network.dense(mlp.widths(0)).to(device).eval()
+    large = network.dense(mlp.widths(newest)).to(device).eval()
 
     @torch.no_grad()
     def forward_s(run: Callable[[], torch.Tensor]) -> float:
@@ -327,7 +336,7 @@ def alternatives(args: argparse.Namespace) -> dict[str, Any]:
     sizes = dict(in_features=args.width_in, hidden_sizes=args.hidden, num_classes=10, optimizer=OPTIMIZERS["adam"])
     methods = {
         "DEN": lambda: (
-            den_model(args.width_in, args.hidden),
+            network_of(args).model(),
             DENCallback(**den_settings(args.epochs, split_threshold=0.0, first_task_epochs=per_task)),
         ),
         "STL": lambda: (ProgressiveNet(**sizes, lateral=False), ProgressiveCallback(epochs_per_task=per_task)),
@@ -407,14 +416,14 @@ def markdown(results: dict[str, Any]) -> str:
     inference = results["inference"]
     rows.append(
         (
-            f"task 0 after 10 tasks (widths {inference['widths_task0']}) vs a dense MLP of those widths",
+            f"task 0 after 10 tasks (widths {inference['widths_task0']}) vs a dense network of those widths",
             f"{inference['task0_vs_dense_task0_width']:.2f}x",
             f"≤ {TARGETS['task0_inference']:.2f}x",
         )
     )
     rows.append(
         (
-            f"newest task (widths {inference['widths_newest']}) vs a dense MLP of those widths",
+            f"newest task (widths {inference['widths_newest']}) vs a dense network of those widths",
             f"{inference['newest_vs_dense_full_width']:.2f}x",
             "-",
         )
@@ -475,6 +484,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width-in", type=int, default=784)
     parser.add_argument("--hidden", type=int, nargs="+", default=[312, 128])
+    parser.add_argument(
+        "--conv-channels",
+        type=int,
+        nargs="+",
+        default=[],
+        help="a CNN: filters of each 5x5 convolution (2x2 pooling after each) before the --hidden layers",
+    )
+    parser.add_argument("--image", type=int, nargs=3, metavar=("C", "H", "W"), help="image shape of a CNN's inputs")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--examples", type=int, default=4096, help="training examples per task")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each DEN phase")
@@ -501,6 +518,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--hidden must be positive integers, got {args.hidden}")
     if args.tasks < 2 or min(args.task_counts) < 2:
         parser.error("--tasks and --task-counts must all be at least 2 (a sequence needs a second task to grow)")
+    if args.conv_channels:
+        if args.image is None or args.image[0] * args.image[1] * args.image[2] != args.width_in:
+            parser.error("--conv-channels needs --image C H W with C * H * W equal to --width-in")
+        if not (args.skip_alternatives or args.only_sequence):
+            parser.error("--conv-channels needs --skip-alternatives (PNN and PackNet have no conv blocks yet)")
     if args.accelerator == "cuda" and not torch.cuda.is_available():
         parser.error("--accelerator cuda needs a CUDA GPU; none is visible to torch")
     return args

@@ -7,13 +7,13 @@ time covers the kernels it launched and not only their launch.
 from __future__ import annotations
 
 import functools
-import itertools
 import platform
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_den import DENMLP, TaskSequenceDataModule
+from lightning_den import DENCNN, DENMLP, ExpandableCNN, ExpandableMLP, TaskSequenceDataModule
 
 #: the optimizers the step benchmark compares, by name (the learning rate of the official DEN code)
 OPTIMIZERS: dict[str, Callable] = {
@@ -50,18 +50,54 @@ def device_of(accelerator: str) -> torch.device:
     return torch.device("cuda" if accelerator == "cuda" else "cpu")
 
 
-def den_model(width_in: int, hidden: list[int], optimizer: str = "adam") -> DENMLP:
-    """The ready DEN model with 10 classes per task and one of :data:`OPTIMIZERS`."""
-    return DENMLP(width_in, hidden, 10, optimizer=OPTIMIZERS[optimizer])
+@dataclass(frozen=True)
+class Network:
+    """The benchmarked network: an MLP of ``hidden`` widths on ``width_in`` inputs or, with ``channels``, a CNN
+    (LeNet-style: 5x5 convolutions of ``channels`` filters, each with ReLU and 2x2 max pooling, then the
+    fully connected ``hidden`` layers) on images of ``image`` = (channels, height, width), fed as flattened
+    rows of ``width_in`` inputs. Its widths are the filters, then the units, of every hidden layer."""
 
+    width_in: int
+    hidden: tuple[int, ...]
+    channels: tuple[int, ...] = ()
+    image: tuple[int, int, int] | None = None
 
-def dense_mlp(width_in: int, hidden: tuple[int, ...] | list[int], classes: int = 10) -> nn.Sequential:
-    """A plain ``nn.Linear``/``nn.ReLU`` stack of these widths."""
-    sizes = [width_in, *hidden]
-    layers: list[nn.Module] = []
-    for a, b in itertools.pairwise(sizes):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(sizes[-1], classes))
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (*self.channels, *self.hidden)
+
+    def block(self) -> ExpandableMLP:
+        """The expandable block of these widths, 10 classes per task."""
+        if self.channels:
+            return ExpandableCNN(self.image, self.channels, self.hidden, head_classes=10)
+        return ExpandableMLP(self.width_in, self.hidden, head_classes=10)
+
+    def model(self, widths: Sequence[int] | None = None, optimizer: str = "adam") -> DENMLP | DENCNN:
+        """The ready DEN model at ``widths`` (default: the network's) with one of :data:`OPTIMIZERS`."""
+        widths = list(widths or self.widths)
+        if self.channels:
+            conv = len(self.channels)
+            return DENCNN(list(self.image), widths[:conv], widths[conv:], 10, optimizer=OPTIMIZERS[optimizer])
+        return DENMLP(self.width_in, widths, 10, optimizer=OPTIMIZERS[optimizer])
+
+    def dense(self, widths: Sequence[int], classes: int = 10) -> nn.Sequential:
+        """A plain torch network of these widths (``nn.Conv2d``/``nn.MaxPool2d``, ``nn.Linear``, ReLU) on the
+        flattened rows."""
+        layers: list[nn.Module] = []
+        below = self.width_in
+        if self.channels:
+            conv = len(self.channels)
+            channels, side = self.image[0], self.image[1:]
+            layers.append(nn.Unflatten(1, self.image))
+            for width in widths[:conv]:
+                layers += [nn.Conv2d(channels, width, 5), nn.ReLU(), nn.MaxPool2d(2)]
+                channels, side = width, tuple((s - 4) // 2 for s in side)
+            layers.append(nn.Flatten())
+            below, widths = channels * side[0] * side[1], widths[conv:]
+        for width in widths:
+            layers += [nn.Linear(below, width), nn.ReLU()]
+            below = width
+        return nn.Sequential(*layers, nn.Linear(below, classes))
 
 
 class Clock:

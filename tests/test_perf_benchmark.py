@@ -97,3 +97,24 @@ def test_bad_arguments_are_refused_with_the_fix(tmp_path, arguments, message):
     result = run_perf(*arguments, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_a_convolutional_network_is_measured_against_plain_lightning_and_a_dense_cnn(tmp_path):
+    conv = ["--conv-channels", "3", "4", "--image", "1", "16", "16", "--width-in", "256", "--skip-alternatives"]
+    only = ["--skip-scaling", "--optimizers", "adam", "--out", str(tmp_path / "cnn")]
+    result = run_perf(*TINY, *conv, *only, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "cnn.json").read_text())
+    phases = report["training_step"]["adam"]["phases"]
+    assert set(phases) == {phase.value for phase in DENPhase}
+    assert phases["sparse"]["widths"] == [3, 4, 8, 6]  # filters, then units
+    assert phases["expansion"]["widths"] == [13, 14, 18, 16]  # expansion added 10 filters and units per layer
+    assert all(row["lightning_widths"] == row["widths"] for row in phases.values())
+    inference = report["inference"]
+    assert inference["widths_task0"] == [3, 4, 8, 6] and inference["task0_vs_dense_task0_width"] > 0
+    assert "alternatives" not in report and "scaling" not in report
+
+
+def test_a_convolutional_network_without_its_image_shape_is_refused(tmp_path):
+    result = run_perf(*TINY, "--conv-channels", "3", "--skip-alternatives", cwd=tmp_path)
+    assert result.returncode == 2 and "--conv-channels needs --image C H W" in result.stderr
