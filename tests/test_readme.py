@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def run_python(code: str, cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_the_first_python_example_runs_as_printed_with_lightnings_defaults(tmp_path):
-    first, _ = python_examples("Use it from Python")
+    first, *_ = python_examples("Use it from Python")
     check = "\nassert type(model.net).__name__ == type(grown.net).__name__ == 'ExpandableMLP'\n"  # converted
     out = run_python(first + check, tmp_path)
     assert "task 0 accuracy after all tasks:" in out
@@ -50,9 +51,18 @@ def test_the_first_python_example_runs_as_printed_with_lightnings_defaults(tmp_p
 
 @pytest.mark.slow
 def test_the_tasks_that_arrive_later_example_runs_as_printed(tmp_path):
-    _, later = python_examples("Use it from Python")
+    _, later, _ = python_examples("Use it from Python")
     run_python(FIRST_THREE_TASKS, tmp_path)
     run_python(later + "\nassert model.tasks_learned == 5, model.tasks_learned\n", tmp_path)
+
+
+@pytest.mark.slow
+def test_the_convolutional_example_runs_as_printed_and_grows_filters(tmp_path):
+    *_, cnn = python_examples("Use it from Python")
+    out = run_python(cnn, tmp_path)
+    filters = ast.literal_eval(out.split("filters per task:")[1].strip())
+    assert filters[0] == (4, 8) and all(a <= b for a, b in zip(filters[0], filters[-1], strict=True))
+    assert filters[-1] != filters[0]  # later tasks added filters
 
 
 def test_the_measured_tables_are_the_committed_results():
