@@ -69,7 +69,7 @@ class Network:
     def block(self) -> ExpandableMLP:
         """The expandable block of these widths, 10 classes per task."""
         if self.channels:
-            return ExpandableCNN(self.image, self.channels, self.hidden, head_classes=10)
+            return ExpandableCNN.lenet(self.image, self.channels, self.hidden, head_classes=10)
         return ExpandableMLP(self.width_in, self.hidden, head_classes=10)
 
     def model(self, widths: Sequence[int] | None = None, optimizer: str = "adam") -> DENMLP | DENCNN:

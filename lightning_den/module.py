@@ -332,6 +332,6 @@ class DENCNN(ReadyModel):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_monitor: str = "train/loss",
     ) -> None:
-        cnn = ExpandableCNN(in_shape, channels, hidden_sizes, num_classes, kernel_size, padding, pool)
+        cnn = ExpandableCNN.lenet(in_shape, channels, hidden_sizes, num_classes, kernel_size, padding, pool)
         super().__init__("cnn", cnn, optimizer, lr_scheduler, lr_scheduler_monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])

@@ -85,5 +85,46 @@ def test_a_cnn_checkpoint_loads_into_a_fresh_model_and_an_mlp_checkpoint_is_refu
         for task in range(3):
             assert torch.equal(loaded(PROBE, task=task), model(PROBE, task=task))
     mlp_weights = {name.removeprefix("mlp."): value for name, value in DENMLP(64, [6], 2).state_dict().items()}
-    with pytest.raises(ValueError, match=r"reads images of shape None, this one \[1, 8, 8\]"):
+    with pytest.raises(ValueError, match=r"shape none: not a convolutional network, this one \[1, 8, 8\]"):
         tiny_cnn().cnn.load_state_dict(mlp_weights)
+
+
+class UsersConvModule(pl.LightningModule):
+    """Written without lightning_den in mind: a plain nn.Sequential of convolutions, pooling and Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+            torch.nn.Linear(6 * 2 * 2, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return self.net(x.view(-1, 1, 8, 8))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_den_grows_the_filters_of_a_users_plain_convolutional_module_and_loads_it_back(tmp_path):
+    import lightning_den
+
+    pl.seed_everything(0, verbose=False)
+    model = UsersConvModule()
+    trainer = default_trainer(tmp_path, [DENCallback(**SETTINGS), TaskEvaluation(print_report=False, plots=False)])
+    trainer.fit(model, datamodule=SplitDigits(num_tasks=3))
+    block = model.net
+    assert type(block).__name__ == "ExpandableCNN" and block.tasks_learned == 3
+    first, second = (layer for layer in block.hidden if isinstance(layer, ExpandableConv2d))
+    assert first.out_features > 4 and second.out_features > 6  # both convolutions gained filters
+    checkpoint = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    loaded = lightning_den.load_grown(UsersConvModule(), checkpoint)
+    with torch.no_grad():
+        for task in range(3):
+            with lightning_den.task(model, task), lightning_den.task(loaded, task):
+                assert torch.equal(loaded(PROBE), model(PROBE))

@@ -7,6 +7,11 @@ activations, dropout). It starts and ends with a Linear. The hidden Linears beco
 layers and the last one task 0's head, with the same weights and the same modules between them, so the
 converted model computes bit for bit what the chain computed. Every method converts through this module.
 
+A chain may also start with ``nn.Conv2d`` layers (with biases), with channelwise modules between them
+(:data:`~lightning_den.core.den.conv.CHANNELWISE`: activations, dropout, pooling) and one ``nn.Flatten``
+after the last: DEN converts it into an :class:`~lightning_den.core.den.conv.ExpandableCNN`, whose filters
+grow (the methods without a convolutional block refuse it).
+
 Example:
     >>> from lightning_den.core.den import ExpandableMLP
     >>> model = nn.Module()
@@ -19,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,25 +32,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_den.core.den.conv import CHANNELWISE
 from lightning_den.core.tasks import ELEMENTWISE
 
 
 @dataclass(frozen=True)
 class LinearChain:
-    """A chain's layers: the hidden Linears, the module after each (one, or an ``nn.Sequential`` of several),
-    and the head."""
+    """A chain's layers: the hidden layers (its convolutions first, if any, then Linears), the module after each
+    (one, or an ``nn.Sequential`` of several), and the head."""
 
-    hidden: list[nn.Linear]
+    hidden: list[nn.Module]
     activations: list[nn.Module]
     head: nn.Linear
 
     @property
+    def convolutions(self) -> list[nn.Conv2d]:
+        return [layer for layer in self.hidden if isinstance(layer, nn.Conv2d)]
+
+    @property
     def in_features(self) -> int:
-        return self.hidden[0].in_features
+        """Input width, or input channels of a chain that starts with convolutions."""
+        first = self.hidden[0]
+        return first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
 
     @property
     def hidden_sizes(self) -> list[int]:
-        return [layer.out_features for layer in self.hidden]
+        """Units of its hidden Linear layers."""
+        return [layer.out_features for layer in self.hidden if isinstance(layer, nn.Linear)]
 
     @torch.no_grad()
     def copy_into_(self, hidden: list[nn.Module], head: nn.Module) -> None:
@@ -63,28 +77,42 @@ def linear_chain(sequential: nn.Module, name: str) -> LinearChain:
     if not isinstance(sequential, nn.Sequential):
         raise ValueError(f"`{name}` is a {type(sequential).__name__}, not an nn.Sequential of Linear layers")
     children = list(sequential.named_children())
-    linears = [index for index, (_, child) in enumerate(children) if isinstance(child, nn.Linear)]
+    layers = [index for index, (_, child) in enumerate(children) if isinstance(child, nn.Linear | nn.Conv2d)]
+    convolutions = [index for index in layers if isinstance(children[index][1], nn.Conv2d)]
+    allowed = (nn.Linear, *ELEMENTWISE, *((nn.Conv2d, nn.Flatten, *CHANNELWISE) if convolutions else ()))
     for child_name, child in children:
-        if not isinstance(child, (nn.Linear, *ELEMENTWISE)):
+        if not isinstance(child, allowed):
             raise ValueError(
                 f"`{name}.{child_name}` is a {type(child).__name__}: only nn.Linear layers and parameter-free "
                 "elementwise modules (activations, dropout) can be converted into a growing block, because its "
-                "layers gain and lose units. Keep that module outside the chain (e.g. a feature extractor before "
+                "layers gain and lose units (and, before them, nn.Conv2d layers with channelwise modules such as "
+                "pooling and one nn.Flatten). Keep that module outside the chain (e.g. a feature extractor before "
                 "it) or name another block"
             )
-        if isinstance(child, nn.Linear) and child.bias is None:
+        if isinstance(child, nn.Linear | nn.Conv2d) and child.bias is None:
             raise ValueError(f"`{name}.{child_name}` has no bias: build it with `bias=True` to convert it")
-    if len(linears) < 2 or linears[0] != 0 or linears[-1] != len(children) - 1:
+    linears = layers[len(convolutions) :]
+    if (
+        len(linears) < 2
+        or layers[0] != 0
+        or layers[-1] != len(children) - 1
+        or convolutions != layers[: len(convolutions)]
+    ):
         raise ValueError(
-            f"`{name}` must start and end with an nn.Linear and hold at least two (hidden layers, then the head); "
-            f"it holds {[type(child).__name__ for _, child in children]}"
+            f"`{name}` must start with an nn.Linear (or its nn.Conv2d layers), end with an nn.Linear and hold at "
+            f"least two Linears (hidden layers, then the head); it holds {[type(c).__name__ for _, c in children]}"
         )
     activations = []
-    for start, end in itertools.pairwise(linears):
+    for start, end in itertools.pairwise(layers):
         between = [child for _, child in children[start + 1 : end]]
+        flatten = [index for index, child in enumerate(between) if isinstance(child, nn.Flatten)]
+        if flatten != ([len(between) - 1] if end == linears[0] and convolutions else []):
+            raise ValueError(
+                f"`{name}` needs one nn.Flatten, the last module between its nn.Conv2d and nn.Linear layers"
+            )
         activations.append(between[0] if len(between) == 1 else nn.Sequential(*between))
     return LinearChain(
-        hidden=[children[index][1] for index in linears[:-1]], activations=activations, head=children[-1][1]
+        hidden=[children[index][1] for index in layers[:-1]], activations=activations, head=children[-1][1]
     )
 
 
@@ -196,10 +224,44 @@ def block_from_chain(block_type: Any, chain: LinearChain, **options: Any) -> nn.
     """
     with torch.random.fork_rng(devices=[]):
         classes = chain.head.out_features
-        block = block_type(chain.in_features, chain.hidden_sizes, classes, activations=chain.activations, **options)
+        if chain.convolutions:
+            block = _convolutional(block_type)(chain, classes, **options)
+        else:
+            block = block_type(chain.in_features, chain.hidden_sizes, classes, activations=chain.activations, **options)
     block = block.to(chain.head.weight)
     chain.copy_into_(*block.first_task_layers())
     return block
+
+
+def _convolutional(block_type: Any) -> Callable[..., nn.Module]:
+    """What builds ``block_type``'s convolutional block from a chain that starts with convolutions.
+
+    Raises:
+        ValueError: when the method has no convolutional block.
+    """
+    from lightning_den.core.den.conv import ExpandableCNN
+    from lightning_den.core.den.layers import ExpandableMLP
+
+    if not issubclass(ExpandableCNN, block_type) or not issubclass(block_type, ExpandableMLP):
+        raise ValueError(
+            f"a {block_type.__name__} grows fully connected layers only, and this chain starts with nn.Conv2d "
+            "layers: keep the convolutions outside the chain (a feature extractor before it), or train it with "
+            "DENCallback, which grows convolutions"
+        )
+
+    def build(chain: LinearChain, classes: int) -> nn.Module:
+        last, first_linear = chain.convolutions[-1], chain.hidden[len(chain.convolutions)]
+        positions, rest = divmod(first_linear.in_features, last.out_channels)
+        if rest or not positions:
+            raise ValueError(
+                f"the first nn.Linear reads {first_linear.in_features} features, which is not a whole number of "
+                f"positions per channel of the last nn.Conv2d ({last.out_channels} channels)"
+            )
+        return ExpandableCNN(
+            chain.in_features, chain.convolutions, positions, chain.hidden_sizes, classes, chain.activations
+        )
+
+    return build
 
 
 def load_grown(model: nn.Module, checkpoint_path: str | Path, map_location: Any = "cpu") -> nn.Module:
@@ -245,11 +307,12 @@ def saved_blocks(state_dict: dict[str, Any], prefix: str = "") -> dict[str, type
 
 
 def _block_types() -> dict[str, type[nn.Module]]:
+    from lightning_den.core.den.conv import ExpandableCNN
     from lightning_den.core.den.layers import ExpandableMLP
     from lightning_den.core.packnet.block import PackNetMLP
     from lightning_den.core.progressive.block import ProgressiveMLP
 
-    return {block.__name__: block for block in (ExpandableMLP, PackNetMLP, ProgressiveMLP)}
+    return {block.__name__: block for block in (ExpandableMLP, ExpandableCNN, PackNetMLP, ProgressiveMLP)}
 
 
 #: the blocks a checkpoint can name (``"block"`` in a block's saved state)

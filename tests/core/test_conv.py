@@ -53,7 +53,7 @@ def cnn_configs(draw: st.DrawFn) -> tuple[dict, int]:
 @torch.no_grad()
 def random_cnn(config: dict, seed: int) -> tuple[ExpandableCNN, torch.Generator, torch.Tensor]:
     """A CNN whose parameters are drawn from ``N(0, 1)``, a generator for its surgery, and input images."""
-    cnn = ExpandableCNN(**config)
+    cnn = ExpandableCNN.lenet(**config)
     generator = torch.Generator().manual_seed(seed)
     for parameter in cnn.parameters():
         parameter.copy_(torch.randn(parameter.shape, generator=generator))
@@ -205,7 +205,7 @@ def test_dead_new_filters_are_found_and_pruning_them_keeps_the_newest_task(confi
 
 def small_cnn() -> ExpandableCNN:
     torch.manual_seed(0)
-    return ExpandableCNN((1, 12, 12), channels=[3, 4], hidden_sizes=[5], head_classes=2, kernel_size=3, padding=1)
+    return ExpandableCNN.lenet((1, 12, 12), channels=[3, 4], hidden_sizes=[5], head_classes=2, kernel_size=3, padding=1)
 
 
 def test_expansion_trains_whole_kernels_of_new_filters_and_the_flattened_positions_of_new_channels():
@@ -252,11 +252,11 @@ def test_inputs_of_another_image_shape_are_refused_and_flattened_rows_accepted()
 
 def test_a_checkpoint_of_another_image_shape_is_refused_naming_both():
     saved = small_cnn()
-    other = ExpandableCNN((1, 8, 8), channels=[3, 4], hidden_sizes=[5], head_classes=2, kernel_size=3, padding=1)
+    other = ExpandableCNN.lenet((1, 8, 8), channels=[3, 4], hidden_sizes=[5], head_classes=2, kernel_size=3, padding=1)
     with pytest.raises(ValueError, match=r"reads images of shape \[1, 12, 12\], this one \[1, 8, 8\]"):
         other.load_state_dict(saved.state_dict())
 
 
 def test_too_many_convolutions_for_the_image_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="a 8x8 input has no positions left after 2 convolutions of kernel 3"):
-        ExpandableCNN((1, 8, 8), channels=[2, 2, 2], hidden_sizes=[4], head_classes=2, kernel_size=3, pool=2)
+        ExpandableCNN.lenet((1, 8, 8), channels=[2, 2, 2], hidden_sizes=[4], head_classes=2, kernel_size=3, pool=2)

@@ -74,7 +74,7 @@ def test_the_global_random_stream_is_left_as_it_was():
     [
         (nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)), None, r"`net\.1` is a LayerNorm"),
         (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2, bias=False)), None, r"`net\.2` has no bias"),
-        (nn.Sequential(nn.ReLU(), nn.Linear(4, 3), nn.Linear(3, 2)), "net", "must start and end with an nn.Linear"),
+        (nn.Sequential(nn.ReLU(), nn.Linear(4, 3), nn.Linear(3, 2)), "net", "must start with an nn.Linear"),
         (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), "missing", r"`block='missing'` is not a mod"),
     ],
 )
@@ -143,3 +143,99 @@ def test_a_compiled_converted_model_follows_the_active_task():
     for t in (0, 1, 0):  # the active task is a plain attribute: a guard, so a switch recompiles or reuses
         with task(model, t):
             assert torch.equal(compiled(x), model(x)), t
+
+
+# --- chains that start with convolutions (DEN grows their filters) ---
+
+CHANNELWISE_BETWEEN = [nn.ReLU, nn.Tanh, lambda: nn.Dropout(0.3), lambda: nn.MaxPool2d(2), lambda: nn.AvgPool2d(2)]
+
+
+def fits(modules: list[nn.Module], candidate: nn.Module, probe: torch.Tensor) -> bool:
+    """Whether ``candidate`` after ``modules`` still leaves at least one position of the probe image."""
+    try:
+        return nn.Sequential(*modules, candidate).eval()(probe).shape[-1] >= 1
+    except RuntimeError:  # the feature map is already smaller than the candidate's kernel
+        return False
+
+
+@st.composite
+def conv_chains(draw) -> tuple[nn.Sequential, tuple[int, int, int]]:
+    """A user's ``nn.Sequential``: convolutions (random kernels, strides, padding) with channelwise modules
+    between them, one ``nn.Flatten``, then Linear layers; and the image shape it reads."""
+    channels = draw(st.integers(1, 3), label="in channels")
+    side = draw(st.integers(8, 12), label="side")
+    torch.manual_seed(draw(st.integers(0, 2**16), label="seed"))
+    modules: list[nn.Module] = []
+    below = channels
+    probe = torch.zeros(1, channels, side, side)
+    for index in range(draw(st.integers(1, 2), label="convolutions")):
+        width, kernel = draw(st.integers(1, 4), label="filters"), draw(st.integers(1, 3), label="kernel")
+        stride, padding = draw(st.integers(1, 2), label="stride"), draw(st.integers(0, 1), label="padding")
+        convolution = nn.Conv2d(below, width, kernel, stride=stride, padding=padding)
+        if index and not fits(modules, convolution, probe):
+            break
+        modules.append(convolution)
+        for make in draw(st.lists(st.sampled_from(CHANNELWISE_BETWEEN), max_size=2), label="between"):
+            candidate = make()
+            if fits(modules, candidate, probe):
+                modules.append(candidate)
+        below = width
+    modules.append(nn.Flatten())
+    features = nn.Sequential(*modules)(probe).shape[1]
+    hidden = draw(st.lists(st.integers(1, 5), min_size=1, max_size=2), label="hidden")
+    for a, b in itertools.pairwise([features, *hidden]):
+        modules += [nn.Linear(a, b), draw(st.sampled_from(BETWEEN), label="after linear")()]
+    modules.append(nn.Linear(hidden[-1], draw(st.integers(1, 3), label="classes")))
+    return nn.Sequential(*modules), (channels, side, side)
+
+
+@FAST
+@given(configured=conv_chains(), training=st.booleans())
+def test_a_chain_of_convolutions_converts_into_a_cnn_that_computes_bit_for_bit_the_same(configured, training):
+    from lightning_den.core.den.conv import ExpandableCNN, ExpandableConv2d
+
+    chain, shape = configured
+    model = UserModel(chain).train(training)
+    x = torch.randn(5, *shape)
+    torch.manual_seed(1)  # the same dropout masks on both sides
+    expected = model(x)
+    _, block = attach_block(model, ExpandableMLP)  # DEN's block type: a chain of convolutions becomes a CNN
+    torch.manual_seed(1)
+    assert isinstance(block, ExpandableCNN) and model.net is block
+    assert torch.equal(model(x), expected)
+    convolutions = [layer for layer in block.hidden if isinstance(layer, ExpandableConv2d)]
+    assert [c.out_features for c in convolutions] == [m.out_channels for m in chain if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("block_type", [ProgressiveMLP, PackNetMLP])
+def test_methods_without_a_convolutional_block_refuse_a_chain_of_convolutions_naming_den(block_type):
+    chain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=rf"a {block_type.__name__} grows fully connected layers only.*DENCallback"):
+        attach_block(UserModel(chain), block_type)
+
+
+@pytest.mark.parametrize(
+    ("net", "match"),
+    [
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)),
+            "needs one nn.Flatten",
+        ),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 2)),
+            "reads 7 features, which is not a whole number of positions per channel",
+        ),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), "hold at least two Linears"),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 4), nn.Linear(4, 2)),
+            r"`net\.1` is a BatchNorm2d",
+        ),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.Flatten(), nn.Linear(8, 4), nn.Linear(4, 2)),
+            r"`net\.0` has no bias",
+        ),
+    ],
+)
+def test_a_chain_of_convolutions_that_cannot_grow_is_refused_naming_the_problem(net, match):
+    with pytest.raises(ValueError, match=match):
+        attach_block(UserModel(net), ExpandableMLP, "net")

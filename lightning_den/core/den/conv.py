@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lightning_den.core.checks import check_count, check_sizes
 from lightning_den.core.den.layers import ExpandableLinear, ExpandableMLP
 from lightning_den.core.init import uniform_init
+from lightning_den.core.tasks import ELEMENTWISE, activation_modules
 
 
 class ExpandableConv2d(ExpandableLinear):
@@ -36,9 +37,10 @@ class ExpandableConv2d(ExpandableLinear):
     Args:
         in_channels: channels of the input.
         out_channels: filters at construction.
-        kernel_size: side of the square kernel.
-        stride: stride of the convolution.
-        padding: zero padding on each side.
+        kernel_size: kernel side, or ``(height, width)``.
+        stride: as ``nn.Conv2d``'s.
+        padding: zero padding, as ``nn.Conv2d``'s (``"same"`` too).
+        dilation: as ``nn.Conv2d``'s.
         birth_task: task index recorded for the initial filters.
 
     Example:
@@ -53,27 +55,34 @@ class ExpandableConv2d(ExpandableLinear):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
         birth_task: int = 0,
     ) -> None:
         nn.Module.__init__(self)
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.input_group = 1
-        reference = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        reference = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self.kernel_size, self.stride = reference.kernel_size, reference.stride
+        self.padding, self.dilation = reference.padding, reference.dilation
         self._hold(reference, birth_task)
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d) -> ExpandableConv2d:
+        """An expandable convolution of ``conv``'s shape and settings (freshly drawn weights)."""
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
 
     def forward(self, x: Tensor, out_width: int | None = None) -> Tensor:
         """The convolution with the first ``out_width`` filters over the channels ``x`` carries."""
         weight, bias = self._prefix(x, out_width)
-        return F.conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
     def by_input_unit(self, weight: Tensor) -> Tensor:
         return weight.flatten(2)
 
     def from_input_units(self, weight: Tensor) -> Tensor:
-        return weight.unflatten(2, (self.kernel_size, self.kernel_size))
+        return weight.unflatten(2, self.kernel_size)
 
     def input_width(self, x: Tensor) -> int:
         return x.shape[1]
@@ -88,31 +97,39 @@ class ExpandableConv2d(ExpandableLinear):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_features}, out_channels={self.out_features}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}"
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
         )
 
 
-class ExpandableCNN(ExpandableMLP):
-    """Convolutional layers (filters as units), then fully connected ones, with one head per task: the paper's
-    LeNet-style network for DEN on images (Yoon et al., 2018, §4).
+#: parameter-free modules that act on each channel alone, so they can sit between growing convolutions
+CHANNELWISE = (*ELEMENTWISE, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
 
-    Each convolution is followed by ReLU and max pooling; the last pooled feature map is flattened
-    channel by channel, so the filters alive for a task read a prefix of the flattened features and
-    timestamped inference stays a slice of every layer. The fully connected layer after the flatten sees
-    each filter of the last convolution as one unit (:attr:`ExpandableLinear.input_group` entries).
+
+class ExpandableCNN(ExpandableMLP):
+    """Convolutions (filters as units), then fully connected layers, with one head per task.
+
+    The module after the last convolution ends with ``nn.Flatten()``, which lays the feature map out channel
+    by channel, so the filters alive for a task feed a prefix of the flattened features and timestamped
+    inference stays a slice of every layer; the first fully connected layer sees each filter of the last
+    convolution as one unit of ``positions`` inputs (:attr:`ExpandableLinear.input_group`).
 
     Args:
-        in_shape: ``(channels, height, width)`` of one input.
-        channels: initial filters per convolution.
+        in_channels: channels of the input images.
+        convolutions: the convolutions of task 0 (``nn.Conv2d`` modules: their shapes and settings are taken,
+            the weights are drawn afresh; each must have a bias, ``groups=1`` and zero padding).
+        positions: positions per channel of the last convolution's flattened output (height x width after
+            pooling).
         hidden_sizes: initial units per fully connected hidden layer (one or more).
         head_classes: outputs of every task's head, or one number per task.
-        kernel_size: side of every convolution's square kernel.
-        padding: zero padding of every convolution.
-        pool: side (and stride) of the max pooling after every convolution.
+        activations: the module after each convolution and each fully connected hidden layer: channelwise and
+            parameter-free (:data:`CHANNELWISE`: activations, dropout, pooling) after a convolution, with
+            ``nn.Flatten()`` ending the last convolution's; elementwise after a fully connected layer.
+            Default: ReLU and 2x2 max pooling after each convolution, ReLU after each fully connected layer.
+        in_shape: ``(channels, height, width)`` of one input when known: inputs are then checked against it
+            and may also come as flattened rows.
 
-    Example:
-        >>> cnn = ExpandableCNN((1, 8, 8), channels=[4, 6], hidden_sizes=[10], head_classes=2, kernel_size=3,
-        ...                     padding=1)
+    The paper's LeNet is :meth:`lenet`. Example:
+        >>> cnn = ExpandableCNN.lenet((1, 8, 8), [4, 6], [10], head_classes=2, kernel_size=3, padding=1)
         >>> cnn(torch.ones(5, 1, 8, 8), task=0).shape
         torch.Size([5, 2])
         >>> cnn.widths(0)
@@ -121,6 +138,38 @@ class ExpandableCNN(ExpandableMLP):
 
     def __init__(
         self,
+        in_channels: int,
+        convolutions: Sequence[nn.Conv2d],
+        positions: int,
+        hidden_sizes: Sequence[int],
+        head_classes: int | Sequence[int],
+        activations: Sequence[nn.Module] | None = None,
+        in_shape: Sequence[int] | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        hidden_sizes = self._checked_shape(in_channels, hidden_sizes, head_classes)
+        check_count("positions", positions)
+        self.in_shape = None if in_shape is None else tuple(in_shape)
+        below, layers = in_channels, []
+        for index, conv in enumerate(convolutions):
+            if conv.in_channels != below or conv.bias is None or conv.groups != 1 or conv.padding_mode != "zeros":
+                raise ValueError(
+                    f"convolution {index} ({conv}) must read the {below} channels below it, with a bias, groups=1 "
+                    "and zero padding, to grow its filters"
+                )
+            layers.append(ExpandableConv2d.like(conv))
+            below = conv.out_channels
+        if not layers:
+            raise ValueError("an ExpandableCNN needs at least one convolution; use an ExpandableMLP without")
+        sizes = [below, *hidden_sizes]
+        for index, (a, b) in enumerate(itertools.pairwise(sizes)):
+            group = positions if index == 0 else 1
+            layers.append(ExpandableLinear(a * group, b, input_group=group))
+        self._hold_layers(layers, self._checked_activations(activations, len(convolutions), len(hidden_sizes)))
+
+    @classmethod
+    def lenet(
+        cls,
         in_shape: Sequence[int],
         channels: Sequence[int],
         hidden_sizes: Sequence[int],
@@ -128,49 +177,77 @@ class ExpandableCNN(ExpandableMLP):
         kernel_size: int = 5,
         padding: int = 0,
         pool: int = 2,
-    ) -> None:
-        nn.Module.__init__(self)
+    ) -> ExpandableCNN:
+        """Square ``kernel_size`` convolutions of ``channels`` filters, each with ReLU and ``pool`` x ``pool``
+        max pooling, then ReLU fully connected layers of ``hidden_sizes``, on images of ``in_shape``
+        (the paper's LeNet: ``[20, 50]`` filters of 5x5, ``[800, 500]`` units, on 1x28x28).
+
+        Raises:
+            ValueError: when the image has no positions left after the convolutions and pooling.
+        """
         shape = check_sizes("in_shape", in_shape)
         if len(shape) != 3:
             raise ValueError(f"`in_shape` must be (channels, height, width), got {list(in_shape)}")
-        channels = check_sizes("channels", channels)
-        hidden_sizes = self._checked_shape(shape[0], hidden_sizes, head_classes)
-        self.in_shape = shape
         check_count("kernel_size", kernel_size)
         check_count("pool", pool)
         check_count("padding", padding, minimum=0)
-        layers: list[ExpandableLinear] = []
-        activations: list[nn.Module] = []
-        below, side = shape[0], shape[1:]
-        for width in channels:
-            layers.append(ExpandableConv2d(below, width, kernel_size, padding=padding))
-            activations.append(nn.Sequential(nn.ReLU(), nn.MaxPool2d(pool)))
+        convolutions, below, side = [], shape[0], shape[1:]
+        for width in check_sizes("channels", channels):
+            convolutions.append(nn.Conv2d(below, width, kernel_size, padding=padding))
             side = tuple((s + 2 * padding - kernel_size + 1) // pool for s in side)
             if min(side) < 1:
                 raise ValueError(
-                    f"a {shape[1]}x{shape[2]} input has no positions left after {len(layers)} convolutions of kernel "
-                    f"{kernel_size} (padding {padding}) and pooling {pool}: use fewer convolutions, a smaller kernel "
-                    "or padding"
+                    f"a {shape[1]}x{shape[2]} input has no positions left after {len(convolutions)} convolutions "
+                    f"of kernel {kernel_size} (padding {padding}) and pooling {pool}: use fewer convolutions, a "
+                    "smaller kernel or padding"
                 )
             below = width
-        activations[-1].append(nn.Flatten())
-        positions = side[0] * side[1]
-        sizes = [below, *hidden_sizes]
-        for index, (a, b) in enumerate(itertools.pairwise(sizes)):
-            group = positions if index == 0 else 1
-            layers.append(ExpandableLinear(a * group, b, input_group=group))
-            activations.append(nn.ReLU())
-        self._hold_layers(layers, nn.ModuleList(activations))
+        pooled = [nn.Sequential(nn.ReLU(), nn.MaxPool2d(pool)) for _ in convolutions]
+        pooled[-1].append(nn.Flatten())
+        activations = [*pooled, *(nn.ReLU() for _ in hidden_sizes)]
+        return cls(shape[0], convolutions, side[0] * side[1], hidden_sizes, head_classes, activations, shape)
+
+    @staticmethod
+    def _checked_activations(activations: Sequence[nn.Module] | None, convolutions: int, linears: int) -> nn.ModuleList:
+        """The module after each layer, checked: channelwise after a convolution, ``nn.Flatten()`` last after the
+        last one, elementwise after a fully connected layer."""
+        if activations is None:
+            pooled = [nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)) for _ in range(convolutions)]
+            pooled[-1].append(nn.Flatten())
+            return nn.ModuleList([*pooled, *activation_modules(None, linears)])
+        modules = list(activations)
+        if len(modules) != convolutions + linears:
+            raise ValueError(f"need one module after each of the {convolutions + linears} layers, got {len(modules)}")
+        for index, module in enumerate(modules[:convolutions]):
+            parts = list(module) if isinstance(module, nn.Sequential) else [module]
+            last = index == convolutions - 1
+            if last and not (parts and isinstance(parts[-1], nn.Flatten)):
+                raise ValueError("the module after the last convolution must end with nn.Flatten()")
+            wrong = [type(p).__name__ for p in (parts[:-1] if last else parts) if not isinstance(p, CHANNELWISE)]
+            if wrong:
+                raise ValueError(
+                    f"{wrong} cannot sit between growing convolutions: filters are added and removed, so only "
+                    "parameter-free modules acting on each channel alone (activations, dropout, pooling) can; see "
+                    "lightning_den.core.den.conv.CHANNELWISE"
+                )
+        return nn.ModuleList([*modules[:convolutions], *activation_modules(modules[convolutions:], linears)])
 
     def features(self, x: Tensor, task: int) -> Tensor:
-        """Output of the last hidden layer for ``task`` from images ``[batch, *in_shape]`` or their flattened
-        rows ``[batch, channels * height * width]`` (what the task streams serve)."""
-        if x.ndim == 2 and x.shape[1] == math.prod(self.in_shape):
+        """Output of the last hidden layer for ``task`` from images ``[batch, *in_shape]`` or, when the image
+        shape is known, their flattened rows (what the task streams serve)."""
+        if self.in_shape is not None and x.ndim == 2 and x.shape[1] == math.prod(self.in_shape):
             x = x.view(-1, *self.in_shape)
         return super().features(x, task)
 
     def check_inputs(self, x: Tensor) -> None:
-        """Raise a ``ValueError`` naming the expected shape unless ``x`` is ``[batch, *in_shape]``."""
+        """Raise a ``ValueError`` naming the expected shape unless ``x`` is a batch of images of this network's
+        channels (and shape, when known)."""
+        if self.in_shape is None:
+            if x.ndim != 4 or x.shape[1] != self.in_features:
+                raise ValueError(
+                    f"expected images of shape [batch, {self.in_features}, height, width], got {tuple(x.shape)}"
+                )
+            return
         if x.ndim != 4 or tuple(x.shape[1:]) != self.in_shape:
             shape = ", ".join(map(str, self.in_shape))
             raise ValueError(
@@ -180,14 +257,15 @@ class ExpandableCNN(ExpandableMLP):
 
     def architecture(self) -> dict[str, Any]:
         """:meth:`ExpandableMLP.architecture`, with the input's image shape."""
-        return {**super().architecture(), "in_shape": list(self.in_shape)}
+        return {**super().architecture(), "in_shape": None if self.in_shape is None else list(self.in_shape)}
 
     def rebuild_(self, architecture: dict[str, Any]) -> None:
         """:meth:`ExpandableMLP.rebuild_`, refusing a network saved for another image shape."""
-        saved = architecture.get("in_shape")
-        if saved is None or tuple(saved) != self.in_shape:
+        saved = architecture.get("in_shape", "none: not a convolutional network")
+        if (tuple(saved) if isinstance(saved, list) else saved) != self.in_shape:
+            this = None if self.in_shape is None else list(self.in_shape)
             raise ValueError(
-                f"the saved network reads images of shape {saved}, this one {list(self.in_shape)}: build the model "
-                "with the configuration the checkpoint was trained with"
+                f"the saved network reads images of shape {saved}, this one {this}: build the model with the "
+                "configuration the checkpoint was trained with"
             )
         super().rebuild_(architecture)
