@@ -166,3 +166,14 @@ class CheckFrozenEntries(Callback):
             p = block.get_parameter(name)
             assert torch.equal(p.detach()[frozen], before[frozen]), f"frozen entries of {name} moved"
         self.checked_steps += 1
+
+
+class CrashAt(Callback):
+    """Raises ``RuntimeError("simulated crash")`` when epoch ``epoch`` starts (a crash to resume from)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")

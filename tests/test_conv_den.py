@@ -9,11 +9,11 @@ import functools
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_den import DENCNN, DENMLP, DENCallback, SplitDigits, TaskEvaluation
 from lightning_den.core.den.conv import ExpandableConv2d
-from tests.helpers import CheckFrozenEntries, short_phases, tiny_cnn
+from tests.helpers import CheckFrozenEntries, CrashAt, short_phases, tiny_cnn
 
 SETTINGS = short_phases(loss_threshold=0.0, split_threshold=0.0)  # every phase runs; every drifted filter splits
 PROBE = torch.rand(7, 64, generator=torch.Generator().manual_seed(3))
@@ -46,15 +46,6 @@ def test_den_grows_filters_on_the_digits_with_lightnings_defaults_and_keeps_froz
     assert validated == {"val/acc/task_0", "val/acc/task_1", "val/acc/task_2"}
     with torch.no_grad():  # timestamped inference: each task through its own filters and head
         assert model(PROBE, task=0).shape == (7, 2)
-
-
-class CrashAt(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 def run(folder, extra=(), ckpt_path=None) -> DENCNN:

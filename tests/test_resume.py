@@ -10,20 +10,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_den import DENMLP, DENCallback, TaskEvaluation
-from tests.helpers import IN_FEATURES, make_trainer, short_phases, tiny_model, tiny_stream
+from tests.helpers import IN_FEATURES, CrashAt, make_trainer, short_phases, tiny_model, tiny_stream
 
 # short_phases: task 0 = epochs 0-2; task 1: head_fit 3-4, selective 5-6, expansion 7-8, split 9-10; task 2 ...
 SETTINGS = short_phases(loss_threshold=0.0, split_threshold=0.0)
 PROBE = torch.randn(13, IN_FEATURES, generator=torch.Generator().manual_seed(1))
-
-
-class CrashAt(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 class OutputsAtStart(Callback):
