@@ -74,7 +74,10 @@ def den_variant(den: DENCallback, seed: int, **changes: Any) -> DENCallback:
     variant = copy.deepcopy(den)
     variant.method.seed = seed
     for name, value in changes.items():
-        setattr(variant.method if hasattr(variant.method, name) else variant, name, value)
+        owner = variant.method if hasattr(variant.method, name) else variant
+        if not hasattr(owner, name):
+            raise ValueError(f"DENCallback has no setting {name!r}")
+        setattr(owner, name, value)
     return variant
 
 

@@ -84,20 +84,19 @@ class Network:
         """A plain torch network of these widths (``nn.Conv2d``/``nn.MaxPool2d``, ``nn.Linear``, ReLU) on the
         flattened rows."""
         layers: list[nn.Module] = []
-        below = self.width_in
         if self.channels:
-            conv = len(self.channels)
-            channels, side = self.image[0], self.image[1:]
+            conv, channels = len(self.channels), self.image[0]
             layers.append(nn.Unflatten(1, self.image))
             for width in widths[:conv]:
                 layers += [nn.Conv2d(channels, width, 5), nn.ReLU(), nn.MaxPool2d(2)]
-                channels, side = width, tuple((s - 4) // 2 for s in side)
+                channels = width
             layers.append(nn.Flatten())
-            below, widths = channels * side[0] * side[1], widths[conv:]
-        for width in widths:
-            layers += [nn.Linear(below, width), nn.ReLU()]
-            below = width
-        return nn.Sequential(*layers, nn.Linear(below, classes))
+            widths = widths[conv:]
+        for width in widths:  # LazyLinear: the first reads whatever the convolutions leave
+            layers += [nn.LazyLinear(width), nn.ReLU()]
+        dense = nn.Sequential(*layers, nn.LazyLinear(classes))
+        dense(torch.zeros(1, self.width_in))  # sizes the lazy layers
+        return dense
 
 
 class Clock:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from compare import den_variant, held_out_score, ready_models, validation_stream
 
-from lightning_den import DENCallback, ReadyModel
+from lightning_den import DENMLP, DENCallback
 from lightning_den.cli import DENCLI
 
 
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     overrides = ["--data.init_args.root", args.root] if args.root else []
     cli = DENCLI(args=["--config", args.config, *overrides], run=False, save_config_callback=None)
     den = next((cb for cb in cli.trainer.callbacks if isinstance(cb, DENCallback)), None)
-    if den is None or not isinstance(cli.model, ReadyModel):
+    if den is None or not isinstance(cli.model, DENMLP):
         parser.error(f"{args.config} needs a ready model (DENMLP) and a DENCallback")
     current = getattr(den.method, args.setting, getattr(den, args.setting, None))
-    if current is None or isinstance(current, bool):
+    if not isinstance(current, int | float) or isinstance(current, bool):
         parser.error(f"DENCallback has no numeric setting {args.setting!r}")
     out = Path(args.out or f"benchmarks/results/{Path(args.config).stem}/tuning")
     hparams = {k: cli.model.hparams[k] for k in ("in_features", "hidden_sizes", "num_classes")}
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     scores: dict[str, list[float]] = {}
     costs: dict[str, list[dict[str, Any]]] = {}
     integer = isinstance(current, int)  # e.g. units_per_expansion
+    if integer and any(not value.is_integer() for value in args.values):
+        parser.error(f"{args.setting} takes whole numbers, got {args.values}")
     for value in args.values:
         changes: dict[str, Any] = {args.setting: int(value) if integer else value}
         for seed in args.seeds:

@@ -106,6 +106,8 @@ def linear_chain(sequential: nn.Module, name: str) -> LinearChain:
     for start, end in itertools.pairwise(layers):
         between = [child for _, child in children[start + 1 : end]]
         flatten = [index for index, child in enumerate(between) if isinstance(child, nn.Flatten)]
+        if any(between[index].start_dim != 1 or between[index].end_dim != -1 for index in flatten):
+            raise ValueError(f"`{name}`'s nn.Flatten must flatten each example whole: nn.Flatten() (dims 1 to -1)")
         if flatten != ([len(between) - 1] if end == linears[0] and convolutions else []):
             raise ValueError(
                 f"`{name}` needs one nn.Flatten, the last module between its nn.Conv2d and nn.Linear layers"
@@ -116,19 +118,23 @@ def linear_chain(sequential: nn.Module, name: str) -> LinearChain:
     )
 
 
-def linear_chains(model: nn.Module) -> tuple[dict[str, nn.Sequential], list[str]]:
-    """Every ``nn.Sequential`` of ``model`` that converts into a block, and why each other one holding a
-    Linear layer does not."""
+def linear_chains(model: nn.Module, block_type: Any = None) -> tuple[dict[str, nn.Sequential], list[str]]:
+    """Every ``nn.Sequential`` of ``model`` that converts into a block (into a ``block_type``, when given: chains
+    that start with convolutions only for DEN's), and why each other one holding a Linear layer does not."""
     chains, refused = {}, []
     for name, module in model.named_modules():
         if isinstance(module, nn.Sequential) and name:
             try:
-                linear_chain(module, name)
+                chain = linear_chain(module, name)
             except ValueError as error:
                 if any(isinstance(child, nn.Linear) for child in module.children()):
                     refused.append(str(error))
                 continue
-            chains[name] = module
+            grows = _grows_convolutions if chain.convolutions else _grows_fully_connected
+            if block_type is None or grows(block_type):
+                chains[name] = module
+            elif chain.convolutions:
+                refused.append(f"`{name}`: {_cannot_grow_convolutions(block_type)}")
     return chains, refused
 
 
@@ -182,7 +188,7 @@ def _find_block(model: nn.Module, block_type: Any, name: str | None) -> tuple[st
     if name in blocks:
         return name, blocks[name]
     if name is None:
-        chains, refused = linear_chains(model)
+        chains, refused = linear_chains(model, block_type)
         if len(chains) != 1:
             linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
             found = (
@@ -197,7 +203,7 @@ def _find_block(model: nn.Module, block_type: Any, name: str | None) -> tuple[st
     try:
         target = model.get_submodule(name)
     except AttributeError:
-        names = sorted({*blocks, *linear_chains(model)[0]})
+        names = sorted({*blocks, *linear_chains(model, block_type)[0]})
         raise ValueError(
             f"`block={name!r}` is not a module of {type(model).__name__}; its blocks and convertible chains are: "
             f"{names or 'none'}"
@@ -224,6 +230,11 @@ def block_from_chain(block_type: Any, chain: LinearChain, **options: Any) -> nn.
     """
     with torch.random.fork_rng(devices=[]):
         classes = chain.head.out_features
+        if not chain.convolutions and not _grows_fully_connected(block_type):
+            raise ValueError(
+                f"a {block_type.__name__} starts with convolutions, and this chain has none: build the model the "
+                "checkpoint was trained with"
+            )
         if chain.convolutions:
             block = _convolutional(block_type)(chain, classes, **options)
         else:
@@ -233,6 +244,30 @@ def block_from_chain(block_type: Any, chain: LinearChain, **options: Any) -> nn.
     return block
 
 
+def _grows_fully_connected(block_type: Any) -> bool:
+    """Whether ``block_type`` is built from a chain of Linear layers alone (every block but a CNN)."""
+    from lightning_den.core.den.conv import ExpandableCNN
+
+    return not issubclass(block_type, ExpandableCNN)
+
+
+def _grows_convolutions(block_type: Any) -> bool:
+    """Whether ``block_type`` (or its convolutional sibling) can be built from a chain that starts with
+    convolutions: DEN's."""
+    from lightning_den.core.den.conv import ExpandableCNN
+    from lightning_den.core.den.layers import ExpandableMLP
+
+    return issubclass(ExpandableCNN, block_type) and issubclass(block_type, ExpandableMLP)
+
+
+def _cannot_grow_convolutions(block_type: Any) -> str:
+    return (
+        f"a {block_type.__name__} grows fully connected layers only, and this chain starts with nn.Conv2d layers: "
+        "keep the convolutions outside the chain (a feature extractor before it), or train it with DENCallback, "
+        "which grows convolutions"
+    )
+
+
 def _convolutional(block_type: Any) -> Callable[..., nn.Module]:
     """What builds ``block_type``'s convolutional block from a chain that starts with convolutions.
 
@@ -240,14 +275,9 @@ def _convolutional(block_type: Any) -> Callable[..., nn.Module]:
         ValueError: when the method has no convolutional block.
     """
     from lightning_den.core.den.conv import ExpandableCNN
-    from lightning_den.core.den.layers import ExpandableMLP
 
-    if not issubclass(ExpandableCNN, block_type) or not issubclass(block_type, ExpandableMLP):
-        raise ValueError(
-            f"a {block_type.__name__} grows fully connected layers only, and this chain starts with nn.Conv2d "
-            "layers: keep the convolutions outside the chain (a feature extractor before it), or train it with "
-            "DENCallback, which grows convolutions"
-        )
+    if not _grows_convolutions(block_type):
+        raise ValueError(_cannot_grow_convolutions(block_type))
 
     def build(chain: LinearChain, classes: int) -> nn.Module:
         last, first_linear = chain.convolutions[-1], chain.hidden[len(chain.convolutions)]

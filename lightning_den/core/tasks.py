@@ -123,7 +123,17 @@ class PerTaskHeads:
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Grow to the saved architecture; torch calls it before the block's layers load their weights."""
+        """Grow to the saved architecture; torch calls it before the block's layers load their weights.
+
+        Raises:
+            ValueError: when the state was saved by another kind of block (e.g. a CNN into an MLP).
+        """
+        saved = state.get("block", type(self).__name__)
+        if saved != type(self).__name__:
+            raise ValueError(
+                f"the checkpoint holds a block of type {saved} where this model has one of type "
+                f"{type(self).__name__}: build the model the checkpoint was trained with"
+            )
         self.rebuild_(state["architecture"])
         self.active_task = int(state["active_task"])
         self.tasks_learned = int(state["tasks_learned"])

@@ -258,5 +258,50 @@ def test_a_checkpoint_of_another_image_shape_is_refused_naming_both():
 
 
 def test_too_many_convolutions_for_the_image_are_refused_with_the_fix():
-    with pytest.raises(ValueError, match="a 8x8 input has no positions left after 2 convolutions of kernel 3"):
+    with pytest.raises(ValueError, match=r"a \[1, 8, 8\] image has no positions left after the convolutions"):
         ExpandableCNN.lenet((1, 8, 8), channels=[2, 2, 2], hidden_sizes=[4], head_classes=2, kernel_size=3, pool=2)
+
+
+def test_selective_retraining_trains_the_selected_filters_kernels_on_selected_channels_and_their_positions():
+    cnn = small_cnn()  # 1 -> 3 -> 4 filters, 9 positions per channel into 5 units
+    cnn.add_task_()
+    selection = [[0], [0, 2], [1, 3], [4]]  # input channel, filters of each convolution, units
+    entries = trainable_entries(cnn, DENPhase.SELECTIVE, selection)
+    conv, second, linear = cnn.hidden
+    expected_second = torch.zeros(second.weight.shape, dtype=torch.bool)
+    for row in (1, 3):
+        for column in (0, 2):
+            expected_second[row, column] = True  # the whole 3x3 kernel slice
+    assert torch.equal(entries["hidden.1.weight"], expected_second)
+    assert torch.equal(entries["hidden.1.bias"], torch.tensor([False, True, False, True]))
+    expected_linear = torch.zeros(linear.weight.shape, dtype=torch.bool)
+    for channel in (1, 3):  # unit 4 reads the 9 positions of each selected channel
+        expected_linear[4, channel * 9 : (channel + 1) * 9] = True
+    assert torch.equal(entries["hidden.2.weight"], expected_linear)
+    expected_first = torch.zeros(conv.weight.shape, dtype=torch.bool)
+    expected_first[[0, 2], 0] = True
+    assert torch.equal(entries["hidden.0.weight"], expected_first)
+
+
+def test_unit_drift_of_a_filter_is_the_norm_of_its_whole_kernel_change():
+    cnn = small_cnn()
+    reference = snapshot(cnn)
+    with torch.no_grad():
+        cnn.hidden[1].weight[2, 1, 0, 0] += 3.0
+        cnn.hidden[1].weight[2, 2, 2, 1] -= 4.0
+    assert unit_drift(cnn, 1, reference).tolist() == [0.0, 0.0, 5.0, 0.0]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_lasso_shrinks_whole_filters_in_any_memory_layout(layout):
+    from lightning_den.core.den.prox import group_lasso_prox_
+
+    filters = torch.zeros(2, 2, 3, 3)
+    filters[0, 0, 0, 0], filters[0, 1, 2, 2] = 3.0, 4.0  # norm 5
+    filters[1, 1, 1, 1] = 0.5  # norm 0.5: below the threshold, zeroed whole
+    if layout == "channels_last":
+        filters = filters.to(memory_format=torch.channels_last)
+    bias = torch.zeros(2)
+    group_lasso_prox_([filters], 1.0, [bias])
+    assert filters[0, 0, 0, 0].item() == pytest.approx(2.4) and filters[0, 1, 2, 2].item() == pytest.approx(3.2)
+    assert not filters[1].any()

@@ -61,8 +61,7 @@ class ExpandableConv2d(ExpandableLinear):
         dilation: int | tuple[int, int] = 1,
         birth_task: int = 0,
     ) -> None:
-        nn.Module.__init__(self)
-        self.input_group = 1
+        nn.Module.__init__(self)  # the filter bank is nn.Conv2d's, not the ``[out, in]`` of ExpandableLinear
         reference = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation)
         self.kernel_size, self.stride = reference.kernel_size, reference.stride
         self.padding, self.dilation = reference.padding, reference.dilation
@@ -79,12 +78,16 @@ class ExpandableConv2d(ExpandableLinear):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
     def by_input_unit(self, weight: Tensor) -> Tensor:
+        """``[filters, channels, kh, kw]`` as ``[filters, channels, kh * kw]``: a filter reads a channel through
+        its kernel slice."""
         return weight.flatten(2)
 
     def from_input_units(self, weight: Tensor) -> Tensor:
+        """``[filters, channels, kh * kw]`` back to the filter bank's ``[filters, channels, kh, kw]``."""
         return weight.unflatten(2, self.kernel_size)
 
     def input_width(self, x: Tensor) -> int:
+        """The channels of ``x`` ``[batch, channels, height, width]``."""
         return x.shape[1]
 
     def draw_units(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -103,6 +106,42 @@ class ExpandableConv2d(ExpandableLinear):
 
 #: parameter-free modules that act on each channel alone, so they can sit between growing convolutions
 CHANNELWISE = (*ELEMENTWISE, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+
+
+def _pooled(convolutions: int, pool: int) -> list[nn.Sequential]:
+    """ReLU and ``pool`` x ``pool`` max pooling after each convolution, then ``nn.Flatten()`` after the last."""
+    modules = [nn.Sequential(nn.ReLU(), nn.MaxPool2d(pool)) for _ in range(convolutions)]
+    modules[-1].append(nn.Flatten())
+    return modules
+
+
+def flattened_positions(
+    in_shape: Sequence[int], convolutions: Sequence[nn.Conv2d], modules: Sequence[nn.Module]
+) -> int:
+    """Positions per channel of the last convolution's flattened output, for images of ``in_shape`` through
+    ``convolutions`` and the module after each (shapes only, on the meta device).
+
+    Example:
+        >>> convs = [nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3)]
+        >>> flattened_positions((1, 16, 16), convs, [nn.MaxPool2d(2), nn.Sequential(nn.MaxPool2d(2), nn.Flatten())])
+        4
+
+    Raises:
+        ValueError: when no position is left.
+    """
+    h = torch.zeros(1, *in_shape, device="meta")
+    try:
+        for conv, module in zip(convolutions, modules, strict=True):
+            weight = torch.zeros(conv.weight.shape, device="meta")
+            h = module(F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation))
+    except RuntimeError as error:  # a kernel larger than what is left of the image
+        raise ValueError(
+            f"a {list(in_shape)} image has no positions left after the convolutions and pooling ({error}): use "
+            "fewer convolutions, smaller kernels, less pooling or padding"
+        ) from None
+    if h.ndim != 2 or h.shape[1] == 0:
+        raise ValueError(f"a {list(in_shape)} image leaves a {list(h.shape[1:])} output: no positions left")
+    return h.shape[1] // convolutions[-1].out_channels
 
 
 class ExpandableCNN(ExpandableMLP):
@@ -146,26 +185,38 @@ class ExpandableCNN(ExpandableMLP):
         activations: Sequence[nn.Module] | None = None,
         in_shape: Sequence[int] | None = None,
     ) -> None:
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # ExpandableMLP's constructor builds Linear layers only; _hold_layers is shared
         hidden_sizes = self._checked_shape(in_channels, hidden_sizes, head_classes)
         check_count("positions", positions)
-        self.in_shape = None if in_shape is None else tuple(in_shape)
         below, layers = in_channels, []
         for index, conv in enumerate(convolutions):
+            if not isinstance(conv, nn.Conv2d):
+                raise ValueError(f"`convolutions[{index}]` must be an nn.Conv2d, got {type(conv).__name__}")
             if conv.in_channels != below or conv.bias is None or conv.groups != 1 or conv.padding_mode != "zeros":
                 raise ValueError(
                     f"convolution {index} ({conv}) must read the {below} channels below it, with a bias, groups=1 "
-                    "and zero padding, to grow its filters"
+                    "and padding_mode='zeros', to grow its filters"
                 )
             layers.append(ExpandableConv2d.like(conv))
             below = conv.out_channels
         if not layers:
             raise ValueError("an ExpandableCNN needs at least one convolution; use an ExpandableMLP without")
+        modules = self._checked_activations(activations, len(layers), len(hidden_sizes))
+        self.in_shape = None if in_shape is None else tuple(in_shape)
+        if self.in_shape is not None:
+            if len(self.in_shape) != 3 or self.in_shape[0] != in_channels:
+                raise ValueError(f"`in_shape` must be ({in_channels}, height, width), got {list(in_shape)}")
+            measured = flattened_positions(self.in_shape, convolutions, modules[: len(layers)])
+            if measured != positions:
+                raise ValueError(
+                    f"`positions` is {positions}, but a {list(self.in_shape)} image leaves {measured} per channel "
+                    "after the convolutions and their modules"
+                )
         sizes = [below, *hidden_sizes]
         for index, (a, b) in enumerate(itertools.pairwise(sizes)):
             group = positions if index == 0 else 1
             layers.append(ExpandableLinear(a * group, b, input_group=group))
-        self._hold_layers(layers, self._checked_activations(activations, len(convolutions), len(hidden_sizes)))
+        self._hold_layers(layers, modules)
 
     @classmethod
     def lenet(
@@ -191,30 +242,22 @@ class ExpandableCNN(ExpandableMLP):
         check_count("kernel_size", kernel_size)
         check_count("pool", pool)
         check_count("padding", padding, minimum=0)
-        convolutions, below, side = [], shape[0], shape[1:]
-        for width in check_sizes("channels", channels):
-            convolutions.append(nn.Conv2d(below, width, kernel_size, padding=padding))
-            side = tuple((s + 2 * padding - kernel_size + 1) // pool for s in side)
-            if min(side) < 1:
-                raise ValueError(
-                    f"a {shape[1]}x{shape[2]} input has no positions left after {len(convolutions)} convolutions "
-                    f"of kernel {kernel_size} (padding {padding}) and pooling {pool}: use fewer convolutions, a "
-                    "smaller kernel or padding"
-                )
-            below = width
-        pooled = [nn.Sequential(nn.ReLU(), nn.MaxPool2d(pool)) for _ in convolutions]
-        pooled[-1].append(nn.Flatten())
-        activations = [*pooled, *(nn.ReLU() for _ in hidden_sizes)]
-        return cls(shape[0], convolutions, side[0] * side[1], hidden_sizes, head_classes, activations, shape)
+        widths = check_sizes("channels", channels)
+        with torch.random.fork_rng(devices=[]):  # only their shapes are used: the block draws its own weights
+            convolutions = [
+                nn.Conv2d(a, b, kernel_size, padding=padding, device="meta")
+                for a, b in itertools.pairwise([shape[0], *widths])
+            ]
+        activations = [*_pooled(len(widths), pool), *(nn.ReLU() for _ in hidden_sizes)]
+        positions = flattened_positions(shape, convolutions, activations[: len(widths)])
+        return cls(shape[0], convolutions, positions, hidden_sizes, head_classes, activations, shape)
 
     @staticmethod
     def _checked_activations(activations: Sequence[nn.Module] | None, convolutions: int, linears: int) -> nn.ModuleList:
         """The module after each layer, checked: channelwise after a convolution, ``nn.Flatten()`` last after the
         last one, elementwise after a fully connected layer."""
         if activations is None:
-            pooled = [nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)) for _ in range(convolutions)]
-            pooled[-1].append(nn.Flatten())
-            return nn.ModuleList([*pooled, *activation_modules(None, linears)])
+            return nn.ModuleList([*_pooled(convolutions, 2), *activation_modules(None, linears)])
         modules = list(activations)
         if len(modules) != convolutions + linears:
             raise ValueError(f"need one module after each of the {convolutions + linears} layers, got {len(modules)}")
@@ -261,8 +304,8 @@ class ExpandableCNN(ExpandableMLP):
 
     def rebuild_(self, architecture: dict[str, Any]) -> None:
         """:meth:`ExpandableMLP.rebuild_`, refusing a network saved for another image shape."""
-        saved = architecture.get("in_shape", "none: not a convolutional network")
-        if (tuple(saved) if isinstance(saved, list) else saved) != self.in_shape:
+        saved = architecture.get("in_shape")
+        if (None if saved is None else tuple(saved)) != self.in_shape:
             this = None if self.in_shape is None else list(self.in_shape)
             raise ValueError(
                 f"the saved network reads images of shape {saved}, this one {this}: build the model with the "

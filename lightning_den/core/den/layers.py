@@ -39,6 +39,9 @@ class ExpandableLinear(nn.Module):
         in_features: width of the input.
         out_features: number of units at construction.
         birth_task: task index recorded for the initial units.
+        input_group: inputs per unit of the layer below (``in_features`` is a multiple): 1, or the positions of
+            each channel of a flattened feature map (the first fully connected layer of an
+            :class:`~lightning_den.core.den.conv.ExpandableCNN`).
 
     Shapes:
         ``weight``: ``[out_features, in_features]`` (``nn.Linear`` layout), ``bias``: ``[out_features]``,
@@ -89,6 +92,16 @@ class ExpandableLinear(nn.Module):
         """Units of the layer below this layer reads (input features, or channels of a flattened feature map)."""
         return self.by_input_unit(self.weight).shape[1]
 
+    @property
+    def entries_per_unit(self) -> int:
+        """Weight entries of one unit for one unit below: 1, the positions of a flattened channel, or a kernel.
+
+        Example:
+            >>> ExpandableLinear(12, 2, input_group=4).entries_per_unit, ExpandableLinear(12, 2).entries_per_unit
+            (4, 1)
+        """
+        return self.by_input_unit(self.weight).shape[2]
+
     def by_input_unit(self, weight: Tensor) -> Tensor:
         """A view of ``weight`` (rows of this layer's layout, a prefix of its columns) as
         ``[rows, input units, entries per unit]``, the layout every unit-level operation works on.
@@ -107,8 +120,7 @@ class ExpandableLinear(nn.Module):
     def input_entries(self, by_unit: Tensor) -> Tensor:
         """``by_unit`` ``[rows, input units]`` (e.g. a mask of trained connections) spread over every entry of
         each connection, in this layer's layout."""
-        per_unit = self.by_input_unit(self.weight).shape[2]
-        return self.from_input_units(by_unit[:, :, None].expand(-1, -1, per_unit))
+        return self.from_input_units(by_unit[:, :, None].expand(-1, -1, self.entries_per_unit)).contiguous()
 
     def input_width(self, x: Tensor) -> int:
         """The number of input columns ``x`` carries (a prefix of this layer's)."""
@@ -269,7 +281,7 @@ class ExpandableLinear(nn.Module):
     def append_inputs_(self, weights: Tensor) -> None:
         """Append the weights from new units of the layer below, ``[out_features, n, entries per unit]`` (the
         layout of :meth:`by_input_unit`)."""
-        shape = (self.out_features, self.by_input_unit(self.weight).shape[2])
+        shape = (self.out_features, self.entries_per_unit)
         if weights.ndim != 3 or (weights.shape[0], weights.shape[2]) != shape:
             raise ValueError(f"new inputs need shape [{shape[0]}, n, {shape[1]}], got {tuple(weights.shape)}")
         columns = self.from_input_units(weights.to(self.weight))
@@ -277,8 +289,7 @@ class ExpandableLinear(nn.Module):
 
     def new_inputs(self, count: int) -> Tensor:
         """Zero weights from ``count`` new units below, in the layout :meth:`append_inputs_` takes."""
-        per_unit = self.by_input_unit(self.weight)
-        return per_unit.new_zeros(self.out_features, count, per_unit.shape[2])
+        return self.weight.new_zeros(self.out_features, count, self.entries_per_unit)
 
     @torch.no_grad()
     def keep_units_(self, keep: Tensor) -> None:
@@ -400,7 +411,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         """
         total, below = 0, self.in_features
         for layer, width in zip(self.hidden, widths, strict=True):
-            total += width * below * layer.by_input_unit(layer.weight).shape[2] + width
+            total += width * below * layer.entries_per_unit + width
             below = width
         return total + classes * below + classes
 

@@ -44,8 +44,8 @@ def group_lasso_prox_(rows: Sequence[Tensor], threshold: float, biases: Sequence
     """Group soft-threshold of each unit: ``g <- g * max(1 - t / ||g||, 0)`` over its incoming weights.
 
     Args:
-        rows: contiguous tensors (or views) whose rows are the groups, e.g. ``weight[first_new_unit:]``, or a
-            filter bank ``[filters, channels, k, k]`` (a filter is a group).
+        rows: tensors (or views) whose rows are the groups, e.g. ``weight[first_new_unit:]``, or a filter bank
+            ``[filters, channels, k, k]`` (a filter is a group), in any memory layout.
         threshold: ``learning_rate * gamma``.
         biases: optional 1-D tensors, one per entry of ``rows``; each row's bias joins its group, so a
             zeroed group is a unit that outputs exactly zero.
@@ -61,13 +61,12 @@ def group_lasso_prox_(rows: Sequence[Tensor], threshold: float, biases: Sequence
     for index, r in enumerate(rows):
         if not r.numel():
             continue
-        r = r.flatten(1)  # a view: a filter's rows are its kernel slices
-        norms = torch.linalg.vector_norm(r, dim=1)
+        norms = torch.linalg.vector_norm(r, dim=tuple(range(1, r.ndim)))  # a filter: all its kernel slices
         if biases is not None:
             norms = torch.hypot(norms, biases[index])
         # 1 - t / ||g||, floored at 0 (a zero group: 1 / 0 = inf, so its scale is 0 and it stays zero)
         scale = norms.reciprocal_().mul_(-threshold).add_(1.0).clamp_min_(0.0)
-        r.mul_(scale[:, None])
+        r.mul_(scale.view(-1, *(1,) * (r.ndim - 1)))
         if biases is not None:
             biases[index].mul_(scale)
 
