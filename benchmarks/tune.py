@@ -3,7 +3,7 @@
 Each task's training data are cut into training and validation data (``compare.validation_stream``; the test
 data are never seen); DEN runs with each candidate value under each seed, and the final average score
 (AUROC when every task is binary, accuracy otherwise) and the parameters are written to
-``<out>/den_<setting>.json`` and ``.md``:
+``<out>/den_<setting>.json`` and ``.md`` (the runs' own files under ``<out>/tuning/``):
 
     .venv/bin/python benchmarks/tune.py examples/mnist_variation.yaml --root ../shared/data/mnist \\
         --setting drift_penalty --values 3 12 30 --seeds 0 1 2
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--values", nargs="+", type=float, required=True, help="the candidate values")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
     parser.add_argument("--root", default=None, help="MNIST folder, overriding the config's data.init_args.root")
-    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<config>/tuning)")
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<config name>)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     overrides = ["--data.init_args.root", args.root] if args.root else []
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     current = getattr(den.method, args.setting, getattr(den, args.setting, None))
     if not isinstance(current, int | float) or isinstance(current, bool):
         parser.error(f"DENCallback has no numeric setting {args.setting!r}")
-    out = Path(args.out or f"benchmarks/results/{Path(args.config).stem}/tuning")
+    out = Path(args.out or f"benchmarks/results/{Path(args.config).stem}")
     hparams = {k: cli.model.hparams[k] for k in ("in_features", "hidden_sizes", "num_classes")}
     build_model = ready_models(hparams, cli.model.optimizer_factory)["den"]
     held_out = validation_stream(cli.datamodule, args.seeds[0])
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     for value in args.values:
         changes: dict[str, Any] = {args.setting: int(value) if integer else value}
         for seed in args.seeds:
-            folder = out / f"den_{args.setting}_{value:g}" / f"seed_{seed}"
+            folder = out / "tuning" / f"den_{args.setting}_{value:g}" / f"seed_{seed}"
             build = (build_model, functools.partial(den_variant, den, seed, **changes))
             score, cost = held_out_score(build, held_out, folder, seed)
             scores.setdefault(f"{value:g}", []).append(score)

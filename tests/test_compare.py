@@ -173,7 +173,7 @@ def test_tune_scores_each_value_of_a_den_setting_on_the_validation_split_over_se
     for value, per_seed in saved["scores"].items():
         assert len(per_seed) == 2 and all(0.0 <= score <= 1.0 for score in per_seed)
         for seed, score in zip((0, 1), per_seed, strict=True):  # each score is the run's own final average
-            run = out / f"den_units_per_expansion_{value}" / f"seed_{seed}"
+            run = out / "tuning" / f"den_units_per_expansion_{value}" / f"seed_{seed}"
             metrics = json.loads((run / "continual_metrics.json").read_text())
             assert metrics["summary"]["average_auroc"] == pytest.approx(score)
     small, large = (statistics.fmean(run["parameters"] for run in saved["costs"][v]) for v in ("2", "6"))
