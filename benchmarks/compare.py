@@ -68,6 +68,12 @@ METHODS = {
 }
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch's CPU threads. Results depend on it (matrix products split their sums by thread), so
+    a measurement is repeated bit for bit only with the same count; every run is recorded with it."""
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the results depend on it)")
+
+
 def den_variant(den: DENCallback, seed: int, **changes: Any) -> DENCallback:
     """A fresh copy of the configuration's DEN callback with ``seed`` and ``changes`` (the paper's ablations),
     each set on DEN's method or, for the callback's own settings (``convergence_tol``), on the callback."""
@@ -308,8 +314,9 @@ def main(argv: list[str] | None = None) -> None:
         help="tune EWC's lambda: the best of these on a validation split of each task's training data",
     )
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<config name>)")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     name = Path(args.config).stem
     out = Path(args.out or f"benchmarks/results/{name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -360,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             runs[method].append(result)
     rows = [aggregate(runs[m]) for m in args.methods]
     spread = f"; mean over seeds {seeds} (± sample standard deviation)" if len(seeds) > 1 else f"; seed {seeds[0]}"
+    spread += f"; {args.threads} torch thread{'s' if args.threads > 1 else ''}"
     if "ewc" in args.methods:
         how = "chosen on a validation split of the training data" if tuning else "not tuned"
         strength = EWCCallback().method.ewc_lambda if ewc_lambda is None else ewc_lambda
@@ -374,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         "config": args.config,
         "epochs": epochs,
         "seeds": seeds,
+        "threads": args.threads,
         "ewc_lambda": ewc_lambda,
         "ewc_validation_scores": tuning,
         "rows": rows,

@@ -20,16 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compare import den_variant, held_out_score, ready_models, validation_stream
+from compare import add_threads_argument, den_variant, held_out_score, ready_models, validation_stream
 
 from lightning_den import DENMLP, DENCallback
 from lightning_den.cli import DENCLI
 
 
-def markdown(setting: str, seeds: list[int], scores: dict[str, list[float]], costs: dict[str, list[dict]]) -> str:
+def markdown(
+    setting: str, seeds: list[int], threads: int, scores: dict[str, list[float]], costs: dict[str, list[dict]]
+) -> str:
     """One row per candidate value: the score per seed, their mean, and the mean parameters, epochs and seconds."""
     lines = [
-        f"DEN's `{setting}` on a validation split of each task's training data, seeds {seeds}",
+        f"DEN's `{setting}` on a validation split of each task's training data, seeds {seeds}, {threads} torch "
+        f"thread{'s' if threads > 1 else ''}",
         "",
         f"| {setting} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | parameters | epochs | seconds |",
         "|---" * (len(seeds) + 5) + "|",
@@ -54,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
     parser.add_argument("--root", default=None, help="MNIST folder, overriding the config's data.init_args.root")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<config name>)")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     overrides = ["--data.init_args.root", args.root] if args.root else []
     cli = DENCLI(args=["--config", args.config, *overrides], run=False, save_config_callback=None)
     den = next((cb for cb in cli.trainer.callbacks if isinstance(cb, DENCallback)), None)
@@ -82,9 +86,10 @@ def main(argv: list[str] | None = None) -> None:
             scores.setdefault(f"{value:g}", []).append(score)
             costs.setdefault(f"{value:g}", []).append(cost)
             print(f"{args.setting}={value:g} seed {seed}: {score:.4f}, {cost}", flush=True)
-    table = markdown(args.setting, args.seeds, scores, costs)
+    table = markdown(args.setting, args.seeds, args.threads, scores, costs)
     (out / f"den_{args.setting}.md").write_text(table + "\n")
-    record = {"config": args.config, "setting": args.setting, "seeds": args.seeds, "scores": scores}
+    record = {"config": args.config, "setting": args.setting, "seeds": args.seeds, "threads": args.threads}
+    record["scores"] = scores
     (out / f"den_{args.setting}.json").write_text(json.dumps({**record, "costs": costs}, indent=2))
     print(table)
 

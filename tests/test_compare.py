@@ -76,7 +76,8 @@ def test_compare_averages_over_seeds_with_their_spread(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = json.loads((out / "comparison.json").read_text())
-    assert saved["seeds"] == [0, 1]
+    assert saved["seeds"] == [0, 1] and saved["threads"] == 1  # the results depend on it: recorded, 1 by default
+    assert "; 1 torch thread" in (out / "comparison.md").read_text()
     for row in saved["rows"]:
         per_seed = [run["average_accuracy"] for run in row["seeds"]]
         assert len(per_seed) == 2 and row["average_accuracy"] == pytest.approx(sum(per_seed) / 2)
