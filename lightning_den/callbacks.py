@@ -40,6 +40,8 @@ class DENCallback(TaskSequenceCallback):
         units_per_expansion: :math:`k`, units added to every hidden layer by an expansion, or one count per
             hidden layer (``[40, 0]`` grows only the first).
         split_threshold: :math:`\sigma`; old units whose incoming weights moved farther (L2) are split.
+        conv_split_threshold: :math:`\sigma_c` for the filters of convolutional layers (the paper: 0.02 against
+            0.002 for fully connected ones); ``None``: ``split_threshold`` for every layer.
         max_splits_per_layer: most units split per layer and task (most drifted first); ``None``: all.
         selection_budget: most units of each hidden layer that selective retraining may select, as a
             fraction of the layer (the strongest-connected of those BFS reaches); ``None``: all BFS reaches,
@@ -86,6 +88,7 @@ class DENCallback(TaskSequenceCallback):
         loss_threshold: float = 0.01,
         units_per_expansion: int | Sequence[int] = 10,
         split_threshold: float = 0.05,
+        conv_split_threshold: float | None = None,
         max_splits_per_layer: int | None = None,
         selection_budget: float | None = None,
         expansion: bool = True,
@@ -106,6 +109,7 @@ class DENCallback(TaskSequenceCallback):
             loss_threshold=loss_threshold,
             units_per_expansion=units_per_expansion,
             split_threshold=split_threshold,
+            conv_split_threshold=conv_split_threshold,
             max_splits_per_layer=max_splits_per_layer,
             selection_budget=selection_budget,
             expansion=expansion,

@@ -9,7 +9,8 @@ import functools
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_den import DENCNN, DENMLP, DENCallback, SplitDigits, TaskEvaluation
 from lightning_den.core.den.conv import ExpandableConv2d
@@ -119,3 +120,24 @@ def test_den_grows_the_filters_of_a_users_plain_convolutional_module_and_loads_i
         for task in range(3):
             with lightning_den.task(model, task), lightning_den.task(loaded, task):
                 assert torch.equal(loaded(PROBE), model(PROBE))
+
+
+def test_conv_split_threshold_applies_to_the_filters_and_split_threshold_to_the_units(tmp_path):
+    recorder = RecordSplits()
+    settings = {**SETTINGS, "conv_split_threshold": 1e9}  # no filter drifts that far; every unit above 0 splits
+    trainer = default_trainer(tmp_path, [DENCallback(**settings), recorder], limit_val_batches=0)
+    trainer.fit(tiny_cnn(), datamodule=SplitDigits(num_tasks=2))
+    (split,) = recorder.splits
+    assert split[0] == [] and split[1] == []  # the two convolutions
+    assert split[2]  # the fully connected layer split its drifted units
+    with pytest.raises(MisconfigurationException, match="`conv_split_threshold` must be a finite number >= 0"):
+        DENCallback(conv_split_threshold=-1.0)
+
+
+class RecordSplits(Callback):
+    def __init__(self) -> None:
+        self.splits = []
+
+    def on_task_boundary(self, trainer, pl_module, boundary) -> None:
+        if "split" in boundary.changes:
+            self.splits.append(boundary.changes["split"])

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_den.core.checks import check_count, check_counts, check_flag, check_fraction, check_number, optional
+from lightning_den.core.den.conv import ExpandableConv2d
 from lightning_den.core.den.entries import (
     DriftTarget,
     ProximalTarget,
@@ -71,6 +72,7 @@ class DENMethod(TaskMethod):
         loss_threshold: float = 0.01,
         units_per_expansion: int | Sequence[int] = 10,
         split_threshold: float = 0.05,
+        conv_split_threshold: float | None = None,
         max_splits_per_layer: int | None = None,
         selection_budget: float | None = None,
         expansion: bool = True,
@@ -88,6 +90,9 @@ class DENMethod(TaskMethod):
         self.drift_penalty = check_number("drift_penalty", drift_penalty)
         self.loss_threshold = check_number("loss_threshold", loss_threshold)
         self.split_threshold = check_number("split_threshold", split_threshold)
+        self.conv_split_threshold = optional(
+            check_number, "conv_split_threshold", conv_split_threshold, "split_threshold for every layer"
+        )
         self.units_per_expansion = check_counts("units_per_expansion", units_per_expansion)
         self.max_splits_per_layer = optional(
             check_count, "max_splits_per_layer", max_splits_per_layer, "no cap", minimum=0
@@ -138,10 +143,18 @@ class DENMethod(TaskMethod):
         plan = self.end_plan(block, progress)  # leaving expansion, for the split or the next task: prune its dead
         if phase is DENPhase.SPLIT:
             plan["split"] = [
-                units_to_split(unit_drift(block, i, self._snapshot), self.split_threshold, self.max_splits_per_layer)
-                for i in range(len(block.hidden))
+                units_to_split(
+                    unit_drift(block, i, self._snapshot), self._split_threshold(layer), self.max_splits_per_layer
+                )
+                for i, layer in enumerate(block.hidden)
             ]
         return plan
+
+    def _split_threshold(self, layer: nn.Module) -> float:
+        """Sigma of ``layer``: ``conv_split_threshold`` for a convolution when given, else ``split_threshold``."""
+        if self.conv_split_threshold is not None and isinstance(layer, ExpandableConv2d):
+            return self.conv_split_threshold
+        return self.split_threshold
 
     def _units_added(self, block: ExpandableMLP) -> list[int]:
         """Units an expansion adds to each hidden layer."""
