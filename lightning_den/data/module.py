@@ -205,12 +205,10 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.current_task = task
 
     def _loader(self, pair: TaskTensors, shuffle: bool) -> DataLoader:
-        dataset = BatchedTensorDataset(*pair)
-        if not shuffle:
-            return DataLoader(dataset, batch_size=self.batch_size, collate_fn=gathered_batch)
-        # a new order every epoch, the same one when a run is repeated or resumed from a checkpoint
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        order = SeededPermutation(len(dataset), self.seed + 100_003 * self.current_task + epoch)
+        dataset, order = BatchedTensorDataset(*pair), None  # in order unless shuffled
+        if shuffle:  # a new order every epoch, the same one when a run is repeated or resumed from a checkpoint
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            order = SeededPermutation(len(dataset), self.seed + 100_003 * self.current_task + epoch)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=order, collate_fn=gathered_batch)
 
     def train_dataloader(self) -> DataLoader:

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from lightning_den.core.checks import check_count, check_sizes
 from lightning_den.core.den.layers import ExpandableLinear, ExpandableMLP
-from lightning_den.core.init import uniform_init
 from lightning_den.core.tasks import ELEMENTWISE, activation_modules
 
 
@@ -89,13 +88,6 @@ class ExpandableConv2d(ExpandableLinear):
     def input_width(self, x: Tensor) -> int:
         """The channels of ``x`` ``[batch, channels, height, width]``."""
         return x.shape[1]
-
-    def draw_units(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Filters and biases of ``count`` new units, drawn as ``nn.Conv2d`` draws them (``U(-1/sqrt(fan_in),
-        1/sqrt(fan_in))`` over the input channels' kernel entries)."""
-        fan_in = self.weight[0].numel()
-        weight, bias = uniform_init(count, fan_in, generator, self.weight)
-        return weight.view(count, *self.weight.shape[1:]), bias
 
     def extra_repr(self) -> str:
         return (

@@ -21,15 +21,19 @@ from lightning_den.core.init import draw_linear_, uniform_init
 from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 
-def mlp_parameters(in_features: int, hidden_sizes: Sequence[int], classes: int) -> int:
-    """Parameters of a plain MLP (weights and biases) with one head of ``classes`` outputs.
+def mlp_parameters(
+    in_features: int, hidden_sizes: Sequence[int], classes: int, entries: Sequence[int] | None = None
+) -> int:
+    """Parameters of a plain MLP (weights and biases) with one head of ``classes`` outputs; ``entries``: the
+    weight entries per pair of units of each hidden layer (a kernel for a convolution; 1 by default).
 
     Example:
         >>> mlp_parameters(784, [312, 128], 1)   # the paper's MNIST-Variation network, one binary output
         285113
     """
     sizes = [in_features, *hidden_sizes, classes]
-    return sum(a * b + b for a, b in itertools.pairwise(sizes))
+    per_pair = [*(entries or [1] * len(hidden_sizes)), 1]
+    return sum(a * b * e + b for (a, b), e in zip(itertools.pairwise(sizes), per_pair, strict=True))
 
 
 class ExpandableLinear(nn.Module):
@@ -299,13 +303,14 @@ class ExpandableLinear(nn.Module):
     @torch.no_grad()
     def keep_inputs_(self, keep: Tensor) -> None:
         """Keep the weights from the units below where the boolean ``keep`` ``[in_units]`` is True."""
-        kept = self.by_input_unit(self.weight)[:, keep]
-        self._replace_(self.from_input_units(kept).clone(), self.bias.clone(), self.birth)
+        kept = self.by_input_unit(self.weight)[:, keep]  # a copy (boolean indexing)
+        self._replace_(self.from_input_units(kept), self.bias.clone(), self.birth)
 
     def draw_units(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Incoming weights and biases of ``count`` new units, drawn as ``nn.Linear`` draws them over the
-        layer's current inputs."""
-        return uniform_init(count, self.in_features, generator, self.weight)
+        """Incoming weights (rows of this layer's layout) and biases of ``count`` new units, drawn as
+        ``nn.Linear`` and ``nn.Conv2d`` draw them: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` over a unit's inputs."""
+        weight, bias = uniform_init(count, self.weight[0].numel(), generator, self.weight)
+        return weight.view(count, *self.weight.shape[1:]), bias
 
     @torch.no_grad()
     def resize_(self, out_units: int, in_units: int, births: list[int]) -> None:
@@ -409,11 +414,8 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
             >>> ExpandableMLP(784, [312, 128], head_classes=1).parameters_of([312, 128], 1)
             285113
         """
-        total, below = 0, self.in_features
-        for layer, width in zip(self.hidden, widths, strict=True):
-            total += width * below * layer.entries_per_unit + width
-            below = width
-        return total + classes * below + classes
+        entries = [layer.entries_per_unit for layer in self.hidden]
+        return mlp_parameters(self.in_features, widths, classes, entries)
 
     def check_prefix_invariant(self) -> None:
         """Raise ``AssertionError`` unless births are non-decreasing in every layer (internal invariant)."""

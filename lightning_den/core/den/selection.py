@@ -44,8 +44,7 @@ def select_subnetwork(mlp: ExpandableMLP, task: int, budget: float | None = None
     """
     mlp.check_task(task)
     widths = mlp.widths(task)
-    head = mlp.heads[str(task)]
-    above = _strongest(_input_strength(head, head.out_features, widths[-1]), budget)
+    above = _strongest(_input_strength(mlp.heads[str(task)], None, widths[-1]), budget)
     selected = [above]
     below_widths = (mlp.in_features, *widths[:-1])
     for depth, (layer, width_below) in enumerate(zip(reversed(mlp.hidden), reversed(below_widths), strict=True)):
@@ -55,12 +54,13 @@ def select_subnetwork(mlp: ExpandableMLP, task: int, budget: float | None = None
     return [torch.nonzero(mask).flatten().tolist() for mask in reversed(selected)]
 
 
-def _input_strength(layer: ExpandableLinear, rows: Tensor | int, width_below: int) -> Tensor:
-    """The total ``|w|`` from each of the first ``width_below`` units below into ``rows`` (a mask of the layer's
-    units, or the number of its first units), over every entry of each connection (a filter's kernel slice)."""
-    weights = layer.by_input_unit(layer.weight.detach()[: rows if isinstance(rows, int) else rows.numel()])
-    kept = weights if isinstance(rows, int) else weights[rows]
-    return kept[:, :width_below].abs().sum(dim=(0, 2))
+def _input_strength(layer: ExpandableLinear, rows: Tensor | None, width_below: int) -> Tensor:
+    """The total ``|w|`` from each of the first ``width_below`` units below into ``rows`` (a mask over the
+    layer's first units; ``None``: all of them), over every entry of each connection (a filter's kernel slice)."""
+    weights = layer.by_input_unit(layer.weight.detach())
+    if rows is not None:
+        weights = weights[: rows.numel()][rows]
+    return weights[:, :width_below].abs().sum(dim=(0, 2))
 
 
 def _strongest(strength: Tensor, budget: float | None) -> Tensor:
