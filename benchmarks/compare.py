@@ -8,9 +8,10 @@ methods get DEN's first-task epochs per task), then writes ``comparison.md``, ``
     .venv/bin/python benchmarks/compare.py examples/permuted_mnist.yaml --root ../shared/data/mnist
     .venv/bin/python benchmarks/compare.py examples/split_digits.yaml --methods den pnn stl --seeds 0 1 2
 
-The configuration's model is a ready model (``DENMLP``: every method gets its ready model of the same widths)
-or a user's own LightningModule class with one ``nn.Sequential`` of Linear layers (every method gets a fresh,
-re-drawn copy, which its callback converts).
+The configuration's model is a ready model (``DENMLP`` or ``DENCNN``: every method gets its ready model of the
+same widths, convolutional for ``DENCNN``) or a user's own LightningModule class with one ``nn.Sequential`` of
+Linear layers, convolutions first if any (every method gets a fresh, re-drawn copy, which its callback
+converts).
 
 Rows: DEN as configured, the paper's ablations of it (DEN without split; DNN-Selective: selective
 retraining only, no expansion and no split), Progressive Networks, PackNet, one network per task,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import statistics
@@ -40,13 +42,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_den import DENMLP, DENCallback, ReadyModel, TaskEvaluation
+from lightning_den import DENCNN, DENMLP, DENCallback, ReadyModel, TaskEvaluation
 from lightning_den.baselines import (
     EWCCallback,
     FineTuningCallback,
     PackNetCallback,
+    PackNetCNNModel,
     PackNetModel,
     ProgressiveCallback,
+    ProgressiveCNNModel,
     ProgressiveNet,
 )
 from lightning_den.cli import DENCLI
@@ -87,16 +91,26 @@ def den_variant(den: DENCallback, seed: int, **changes: Any) -> DENCallback:
     return variant
 
 
-def ready_models(hparams: dict, optimizer: Callable) -> dict[str, Callable[[], pl.LightningModule]]:
-    """For each method, its ready model of the configuration's widths (a configuration of ``DENMLP``)."""
-    den_model = lambda: DENMLP(**hparams, optimizer=optimizer)  # noqa: E731
+#: for each ready DEN model a configuration may name, the ready models of the other architecture methods
+READY_FAMILIES: dict[type[ReadyModel], dict[str, type[ReadyModel]]] = {
+    DENMLP: {"den": DENMLP, "pnn": ProgressiveNet, "packnet": PackNetModel},
+    DENCNN: {"den": DENCNN, "pnn": ProgressiveCNNModel, "packnet": PackNetCNNModel},
+}
+
+
+def ready_models(configured: ReadyModel, optimizer: Callable) -> dict[str, Callable[[], pl.LightningModule]]:
+    """For each method, its ready model of the shape of the configuration's (a ``DENMLP`` or a ``DENCNN``)."""
+    family = READY_FAMILIES[type(configured)]
+    shape = inspect.signature(family["den"]).parameters.keys() - {"optimizer", "lr_scheduler"}
+    hparams = {key: value for key, value in configured.hparams.items() if key in shape}
+    den_model = lambda: family["den"](**hparams, optimizer=optimizer)  # noqa: E731
     return {
         "den": den_model,
         "den-nosplit": den_model,
         "den-selective": den_model,
-        "pnn": lambda: ProgressiveNet(**hparams, optimizer=optimizer),
-        "packnet": lambda: PackNetModel(**hparams, optimizer=optimizer),
-        "stl": lambda: ProgressiveNet(**hparams, lateral=False, optimizer=optimizer),
+        "pnn": lambda: family["pnn"](**hparams, optimizer=optimizer),
+        "packnet": lambda: family["packnet"](**hparams, optimizer=optimizer),
+        "stl": lambda: family["pnn"](**hparams, lateral=False, optimizer=optimizer),
         "finetune": den_model,
         "ewc": den_model,
     }
@@ -324,8 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     cli = DENCLI(args=["--config", args.config, *overrides], run=False, save_config_callback=None)
     den = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DENCallback))
     if isinstance(cli.model, ReadyModel):
-        hparams = {k: cli.model.hparams[k] for k in ("in_features", "hidden_sizes", "num_classes")}
-        models, widths = ready_models(hparams, cli.model.optimizer_factory), list(hparams["hidden_sizes"])
+        if type(cli.model) not in READY_FAMILIES:
+            parser.error(f"the configuration's model must be one of {[m.__name__ for m in READY_FAMILIES]}")
+        models = ready_models(cli.model, cli.model.optimizer_factory)
+        widths = [*cli.model.hparams.get("channels", []), *cli.model.hparams["hidden_sizes"]]
     else:  # a user's own class: every method converts a fresh copy of its chain of Linear layers
         fresh = users_model(cli.model)
         models = dict.fromkeys(METHODS, fresh)

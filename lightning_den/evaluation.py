@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_den.boundary import TaskBoundary
-from lightning_den.core.den.layers import ExpandableMLP, mlp_parameters
+from lightning_den.core.den.layers import ExpandableMLP
 from lightning_den.core.den.selection import SELECTION_KEYS
 from lightning_den.core.routing import task as route_to
 from lightning_den.core.routing import task_blocks
@@ -383,11 +383,12 @@ def _named(summary: dict[str, float | int], score: str) -> dict[str, float | int
 
 
 def _trunk_parameters(block: Any, widths: list[int]) -> int:
-    """Parameters of ``block``'s layers at ``widths`` without a head: its own count for a DEN network
-    (convolutions included), an MLP's for the other blocks."""
+    """Parameters of ``block``'s layers at its first task's ``widths`` without a head: a DEN network counts them
+    at those widths (it has grown since); the other blocks' first task uses its hidden layers as they are."""
     if isinstance(block, ExpandableMLP):
         return block.parameters_of(widths, 0)
-    return mlp_parameters(block.in_features, widths, 0)
+    hidden, _ = block.first_task_layers()
+    return sum(p.numel() for layer in hidden for p in layer.parameters())
 
 
 def _json_ready(value: Any) -> Any:

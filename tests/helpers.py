@@ -98,6 +98,20 @@ trainer:
 """
 
 
+#: the tiny configuration on a convolutional network (``DENCNN``: two convolutions of 3 and 4 filters, 6 units)
+TINY_CNN_CONFIG = TINY_CONFIG.replace(
+    """    in_features: 64
+    hidden_sizes: [12, 8]
+""",
+    """    in_shape: [1, 8, 8]
+    channels: [3, 4]
+    hidden_sizes: [6]
+    kernel_size: 3
+    padding: 1
+""",
+).replace("lightning_den.DENMLP", "lightning_den.DENCNN")
+
+
 class UserModule(pl.LightningModule):
     """Written without lightning_den in mind."""
 

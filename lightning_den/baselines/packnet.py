@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from lightning_den.core.packnet import PackNetMethod, PackNetMLP
+from lightning_den.core.packnet import PackNetCNN, PackNetMethod, PackNetMLP
 from lightning_den.driver import TaskSequenceCallback, configured
 from lightning_den.module import ReadyModel
 
@@ -84,4 +84,44 @@ class PackNetModel(ReadyModel):
         super().__init__(
             "net", PackNetMLP(in_features, hidden_sizes, num_classes), optimizer, lr_scheduler, lr_scheduler_monitor
         )
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+
+
+class PackNetCNNModel(ReadyModel):
+    """The ready PackNet model on a convolutional network: a :class:`~lightning_den.core.packnet.PackNetCNN`
+    (attribute ``net``; LeNet-shaped, as :class:`~lightning_den.DENCNN`) on images or their flattened rows.
+
+    Args:
+        in_shape: ``[channels, height, width]`` of one image.
+        channels: filters per convolution, e.g. ``[20, 50]`` (LeNet).
+        hidden_sizes: units per fully connected hidden layer, e.g. ``[800, 500]``.
+        num_classes: outputs of each task's head (one number, or one per task).
+        kernel_size: side of every convolution's kernel.
+        padding: zero padding of every convolution.
+        pool: side of the max pooling after every convolution.
+        optimizer: builds the optimizer from parameters.
+        lr_scheduler: optional, builds an LR scheduler from the optimizer.
+        lr_scheduler_monitor: the logged metric a scheduler such as ``ReduceLROnPlateau`` follows.
+
+    Example:
+        >>> model = PackNetCNNModel([1, 8, 8], channels=[4], hidden_sizes=[16], num_classes=2, kernel_size=3)
+        >>> model(torch.zeros(3, 64), task=0).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(
+        self,
+        in_shape: list[int],
+        channels: list[int],
+        hidden_sizes: list[int],
+        num_classes: int | list[int],
+        kernel_size: int = 5,
+        padding: int = 0,
+        pool: int = 2,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_monitor: str = "train/loss",
+    ) -> None:
+        net = PackNetCNN.lenet(in_shape, channels, hidden_sizes, num_classes, kernel_size, padding, pool)
+        super().__init__("net", net, optimizer, lr_scheduler, lr_scheduler_monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from lightning_den.core.progressive import ProgressiveMethod, ProgressiveMLP
+from lightning_den.core.progressive import ProgressiveCNN, ProgressiveMethod, ProgressiveMLP
 from lightning_den.driver import TaskSequenceCallback, configured
 from lightning_den.module import ReadyModel
 
@@ -74,5 +74,49 @@ class ProgressiveNet(ReadyModel):
         lr_scheduler_monitor: str = "train/loss",
     ) -> None:
         columns = ProgressiveMLP(in_features, hidden_sizes, num_classes, lateral=lateral)
+        super().__init__("columns", columns, optimizer, lr_scheduler, lr_scheduler_monitor)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+
+
+class ProgressiveCNNModel(ReadyModel):
+    """The ready Progressive Network of convolutional columns: a
+    :class:`~lightning_den.core.progressive.ProgressiveCNN` (attribute ``columns``; LeNet-shaped columns, as
+    :class:`~lightning_den.DENCNN`) on images or their flattened rows.
+
+    Args:
+        in_shape: ``[channels, height, width]`` of one image.
+        channels: filters per convolution of every column, e.g. ``[20, 50]`` (LeNet).
+        hidden_sizes: units per fully connected hidden layer of every column, e.g. ``[800, 500]``.
+        num_classes: outputs of each task's head (one number, or one per task).
+        kernel_size: side of every convolution's kernel.
+        padding: zero padding of every convolution.
+        pool: side of the max pooling after every convolution.
+        lateral: lateral adapters from earlier columns; ``False`` = one independent CNN per task.
+        optimizer: builds the optimizer from parameters.
+        lr_scheduler: optional, builds an LR scheduler from the optimizer.
+        lr_scheduler_monitor: the logged metric a scheduler such as ``ReduceLROnPlateau`` follows.
+
+    Example:
+        >>> model = ProgressiveCNNModel([1, 8, 8], channels=[4], hidden_sizes=[16], num_classes=2, kernel_size=3)
+        >>> model(torch.zeros(3, 64), task=0).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(
+        self,
+        in_shape: list[int],
+        channels: list[int],
+        hidden_sizes: list[int],
+        num_classes: int | list[int],
+        kernel_size: int = 5,
+        padding: int = 0,
+        pool: int = 2,
+        lateral: bool = True,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_monitor: str = "train/loss",
+    ) -> None:
+        shape = (in_shape, channels, hidden_sizes, num_classes, kernel_size, padding, pool)
+        columns = ProgressiveCNN.lenet(*shape, lateral=lateral)
         super().__init__("columns", columns, optimizer, lr_scheduler, lr_scheduler_monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])

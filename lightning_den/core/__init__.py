@@ -12,8 +12,8 @@ from lightning_den.core.den import (
 )
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.method import EpochsPerTaskMethod, PhaseProgress, TaskBlock, TaskMethod
-from lightning_den.core.packnet import PackNetMethod, PackNetMLP
-from lightning_den.core.progressive import ProgressiveMethod, ProgressiveMLP
+from lightning_den.core.packnet import PackNetCNN, PackNetMethod, PackNetMLP
+from lightning_den.core.progressive import ProgressiveCNN, ProgressiveMethod, ProgressiveMLP
 from lightning_den.core.trunk import EWCMethod, FineTuningMethod
 
 __all__ = [
@@ -27,9 +27,11 @@ __all__ = [
     "ExpandableMLP",
     "FineTuningMethod",
     "FrozenEntries",
+    "PackNetCNN",
     "PackNetMLP",
     "PackNetMethod",
     "PhaseProgress",
+    "ProgressiveCNN",
     "ProgressiveMLP",
     "ProgressiveMethod",
     "TaskBlock",

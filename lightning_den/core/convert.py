@@ -8,9 +8,10 @@ layers and the last one task 0's head, with the same weights and the same module
 converted model computes bit for bit what the chain computed. Every method converts through this module.
 
 A chain may also start with ``nn.Conv2d`` layers (with biases), with channelwise modules between them
-(:data:`~lightning_den.core.den.conv.CHANNELWISE`: activations, dropout, pooling) and one ``nn.Flatten``
-after the last: DEN converts it into an :class:`~lightning_den.core.den.conv.ExpandableCNN`, whose filters
-grow (the methods without a convolutional block refuse it).
+(:data:`~lightning_den.core.convolutional.CHANNELWISE`: activations, dropout, pooling) and one ``nn.Flatten``
+after the last: each method converts it into its convolutional block (DEN's
+:class:`~lightning_den.core.den.conv.ExpandableCNN`, whose filters grow; Progressive Networks' and PackNet's
+CNNs), and a block type without a convolutional form refuses it.
 
 Example:
     >>> from lightning_den.core.den import ExpandableMLP
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_den.core.den.conv import CHANNELWISE
+from lightning_den.core.convolutional import CHANNELWISE, ConvolutionalBlock
 from lightning_den.core.tasks import ELEMENTWISE
 
 
@@ -120,7 +121,8 @@ def linear_chain(sequential: nn.Module, name: str) -> LinearChain:
 
 def linear_chains(model: nn.Module, block_type: Any = None) -> tuple[dict[str, nn.Sequential], list[str]]:
     """Every ``nn.Sequential`` of ``model`` that converts into a block (into a ``block_type``, when given: chains
-    that start with convolutions only for DEN's), and why each other one holding a Linear layer does not."""
+    that start with convolutions only for a block type with a convolutional form), and why each other one holding
+    a Linear layer does not."""
     chains, refused = {}, []
     for name, module in model.named_modules():
         if isinstance(module, nn.Sequential) and name:
@@ -245,26 +247,32 @@ def block_from_chain(block_type: Any, chain: LinearChain, **options: Any) -> nn.
 
 
 def _grows_fully_connected(block_type: Any) -> bool:
-    """Whether ``block_type`` is built from a chain of Linear layers alone (every block but a CNN)."""
-    from lightning_den.core.den.conv import ExpandableCNN
+    """Whether ``block_type`` is built from a chain of Linear layers alone (every block but a convolutional one)."""
+    return not issubclass(block_type, ConvolutionalBlock)
 
-    return not issubclass(block_type, ExpandableCNN)
+
+def _convolutional_sibling(block_type: Any) -> type[nn.Module] | None:
+    """The convolutional block of the method whose block is ``block_type`` (``None`` for a block type without one)."""
+    from lightning_den.core.den.conv import ExpandableCNN
+    from lightning_den.core.den.layers import ExpandableMLP
+    from lightning_den.core.packnet.block import PackNetCNN, PackNetMLP
+    from lightning_den.core.progressive.block import ProgressiveCNN, ProgressiveMLP
+
+    pairs = ((ExpandableMLP, ExpandableCNN), (ProgressiveMLP, ProgressiveCNN), (PackNetMLP, PackNetCNN))
+    return next((cnn for mlp, cnn in pairs if issubclass(cnn, block_type) and issubclass(block_type, mlp)), None)
 
 
 def _grows_convolutions(block_type: Any) -> bool:
     """Whether ``block_type`` (or its convolutional sibling) can be built from a chain that starts with
-    convolutions: DEN's."""
-    from lightning_den.core.den.conv import ExpandableCNN
-    from lightning_den.core.den.layers import ExpandableMLP
-
-    return issubclass(ExpandableCNN, block_type) and issubclass(block_type, ExpandableMLP)
+    convolutions."""
+    return _convolutional_sibling(block_type) is not None
 
 
 def _cannot_grow_convolutions(block_type: Any) -> str:
     return (
         f"a {block_type.__name__} grows fully connected layers only, and this chain starts with nn.Conv2d layers: "
-        "keep the convolutions outside the chain (a feature extractor before it), or train it with DENCallback, "
-        "which grows convolutions"
+        "keep the convolutions outside the chain (a feature extractor before it), or train it with a method whose "
+        "block has a convolutional form (DEN, Progressive Networks, PackNet)"
     )
 
 
@@ -274,12 +282,11 @@ def _convolutional(block_type: Any) -> Callable[..., nn.Module]:
     Raises:
         ValueError: when the method has no convolutional block.
     """
-    from lightning_den.core.den.conv import ExpandableCNN
-
-    if not _grows_convolutions(block_type):
+    sibling = _convolutional_sibling(block_type)
+    if sibling is None:
         raise ValueError(_cannot_grow_convolutions(block_type))
 
-    def build(chain: LinearChain, classes: int) -> nn.Module:
+    def build(chain: LinearChain, classes: int, **options: Any) -> nn.Module:
         last, first_linear = chain.convolutions[-1], chain.hidden[len(chain.convolutions)]
         positions, rest = divmod(first_linear.in_features, last.out_channels)
         if rest or not positions:
@@ -287,8 +294,8 @@ def _convolutional(block_type: Any) -> Callable[..., nn.Module]:
                 f"the first nn.Linear reads {first_linear.in_features} features, which is not a whole number of "
                 f"positions per channel of the last nn.Conv2d ({last.out_channels} channels)"
             )
-        return ExpandableCNN(
-            chain.in_features, chain.convolutions, positions, chain.hidden_sizes, classes, chain.activations
+        return sibling(
+            chain.in_features, chain.convolutions, positions, chain.hidden_sizes, classes, chain.activations, **options
         )
 
     return build
@@ -339,10 +346,11 @@ def saved_blocks(state_dict: dict[str, Any], prefix: str = "") -> dict[str, type
 def _block_types() -> dict[str, type[nn.Module]]:
     from lightning_den.core.den.conv import ExpandableCNN
     from lightning_den.core.den.layers import ExpandableMLP
-    from lightning_den.core.packnet.block import PackNetMLP
-    from lightning_den.core.progressive.block import ProgressiveMLP
+    from lightning_den.core.packnet.block import PackNetCNN, PackNetMLP
+    from lightning_den.core.progressive.block import ProgressiveCNN, ProgressiveMLP
 
-    return {block.__name__: block for block in (ExpandableMLP, ExpandableCNN, PackNetMLP, ProgressiveMLP)}
+    blocks = (ExpandableMLP, ExpandableCNN, PackNetMLP, PackNetCNN, ProgressiveMLP, ProgressiveCNN)
+    return {block.__name__: block for block in blocks}
 
 
 #: the blocks a checkpoint can name (``"block"`` in a block's saved state)

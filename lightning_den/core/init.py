@@ -29,17 +29,18 @@ def uniform_init(
 
 
 @torch.no_grad()
-def draw_linear_(layer: nn.Module, generator: torch.Generator) -> None:
-    """Redraw a linear layer's ``weight`` (then ``bias``, if it has one) in place with :func:`uniform_init`.
+def draw_layer_(layer: nn.Module, generator: torch.Generator) -> None:
+    """Redraw an ``nn.Linear`` or ``nn.Conv2d`` layer's ``weight`` (then ``bias``, if it has one) in place with
+    :func:`uniform_init`, a unit's fan-in being its whole row (or filter).
 
     Example:
         >>> layer = nn.Linear(4, 2)
-        >>> draw_linear_(layer, torch.Generator().manual_seed(0))
+        >>> draw_layer_(layer, torch.Generator().manual_seed(0))
         >>> bool(layer.weight.abs().max() <= 0.5)
         True
     """
-    rows, fan_in = layer.weight.shape
-    weight, bias = uniform_init(rows, fan_in, generator, layer.weight, bias=layer.bias is not None)
-    layer.weight.copy_(weight)
+    rows = layer.weight.shape[0]
+    weight, bias = uniform_init(rows, layer.weight[0].numel(), generator, layer.weight, bias=layer.bias is not None)
+    layer.weight.copy_(weight.view_as(layer.weight))
     if bias is not None:
         layer.bias.copy_(bias)

@@ -100,13 +100,19 @@ class PerTaskHeads:
         self.head_classes = parse_head_classes(head_classes)
         return hidden
 
-    def check_inputs(self, x: Tensor) -> None:
-        """Raise a ``ValueError`` naming the expected shape unless ``x`` is ``[batch, in_features]``."""
+    def checked_inputs(self, x: Tensor) -> Tensor:
+        """``x``, checked to be ``[batch, in_features]`` (a convolutional block takes images, see
+        :class:`~lightning_den.core.convolutional.ConvolutionalBlock`).
+
+        Raises:
+            ValueError: naming the expected shape.
+        """
         if x.ndim != 2 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected inputs of shape [batch, {self.in_features}], got {tuple(x.shape)}; "
                 "flatten or resize the inputs to the width the network was built with"
             )
+        return x
 
     def routed(self, task: int | None) -> int:
         """``task``, or :attr:`active_task` when it is ``None``."""

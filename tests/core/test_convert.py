@@ -145,7 +145,7 @@ def test_a_compiled_converted_model_follows_the_active_task():
             assert torch.equal(compiled(x), model(x)), t
 
 
-# --- chains that start with convolutions (DEN grows their filters) ---
+# --- chains that start with convolutions (each method's convolutional block) ---
 
 CHANNELWISE_BETWEEN = [nn.ReLU, nn.Tanh, lambda: nn.Dropout(0.3), lambda: nn.MaxPool2d(2), lambda: nn.AvgPool2d(2)]
 
@@ -190,28 +190,31 @@ def conv_chains(draw) -> tuple[nn.Sequential, tuple[int, int, int]]:
 
 
 @FAST
-@given(configured=conv_chains(), training=st.booleans())
-def test_a_chain_of_convolutions_converts_into_a_cnn_that_computes_bit_for_bit_the_same(configured, training):
-    from lightning_den.core.den.conv import ExpandableCNN, ExpandableConv2d
+@given(configured=conv_chains(), training=st.booleans(), block_type=st.sampled_from(BLOCKS))
+def test_a_chain_of_convolutions_converts_into_each_methods_cnn_bit_for_bit(configured, training, block_type):
+    from lightning_den.core.convert import _convolutional_sibling
 
     chain, shape = configured
     model = UserModel(chain).train(training)
     x = torch.randn(5, *shape)
     torch.manual_seed(1)  # the same dropout masks on both sides
     expected = model(x)
-    _, block = attach_block(model, ExpandableMLP)  # DEN's block type: a chain of convolutions becomes a CNN
+    _, block = attach_block(model, block_type)  # the method's block type: a chain of convolutions becomes its CNN
     torch.manual_seed(1)
-    assert isinstance(block, ExpandableCNN) and model.net is block
+    assert isinstance(block, _convolutional_sibling(block_type)) and model.net is block
     assert torch.equal(model(x), expected)
-    convolutions = [layer for layer in block.hidden if isinstance(layer, ExpandableConv2d)]
-    assert [c.out_features for c in convolutions] == [m.out_channels for m in chain if isinstance(m, nn.Conv2d)]
+    hidden, _ = block.first_task_layers()
+    filters = [layer.weight.shape[0] for layer in hidden if layer.weight.ndim == 4]
+    assert filters == [m.out_channels for m in chain if isinstance(m, nn.Conv2d)]
 
 
-@pytest.mark.parametrize("block_type", [ProgressiveMLP, PackNetMLP])
-def test_methods_without_a_convolutional_block_refuse_a_chain_of_convolutions_naming_den(block_type):
+def test_a_block_type_without_a_convolutional_form_refuses_a_chain_of_convolutions_naming_those_with_one():
+    class FullyConnectedOnly(ExpandableMLP):  # a third-party method's block, with no CNN sibling
+        pass
+
     chain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=rf"a {block_type.__name__} grows fully connected layers only.*DENCallback"):
-        attach_block(UserModel(chain), block_type)
+    with pytest.raises(ValueError, match=r"a FullyConnectedOnly grows fully connected layers only.*PackNet"):
+        attach_block(UserModel(chain), FullyConnectedOnly)
 
 
 @pytest.mark.parametrize(

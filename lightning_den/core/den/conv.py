@@ -11,17 +11,13 @@ and fully connected layers into a block ``DENMethod`` trains.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
-from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_den.core.checks import check_count, check_sizes
+from lightning_den.core.convolutional import ConvolutionalBlock
 from lightning_den.core.den.layers import ExpandableLinear, ExpandableMLP
-from lightning_den.core.tasks import ELEMENTWISE, activation_modules
 
 
 class ExpandableConv2d(ExpandableLinear):
@@ -43,6 +39,7 @@ class ExpandableConv2d(ExpandableLinear):
         birth_task: task index recorded for the initial filters.
 
     Example:
+        >>> import torch
         >>> conv = ExpandableConv2d(1, 4, kernel_size=3, padding=1)
         >>> conv(torch.ones(2, 1, 8, 8)).shape
         torch.Size([2, 4, 8, 8])
@@ -96,47 +93,7 @@ class ExpandableConv2d(ExpandableLinear):
         )
 
 
-#: parameter-free modules that act on each channel alone, so they can sit between growing convolutions
-CHANNELWISE = (*ELEMENTWISE, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
-
-
-def _pooled(convolutions: int, pool: int) -> list[nn.Sequential]:
-    """ReLU and ``pool`` x ``pool`` max pooling after each convolution, then ``nn.Flatten()`` after the last."""
-    modules = [nn.Sequential(nn.ReLU(), nn.MaxPool2d(pool)) for _ in range(convolutions)]
-    modules[-1].append(nn.Flatten())
-    return modules
-
-
-def flattened_positions(
-    in_shape: Sequence[int], convolutions: Sequence[nn.Conv2d], modules: Sequence[nn.Module]
-) -> int:
-    """Positions per channel of the last convolution's flattened output, for images of ``in_shape`` through
-    ``convolutions`` and the module after each (shapes only, on the meta device).
-
-    Example:
-        >>> convs = [nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3)]
-        >>> flattened_positions((1, 16, 16), convs, [nn.MaxPool2d(2), nn.Sequential(nn.MaxPool2d(2), nn.Flatten())])
-        4
-
-    Raises:
-        ValueError: when no position is left.
-    """
-    h = torch.zeros(1, *in_shape, device="meta")
-    try:
-        for conv, module in zip(convolutions, modules, strict=True):
-            weight = torch.zeros(conv.weight.shape, device="meta")
-            h = module(F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation))
-    except RuntimeError as error:  # a kernel larger than what is left of the image
-        raise ValueError(
-            f"a {list(in_shape)} image has no positions left after the convolutions and pooling ({error}): use "
-            "fewer convolutions, smaller kernels, less pooling or padding"
-        ) from None
-    if h.ndim != 2 or h.shape[1] == 0:
-        raise ValueError(f"a {list(in_shape)} image leaves a {list(h.shape[1:])} output: no positions left")
-    return h.shape[1] // convolutions[-1].out_channels
-
-
-class ExpandableCNN(ExpandableMLP):
+class ExpandableCNN(ConvolutionalBlock, ExpandableMLP):
     """Convolutions (filters as units), then fully connected layers, with one head per task.
 
     The module after the last convolution ends with ``nn.Flatten()``, which lays the feature map out channel
@@ -153,13 +110,15 @@ class ExpandableCNN(ExpandableMLP):
         hidden_sizes: initial units per fully connected hidden layer (one or more).
         head_classes: outputs of every task's head, or one number per task.
         activations: the module after each convolution and each fully connected hidden layer: channelwise and
-            parameter-free (:data:`CHANNELWISE`: activations, dropout, pooling) after a convolution, with
-            ``nn.Flatten()`` ending the last convolution's; elementwise after a fully connected layer.
-            Default: ReLU and 2x2 max pooling after each convolution, ReLU after each fully connected layer.
+            parameter-free after a convolution (activations, dropout, pooling: see
+            :data:`~lightning_den.core.convolutional.CHANNELWISE`), with ``nn.Flatten()`` ending the last
+            convolution's; elementwise after a fully connected layer. Default: ReLU and 2x2 max pooling after
+            each convolution, ReLU after each fully connected layer.
         in_shape: ``(channels, height, width)`` of one input when known: inputs are then checked against it
             and may also come as flattened rows.
 
-    The paper's LeNet is :meth:`lenet`. Example:
+    The paper's LeNet is :meth:`~lightning_den.core.convolutional.ConvolutionalBlock.lenet`. Example:
+        >>> import torch
         >>> cnn = ExpandableCNN.lenet((1, 8, 8), [4, 6], [10], head_classes=2, kernel_size=3, padding=1)
         >>> cnn(torch.ones(5, 1, 8, 8), task=0).shape
         torch.Size([5, 2])
@@ -179,128 +138,13 @@ class ExpandableCNN(ExpandableMLP):
     ) -> None:
         nn.Module.__init__(self)  # ExpandableMLP's constructor builds Linear layers only; _hold_layers is shared
         hidden_sizes = self._checked_shape(in_channels, hidden_sizes, head_classes)
-        check_count("positions", positions)
-        below, layers = in_channels, []
-        for index, conv in enumerate(convolutions):
-            if not isinstance(conv, nn.Conv2d):
-                raise ValueError(f"`convolutions[{index}]` must be an nn.Conv2d, got {type(conv).__name__}")
-            if conv.in_channels != below or conv.bias is None or conv.groups != 1 or conv.padding_mode != "zeros":
-                raise ValueError(
-                    f"convolution {index} ({conv}) must read the {below} channels below it, with a bias, groups=1 "
-                    "and padding_mode='zeros', to grow its filters"
-                )
-            layers.append(ExpandableConv2d.like(conv))
-            below = conv.out_channels
-        if not layers:
-            raise ValueError("an ExpandableCNN needs at least one convolution; use an ExpandableMLP without")
-        modules = self._checked_activations(activations, len(layers), len(hidden_sizes))
-        self.in_shape = None if in_shape is None else tuple(in_shape)
-        if self.in_shape is not None:
-            if len(self.in_shape) != 3 or self.in_shape[0] != in_channels:
-                raise ValueError(f"`in_shape` must be ({in_channels}, height, width), got {list(in_shape)}")
-            measured = flattened_positions(self.in_shape, convolutions, modules[: len(layers)])
-            if measured != positions:
-                raise ValueError(
-                    f"`positions` is {positions}, but a {list(self.in_shape)} image leaves {measured} per channel "
-                    "after the convolutions and their modules"
-                )
+        convolutions, modules = self._checked_front(
+            in_channels, convolutions, positions, len(hidden_sizes), activations, in_shape
+        )
+        layers: list[ExpandableLinear] = [ExpandableConv2d.like(conv) for conv in convolutions]
+        below = convolutions[-1].out_channels
         sizes = [below, *hidden_sizes]
         for index, (a, b) in enumerate(itertools.pairwise(sizes)):
             group = positions if index == 0 else 1
             layers.append(ExpandableLinear(a * group, b, input_group=group))
         self._hold_layers(layers, modules)
-
-    @classmethod
-    def lenet(
-        cls,
-        in_shape: Sequence[int],
-        channels: Sequence[int],
-        hidden_sizes: Sequence[int],
-        head_classes: int | Sequence[int],
-        kernel_size: int = 5,
-        padding: int = 0,
-        pool: int = 2,
-    ) -> ExpandableCNN:
-        """Square ``kernel_size`` convolutions of ``channels`` filters, each with ReLU and ``pool`` x ``pool``
-        max pooling, then ReLU fully connected layers of ``hidden_sizes``, on images of ``in_shape``
-        (the paper's LeNet: ``[20, 50]`` filters of 5x5, ``[800, 500]`` units, on 1x28x28).
-
-        Raises:
-            ValueError: when the image has no positions left after the convolutions and pooling.
-        """
-        shape = check_sizes("in_shape", in_shape)
-        if len(shape) != 3:
-            raise ValueError(f"`in_shape` must be (channels, height, width), got {list(in_shape)}")
-        check_count("kernel_size", kernel_size)
-        check_count("pool", pool)
-        check_count("padding", padding, minimum=0)
-        widths = check_sizes("channels", channels)
-        with torch.random.fork_rng(devices=[]):  # only their shapes are used: the block draws its own weights
-            convolutions = [
-                nn.Conv2d(a, b, kernel_size, padding=padding, device="meta")
-                for a, b in itertools.pairwise([shape[0], *widths])
-            ]
-        activations = [*_pooled(len(widths), pool), *(nn.ReLU() for _ in hidden_sizes)]
-        positions = flattened_positions(shape, convolutions, activations[: len(widths)])
-        return cls(shape[0], convolutions, positions, hidden_sizes, head_classes, activations, shape)
-
-    @staticmethod
-    def _checked_activations(activations: Sequence[nn.Module] | None, convolutions: int, linears: int) -> nn.ModuleList:
-        """The module after each layer, checked: channelwise after a convolution, ``nn.Flatten()`` last after the
-        last one, elementwise after a fully connected layer."""
-        if activations is None:
-            return nn.ModuleList([*_pooled(convolutions, 2), *activation_modules(None, linears)])
-        modules = list(activations)
-        if len(modules) != convolutions + linears:
-            raise ValueError(f"need one module after each of the {convolutions + linears} layers, got {len(modules)}")
-        for index, module in enumerate(modules[:convolutions]):
-            parts = list(module) if isinstance(module, nn.Sequential) else [module]
-            last = index == convolutions - 1
-            if last and not (parts and isinstance(parts[-1], nn.Flatten)):
-                raise ValueError("the module after the last convolution must end with nn.Flatten()")
-            wrong = [type(p).__name__ for p in (parts[:-1] if last else parts) if not isinstance(p, CHANNELWISE)]
-            if wrong:
-                raise ValueError(
-                    f"{wrong} cannot sit between growing convolutions: filters are added and removed, so only "
-                    "parameter-free modules acting on each channel alone (activations, dropout, pooling) can; see "
-                    "lightning_den.core.den.conv.CHANNELWISE"
-                )
-        return nn.ModuleList([*modules[:convolutions], *activation_modules(modules[convolutions:], linears)])
-
-    def features(self, x: Tensor, task: int) -> Tensor:
-        """Output of the last hidden layer for ``task`` from images ``[batch, *in_shape]`` or, when the image
-        shape is known, their flattened rows (what the task streams serve)."""
-        if self.in_shape is not None and x.ndim == 2 and x.shape[1] == math.prod(self.in_shape):
-            x = x.view(-1, *self.in_shape)
-        return super().features(x, task)
-
-    def check_inputs(self, x: Tensor) -> None:
-        """Raise a ``ValueError`` naming the expected shape unless ``x`` is a batch of images of this network's
-        channels (and shape, when known)."""
-        if self.in_shape is None:
-            if x.ndim != 4 or x.shape[1] != self.in_features:
-                raise ValueError(
-                    f"expected images of shape [batch, {self.in_features}, height, width], got {tuple(x.shape)}"
-                )
-            return
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.in_shape:
-            shape = ", ".join(map(str, self.in_shape))
-            raise ValueError(
-                f"expected images of shape [batch, {shape}] or rows of [batch, {math.prod(self.in_shape)}], got "
-                f"{tuple(x.shape)}; reshape the inputs to the image shape the network was built with"
-            )
-
-    def architecture(self) -> dict[str, Any]:
-        """:meth:`ExpandableMLP.architecture`, with the input's image shape."""
-        return {**super().architecture(), "in_shape": None if self.in_shape is None else list(self.in_shape)}
-
-    def rebuild_(self, architecture: dict[str, Any]) -> None:
-        """:meth:`ExpandableMLP.rebuild_`, refusing a network saved for another image shape."""
-        saved = architecture.get("in_shape")
-        if (None if saved is None else tuple(saved)) != self.in_shape:
-            this = None if self.in_shape is None else list(self.in_shape)
-            raise ValueError(
-                f"the saved network reads images of shape {saved}, this one {this}: build the model with the "
-                "configuration the checkpoint was trained with"
-            )
-        super().rebuild_(architecture)

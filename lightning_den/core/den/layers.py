@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_den.core.init import draw_linear_, uniform_init
+from lightning_den.core.init import draw_layer_, uniform_init
 from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 
@@ -471,8 +471,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
 
     def features(self, x: Tensor, task: int) -> Tensor:
         """Output of the last hidden layer for ``task``, ``[batch, widths(task)[-1]]``."""
-        self.check_inputs(x)
-        h = x
+        h = self.checked_inputs(x)
         for layer, activation, width in zip(self.hidden, self.activations, self.widths(task), strict=True):
             h = activation(layer(h, width))
         return h
@@ -496,7 +495,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         head = ExpandableLinear(top.out_features, self.classes_of(task), birth_task=task)
         head = head.to(device=top.weight.device, dtype=top.weight.dtype)
         if generator is not None:
-            draw_linear_(head, generator)
+            draw_layer_(head, generator)
         self.heads[str(task)] = head
         self.structure_changed()
         return task

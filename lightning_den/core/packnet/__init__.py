@@ -1,6 +1,6 @@
 """PackNet in pure torch: the owner-masked block and the method."""
 
-from lightning_den.core.packnet.block import PackNetMLP
+from lightning_den.core.packnet.block import PackNetCNN, PackNetMLP
 from lightning_den.core.packnet.method import PackNetMethod, PackNetPhase
 
-__all__ = ["PackNetMLP", "PackNetMethod", "PackNetPhase"]
+__all__ = ["PackNetCNN", "PackNetMLP", "PackNetMethod", "PackNetPhase"]

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_den.core.init import draw_linear_
+from lightning_den.core.convolutional import ConvolutionalBlock, conv_like, with_weight
+from lightning_den.core.init import draw_layer_
 from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 
@@ -66,14 +66,19 @@ class PackNetMLP(PerTaskHeads, nn.Module):
     ) -> None:
         super().__init__()
         sizes = self._checked_shape(in_features, hidden_sizes, head_classes)
-        self.activations = activation_modules(activations, len(sizes))
-        self.hidden_sizes = sizes
-        widths = [in_features, *sizes]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+        modules = activation_modules(activations, len(sizes))
+        self._hold_layers([nn.Linear(a, b) for a, b in itertools.pairwise([in_features, *sizes])], modules)
+
+    def _hold_layers(self, layers: list[nn.Module], activations: nn.ModuleList) -> None:
+        """Take the hidden ``layers`` (``nn.Linear`` or ``nn.Conv2d``, each reading the one before) and the module
+        after each; every weight starts free; add task 0's head on the last layer."""
+        self.activations = activations
+        self.hidden = nn.ModuleList(layers)
+        self.hidden_sizes = tuple(layer.weight.shape[0] for layer in layers)
         for index, layer in enumerate(self.hidden):
             self.register_buffer(f"owner_{index}", torch.zeros(layer.weight.shape, dtype=torch.long))
         self.register_buffer("finished_tasks", torch.zeros((), dtype=torch.long))
-        self.heads = nn.ModuleDict({"0": nn.Linear(sizes[-1], self.classes_of(0))})
+        self.heads = nn.ModuleDict({"0": nn.Linear(self.hidden_sizes[-1], self.classes_of(0))})
         self._mask_cache: dict[tuple[int, torch.device, torch.dtype], list[Tensor | None]] = {}
         self.register_load_state_dict_post_hook(_forget_masks)
 
@@ -257,7 +262,7 @@ class PackNetMLP(PerTaskHeads, nn.Module):
         top = self.hidden[-1].weight
         head = nn.Linear(top.shape[0], outputs).to(device=top.device, dtype=top.dtype)
         if generator is not None:
-            draw_linear_(head, generator)
+            draw_layer_(head, generator)
         return head
 
     def add_task_(self, generator: torch.Generator | None = None) -> int:
@@ -338,12 +343,11 @@ class PackNetMLP(PerTaskHeads, nn.Module):
 
     def features(self, x: Tensor, task: int) -> Tensor:
         """Output of the last hidden layer for ``task``, ``[batch, hidden_sizes[-1]]``."""
-        self.check_inputs(x)
+        h = self.checked_inputs(x)
         self.check_task(task)
-        h = x
         for layer, activation, mask in zip(self.hidden, self.activations, self._masks(task), strict=True):
             weight = layer.weight if mask is None else layer.weight * mask
-            h = activation(F.linear(h, weight, layer.bias))
+            h = activation(with_weight(layer, h, weight))
         return h
 
     def forward(self, x: Tensor, task: int | None = None) -> Tensor:
@@ -354,6 +358,51 @@ class PackNetMLP(PerTaskHeads, nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, hidden_sizes={list(self.hidden_sizes)}, tasks={self.num_tasks}"
+
+
+class PackNetCNN(ConvolutionalBlock, PackNetMLP):
+    """PackNet on a convolutional network: convolutions, then fully connected layers, whose weights are owned by
+    tasks entry by entry (a kernel's entries may belong to different tasks), with one head per task.
+
+    Pruning, owners, masks and the protocol are :class:`PackNetMLP`'s; the hidden layers are the convolutions
+    (``hidden_sizes`` lists their filters first) and then the fully connected layers.
+
+    Args:
+        in_channels: channels of the input images.
+        convolutions: the convolutions (their shapes and settings are taken, the weights drawn afresh; each with
+            a bias, ``groups=1`` and zero padding).
+        positions: positions per channel of the last convolution's flattened output.
+        hidden_sizes: units per fully connected hidden layer (one or more).
+        head_classes: outputs of every task's head, or one number per task.
+        activations: the module after each layer, as :class:`~lightning_den.core.den.conv.ExpandableCNN`'s.
+        in_shape: ``(channels, height, width)`` of one input when known (inputs may then come as rows).
+
+    Example:
+        >>> net = PackNetCNN.lenet((1, 8, 8), [4], [6], head_classes=2, kernel_size=3, padding=1)
+        >>> net(torch.ones(5, 64), task=0).shape
+        torch.Size([5, 2])
+        >>> net.prune_(0.5)   # task 0 keeps half of the filters' entries and of the fully connected weights
+        [18, 192]
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        convolutions: Sequence[nn.Conv2d],
+        positions: int,
+        hidden_sizes: Sequence[int],
+        head_classes: int | Sequence[int],
+        activations: Sequence[nn.Module] | None = None,
+        in_shape: Sequence[int] | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        sizes = self._checked_shape(in_channels, hidden_sizes, head_classes)
+        convolutions, modules = self._checked_front(
+            in_channels, convolutions, positions, len(sizes), activations, in_shape
+        )
+        below = convolutions[-1].out_channels * positions
+        linears = [nn.Linear(a, b) for a, b in itertools.pairwise([below, *sizes])]
+        self._hold_layers([*(conv_like(conv) for conv in convolutions), *linears], modules)
 
 
 def _forget_masks(module: PackNetMLP, incompatible_keys: object) -> None:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_den.core.checks import check_flag
-from lightning_den.core.init import draw_linear_
+from lightning_den.core.convolutional import ConvolutionalBlock, conv_like
+from lightning_den.core.init import draw_layer_
 from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 #: Initial value of every adapter's learned scale ``alpha``: laterals start as a small perturbation.
@@ -34,26 +35,47 @@ ALPHA_INIT = 0.01
 class LateralAdapter(nn.Module):
     """Non-linear lateral adapter ``alpha * U(relu(V(a)))`` from earlier columns into one layer.
 
-    ``U`` has no bias: the layer the adapter feeds already has one.
+    ``V`` reduces the earlier columns' outputs ``a`` (concatenated along dim 1) to the width of one column's,
+    ``U`` maps that as the layer it feeds does, without a bias (the layer has one). Into a fully connected layer
+    both are ``nn.Linear``; into a convolution ``V`` is a 1x1 convolution over the channels and ``U`` a
+    convolution of the layer's kernel, stride, padding and dilation (Rusu et al., 2016, §2).
 
     Args:
-        in_features: width of the concatenated earlier-column outputs ``a``.
-        reduced: width of ``V``'s output (the width of one earlier column's layer).
-        out_features: width of the layer the adapter feeds.
+        V: the reduction.
+        U: the projection into the layer, without a bias.
 
     Example:
-        >>> adapter = LateralAdapter(6, 3, 2)
+        >>> adapter = LateralAdapter.into(nn.Linear(3, 2), columns=2)
         >>> adapter(torch.ones(4, 6)).shape
         torch.Size([4, 2])
         >>> round(adapter.alpha.item(), 6)
         0.01
     """
 
-    def __init__(self, in_features: int, reduced: int, out_features: int) -> None:
+    def __init__(self, V: nn.Module, U: nn.Module) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.tensor(ALPHA_INIT))
-        self.V = nn.Linear(in_features, reduced)
-        self.U = nn.Linear(reduced, out_features, bias=False)
+        self.V = V
+        self.U = U
+
+    @classmethod
+    def into(cls, layer: nn.Module, columns: int) -> LateralAdapter:
+        """The adapter feeding ``layer`` (an ``nn.Linear`` or ``nn.Conv2d``) from ``columns`` earlier columns
+        whose outputs have the width of ``layer``'s input.
+
+        Example:
+            >>> LateralAdapter.into(nn.Conv2d(4, 6, 3, padding=1), columns=2).V
+            Conv2d(8, 4, kernel_size=(1, 1), stride=(1, 1))
+        """
+        if isinstance(layer, nn.Conv2d):
+            reduced = layer.in_channels
+            V = nn.Conv2d(columns * reduced, reduced, 1)
+            U = nn.Conv2d(
+                reduced, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False
+            )
+            return cls(V, U)
+        reduced = layer.in_features
+        return cls(nn.Linear(columns * reduced, reduced), nn.Linear(reduced, layer.out_features, bias=False))
 
     def forward(self, a: Tensor) -> Tensor:
         return self.alpha * self.U(F.relu(self.V(a)))
@@ -62,8 +84,8 @@ class LateralAdapter(nn.Module):
         """Redraw ``V`` and ``U`` from ``generator`` (``nn.Linear``'s distribution); ``alpha`` is reset."""
         with torch.no_grad():
             self.alpha.fill_(ALPHA_INIT)
-        draw_linear_(self.V, generator)
-        draw_linear_(self.U, generator)
+        draw_layer_(self.V, generator)
+        draw_layer_(self.U, generator)
 
 
 class ProgressiveColumn(nn.Module):
@@ -73,45 +95,35 @@ class ProgressiveColumn(nn.Module):
     the head; the first hidden layer has no adapter.
 
     Args:
-        in_features: width of the input.
-        hidden_sizes: number of units of each hidden layer.
+        hidden: the column's hidden layers (``nn.Linear``, or ``nn.Conv2d`` then ``nn.Linear``), freshly built.
         classes: number of outputs of the head.
         task: index of the column; it reads the ``task`` earlier columns.
         lateral: whether to build the lateral adapters.
-        activations: the module after each hidden layer (each column holds its own copies).
+        activations: the module after each hidden layer, checked by the block (each column holds its own copies).
 
     Example:
-        >>> column = ProgressiveColumn(5, [4, 3], classes=2, task=2, lateral=True)
+        >>> hidden, relus = [nn.Linear(5, 4), nn.Linear(4, 3)], [nn.ReLU(), nn.ReLU()]
+        >>> column = ProgressiveColumn(hidden, classes=2, task=2, lateral=True, activations=relus)
         >>> [adapter.V.in_features for adapter in column.laterals]   # 2 earlier columns × 4, then × 3
         [8, 6]
     """
 
     def __init__(
-        self,
-        in_features: int,
-        hidden_sizes: Sequence[int],
-        classes: int,
-        task: int,
-        lateral: bool,
-        activations: Sequence[nn.Module] | None = None,
+        self, hidden: Sequence[nn.Module], classes: int, task: int, lateral: bool, activations: Sequence[nn.Module]
     ) -> None:
         super().__init__()
-        sizes = [in_features, *hidden_sizes]
-        self.activations = activation_modules(
-            None if activations is None else [copy.deepcopy(a) for a in activations], len(hidden_sizes)
-        )
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
-        self.head = nn.Linear(sizes[-1], classes)
-        outputs = [*hidden_sizes[1:], classes]
+        self.activations = nn.ModuleList(copy.deepcopy(a) for a in activations)
+        self.hidden = nn.ModuleList(hidden)
+        self.head = nn.Linear(hidden[-1].weight.shape[0], classes)
         self.laterals = nn.ModuleList()
         if lateral and task > 0:
-            for below, out in zip(hidden_sizes, outputs, strict=True):
-                self.laterals.append(LateralAdapter(task * below, below, out))
+            for layer in [*self.hidden[1:], self.head]:
+                self.laterals.append(LateralAdapter.into(layer, task))
 
     def draw_(self, generator: torch.Generator) -> None:
         """Redraw every layer from ``generator``: hidden layers bottom-up, head, then adapters."""
-        for linear in [*self.hidden, self.head]:
-            draw_linear_(linear, generator)
+        for layer in [*self.hidden, self.head]:
+            draw_layer_(layer, generator)
         for adapter in self.laterals:
             adapter.draw_(generator)
 
@@ -157,11 +169,18 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
     ) -> None:
         super().__init__()
         self.hidden_sizes = self._checked_shape(in_features, hidden_sizes, head_classes)
-        check_flag("lateral", lateral)
-        self.lateral = lateral
+        self._hold_columns(lateral, activation_modules(activations, len(self.hidden_sizes)))
+
+    def _hold_columns(self, lateral: bool, activations: nn.ModuleList) -> None:
+        """Keep the lateral setting and the module after each hidden layer, and build task 0's column."""
+        self.lateral = check_flag("lateral", lateral)
         # the modules new columns copy (a plain list: each column registers its own copies)
-        self._activations = list(activation_modules(activations, len(self.hidden_sizes)))
+        self._activations = list(activations)
         self.columns = nn.ModuleList([self._new_column(0)])
+
+    def _fresh_hidden(self) -> list[nn.Module]:
+        """Freshly drawn hidden layers of a new column."""
+        return [nn.Linear(a, b) for a, b in itertools.pairwise([self.in_features, *self.hidden_sizes])]
 
     def first_task_layers(self) -> tuple[list[nn.Module], nn.Module]:
         """Task 0's hidden layers and head (what a converted ``nn.Linear`` chain is copied into)."""
@@ -177,9 +196,7 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
     # --- columns ---
 
     def _new_column(self, task: int) -> ProgressiveColumn:
-        return ProgressiveColumn(
-            self.in_features, self.hidden_sizes, self.classes_of(task), task, self.lateral, self._activations
-        )
+        return ProgressiveColumn(self._fresh_hidden(), self.classes_of(task), task, self.lateral, self._activations)
 
     def add_task_(self, generator: torch.Generator | None = None) -> int:
         """Add the column of the next task, freeze every earlier column, and return the new task id.
@@ -303,7 +320,7 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         return range(task + 1) if self.lateral else range(task, task + 1)
 
     def _states(self, x: Tensor, columns: range) -> dict[int, list[Tensor]]:
-        self.check_inputs(x)
+        x = self.checked_inputs(x)
         states: dict[int, list[Tensor]] = {}
         for k in columns:
             column = self.columns[k]
@@ -312,7 +329,7 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
             for layer, (linear, activation) in enumerate(zip(column.hidden, column.activations, strict=True)):
                 z = linear(h)
                 if layer >= 1 and len(column.laterals):
-                    z = z + column.laterals[layer - 1](torch.cat([states[j][layer - 1] for j in range(k)], dim=-1))
+                    z = z + column.laterals[layer - 1](torch.cat([states[j][layer - 1] for j in range(k)], dim=1))
                 h = activation(z)
                 own.append(h)
             states[k] = own
@@ -344,5 +361,62 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         column = self.columns[task]
         logits = column.head(states[task][-1])
         if len(column.laterals):
-            logits = logits + column.laterals[-1](torch.cat([states[j][-1] for j in range(task)], dim=-1))
+            logits = logits + column.laterals[-1](torch.cat([states[j][-1] for j in range(task)], dim=1))
         return logits
+
+
+class ProgressiveCNN(ConvolutionalBlock, ProgressiveMLP):
+    """Progressive Networks of convolutional columns: each column is convolutions, then fully connected layers,
+    and a head. A column's convolution ``l >= 1`` reads the earlier columns' feature maps after convolution
+    ``l - 1`` (and its module, e.g. pooling) through a 1x1 convolution and one of the layer's kernel; its first
+    fully connected layer reads their flattened maps, as in :class:`ProgressiveMLP`.
+
+    Args:
+        in_channels: channels of the input images.
+        convolutions: the convolutions of every column (their shapes and settings are taken, each column draws
+            its own weights; each with a bias, ``groups=1`` and zero padding).
+        positions: positions per channel of the last convolution's flattened output.
+        hidden_sizes: units per fully connected hidden layer of every column (one or more).
+        head_classes: outputs of every task's head, or one number per task.
+        activations: the module after each layer, as :class:`~lightning_den.core.den.conv.ExpandableCNN`'s.
+        in_shape: ``(channels, height, width)`` of one input when known (inputs may then come as rows).
+        lateral: lateral adapters from earlier columns; ``False`` gives one separate CNN per task.
+
+    Example:
+        >>> pnn = ProgressiveCNN.lenet((1, 8, 8), [4, 6], [10], head_classes=2, kernel_size=3, padding=1)
+        >>> pnn.add_task_(torch.Generator().manual_seed(0))
+        1
+        >>> pnn(torch.ones(5, 1, 8, 8), task=1).shape
+        torch.Size([5, 2])
+        >>> pnn.widths(1)   # filters and units task 1 computes with: two columns
+        (8, 12, 20)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        convolutions: Sequence[nn.Conv2d],
+        positions: int,
+        hidden_sizes: Sequence[int],
+        head_classes: int | Sequence[int],
+        activations: Sequence[nn.Module] | None = None,
+        in_shape: Sequence[int] | None = None,
+        lateral: bool = True,
+    ) -> None:
+        nn.Module.__init__(self)
+        sizes = self._checked_shape(in_channels, hidden_sizes, head_classes)
+        convolutions, modules = self._checked_front(
+            in_channels, convolutions, positions, len(sizes), activations, in_shape
+        )
+        # the settings of every column's convolutions (on the meta device: no weights)
+        self._convolutions = [conv_like(conv, device="meta") for conv in convolutions]
+        self.positions = positions
+        self.hidden_sizes = (*(conv.out_channels for conv in convolutions), *sizes)
+        self._hold_columns(lateral, modules)
+
+    def _fresh_hidden(self) -> list[nn.Module]:
+        """Freshly drawn convolutions, then fully connected layers, of a new column."""
+        convolutions = [conv_like(conv) for conv in self._convolutions]
+        units = self.hidden_sizes[len(convolutions) :]
+        below = convolutions[-1].out_channels * self.positions
+        return [*convolutions, *(nn.Linear(a, b) for a, b in itertools.pairwise([below, *units]))]

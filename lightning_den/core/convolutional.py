@@ -1,0 +1,260 @@
+"""What the convolutional blocks of every method share (DEN's :class:`~lightning_den.core.den.conv.ExpandableCNN`,
+Progressive Networks' :class:`~lightning_den.core.progressive.block.ProgressiveCNN`, PackNet's
+:class:`~lightning_den.core.packnet.block.PackNetCNN`): the checks of the convolutions and of the modules after
+them, the positions a flattened feature map leaves, images given as flattened rows, and the paper's LeNet.
+
+A convolutional block is a method's MLP block with convolutions in front: its hidden layers are the
+convolutions (``nn.Conv2d`` settings: kernel, stride, padding, dilation) and then the fully connected layers;
+the module after the last convolution ends with ``nn.Flatten()``, which lays the feature map out channel by
+channel, so the first fully connected layer reads ``positions`` inputs per channel of the last convolution.
+Its ``hidden_sizes`` are the filters of each convolution followed by the units of each fully connected layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_den.core.checks import check_count, check_sizes
+from lightning_den.core.tasks import ELEMENTWISE, activation_modules
+
+#: parameter-free modules that act on each channel alone, so they can sit between convolutions whose filters
+#: are added, removed or owned by tasks
+CHANNELWISE = (*ELEMENTWISE, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+
+
+def pooled_modules(convolutions: int, pool: int) -> list[nn.Sequential]:
+    """ReLU and ``pool`` x ``pool`` max pooling after each convolution, then ``nn.Flatten()`` after the last.
+
+    Example:
+        >>> pooled_modules(2, 2)[-1]
+        Sequential(
+          (0): ReLU()
+          (1): MaxPool2d(kernel_size=2, stride=2, padding=0, dilation=1, ceil_mode=False)
+          (2): Flatten(start_dim=1, end_dim=-1)
+        )
+    """
+    modules = [nn.Sequential(nn.ReLU(), nn.MaxPool2d(pool)) for _ in range(convolutions)]
+    modules[-1].append(nn.Flatten())
+    return modules
+
+
+def flattened_positions(
+    in_shape: Sequence[int], convolutions: Sequence[nn.Conv2d], modules: Sequence[nn.Module]
+) -> int:
+    """Positions per channel of the last convolution's flattened output, for images of ``in_shape`` through
+    ``convolutions`` and the module after each (shapes only, on the meta device).
+
+    Example:
+        >>> convs = [nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3)]
+        >>> flattened_positions((1, 16, 16), convs, [nn.MaxPool2d(2), nn.Sequential(nn.MaxPool2d(2), nn.Flatten())])
+        4
+
+    Raises:
+        ValueError: when no position is left.
+    """
+    h = torch.zeros(1, *in_shape, device="meta")
+    try:
+        for conv, module in zip(convolutions, modules, strict=True):
+            weight = torch.zeros(conv.weight.shape, device="meta")
+            h = module(F.conv2d(h, weight, None, conv.stride, conv.padding, conv.dilation))
+    except RuntimeError as error:  # a kernel larger than what is left of the image
+        raise ValueError(
+            f"a {list(in_shape)} image has no positions left after the convolutions and pooling ({error}): use "
+            "fewer convolutions, smaller kernels, less pooling or padding"
+        ) from None
+    if h.ndim != 2 or h.shape[1] == 0:
+        raise ValueError(f"a {list(in_shape)} image leaves a {list(h.shape[1:])} output: no positions left")
+    return h.shape[1] // convolutions[-1].out_channels
+
+
+def conv_like(conv: nn.Conv2d, device: torch.device | str | None = None) -> nn.Conv2d:
+    """A freshly drawn ``nn.Conv2d`` of ``conv``'s channels, kernel, stride, padding and dilation (on ``device``;
+    the meta device keeps the settings alone and draws nothing).
+
+    Example:
+        >>> conv_like(nn.Conv2d(1, 4, 3, padding=1))
+        Conv2d(1, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+    """
+    settings = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    return nn.Conv2d(conv.in_channels, conv.out_channels, *settings, device=device)
+
+
+def with_weight(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """``layer`` (an ``nn.Linear`` or ``nn.Conv2d``) applied to ``x`` with ``weight`` in place of its own.
+
+    Example:
+        >>> conv = nn.Conv2d(1, 2, 3)
+        >>> torch.equal(with_weight(conv, torch.ones(1, 1, 4, 4), conv.weight), conv(torch.ones(1, 1, 4, 4)))
+        True
+    """
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, weight, layer.bias)
+
+
+def checked_convolutions(in_channels: int, convolutions: Sequence[nn.Conv2d]) -> list[nn.Conv2d]:
+    """``convolutions`` checked: ``nn.Conv2d`` layers, each reading the channels below, with a bias, ``groups=1``
+    and zero padding (what a block whose filters are units or owned by tasks can hold).
+
+    Raises:
+        ValueError: naming the convolution that cannot be held and why.
+    """
+    below, checked = in_channels, []
+    for index, conv in enumerate(convolutions):
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"`convolutions[{index}]` must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.in_channels != below or conv.bias is None or conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(
+                f"convolution {index} ({conv}) must read the {below} channels below it, with a bias, groups=1 "
+                "and padding_mode='zeros'"
+            )
+        checked.append(conv)
+        below = conv.out_channels
+    if not checked:
+        raise ValueError("a convolutional block needs at least one convolution; use the MLP block without")
+    return checked
+
+
+def checked_modules(activations: Sequence[nn.Module] | None, convolutions: int, linears: int) -> nn.ModuleList:
+    """The module after each layer, checked: channelwise after a convolution, ``nn.Flatten()`` last after the last
+    one, elementwise after a fully connected layer; ReLU and 2x2 max pooling after each convolution and ReLU
+    after each fully connected layer when ``None``."""
+    if activations is None:
+        return nn.ModuleList([*pooled_modules(convolutions, 2), *activation_modules(None, linears)])
+    modules = list(activations)
+    if len(modules) != convolutions + linears:
+        raise ValueError(f"need one module after each of the {convolutions + linears} layers, got {len(modules)}")
+    for index, module in enumerate(modules[:convolutions]):
+        parts = list(module) if isinstance(module, nn.Sequential) else [module]
+        last = index == convolutions - 1
+        if last and not (parts and isinstance(parts[-1], nn.Flatten)):
+            raise ValueError("the module after the last convolution must end with nn.Flatten()")
+        wrong = [type(p).__name__ for p in (parts[:-1] if last else parts) if not isinstance(p, CHANNELWISE)]
+        if wrong:
+            raise ValueError(
+                f"{wrong} cannot sit between the convolutions of a task block: filters are added, removed or "
+                "owned by tasks, so only parameter-free modules acting on each channel alone (activations, "
+                "dropout, pooling) can; see lightning_den.core.convolutional.CHANNELWISE"
+            )
+    return nn.ModuleList([*modules[:convolutions], *activation_modules(modules[convolutions:], linears)])
+
+
+class ConvolutionalBlock:
+    """Mixin that puts convolutions in front of a method's MLP block (listed first among the bases).
+
+    A subclass's constructor takes ``(in_channels, convolutions, positions, hidden_sizes, head_classes,
+    activations=None, in_shape=None, **options)`` and calls :meth:`_checked_front` first; ``hidden_sizes``
+    are the fully connected layers' units.
+    """
+
+    in_shape: tuple[int, ...] | None
+    in_features: int
+
+    def _checked_front(
+        self,
+        in_channels: int,
+        convolutions: Sequence[nn.Conv2d],
+        positions: int,
+        linears: int,
+        activations: Sequence[nn.Module] | None,
+        in_shape: Sequence[int] | None,
+    ) -> tuple[list[nn.Conv2d], nn.ModuleList]:
+        """The checked convolutions and the module after every layer; keeps ``in_shape`` after checking that
+        its images leave ``positions`` per channel."""
+        convolutions = checked_convolutions(in_channels, convolutions)
+        check_count("positions", positions)
+        modules = checked_modules(activations, len(convolutions), linears)
+        self.in_shape = None if in_shape is None else tuple(in_shape)
+        if self.in_shape is not None:
+            if len(self.in_shape) != 3 or self.in_shape[0] != in_channels:
+                raise ValueError(f"`in_shape` must be ({in_channels}, height, width), got {list(in_shape)}")
+            measured = flattened_positions(self.in_shape, convolutions, modules[: len(convolutions)])
+            if measured != positions:
+                raise ValueError(
+                    f"`positions` is {positions}, but a {list(self.in_shape)} image leaves {measured} per channel "
+                    "after the convolutions and their modules"
+                )
+        return convolutions, modules
+
+    @classmethod
+    def lenet(
+        cls,
+        in_shape: Sequence[int],
+        channels: Sequence[int],
+        hidden_sizes: Sequence[int],
+        head_classes: int | Sequence[int],
+        kernel_size: int = 5,
+        padding: int = 0,
+        pool: int = 2,
+        **options: Any,
+    ) -> Self:
+        """Square ``kernel_size`` convolutions of ``channels`` filters, each with ReLU and ``pool`` x ``pool``
+        max pooling, then ReLU fully connected layers of ``hidden_sizes``, on images of ``in_shape``
+        (the paper's LeNet: ``[20, 50]`` filters of 5x5, ``[800, 500]`` units, on 1x28x28); ``options`` go to
+        the block (e.g. ``lateral``).
+
+        Raises:
+            ValueError: when the image has no positions left after the convolutions and pooling.
+        """
+        shape = check_sizes("in_shape", in_shape)
+        if len(shape) != 3:
+            raise ValueError(f"`in_shape` must be (channels, height, width), got {list(in_shape)}")
+        check_count("kernel_size", kernel_size)
+        check_count("pool", pool)
+        check_count("padding", padding, minimum=0)
+        widths = check_sizes("channels", channels)
+        with torch.random.fork_rng(devices=[]):  # only their shapes are used: the block draws its own weights
+            convolutions = [
+                nn.Conv2d(a, b, kernel_size, padding=padding, device="meta")
+                for a, b in itertools.pairwise([shape[0], *widths])
+            ]
+        activations = [*pooled_modules(len(widths), pool), *(nn.ReLU() for _ in hidden_sizes)]
+        positions = flattened_positions(shape, convolutions, activations[: len(widths)])
+        return cls(shape[0], convolutions, positions, hidden_sizes, head_classes, activations, shape, **options)
+
+    def checked_inputs(self, x: Tensor) -> Tensor:
+        """``x`` as images ``[batch, *in_shape]``: flattened rows (what the task streams serve) are reshaped when
+        the image shape is known.
+
+        Raises:
+            ValueError: naming the expected shape, unless ``x`` is a batch of images of this block's channels
+                (and shape, when known) or their rows.
+        """
+        if self.in_shape is None:
+            if x.ndim != 4 or x.shape[1] != self.in_features:
+                raise ValueError(
+                    f"expected images of shape [batch, {self.in_features}, height, width], got {tuple(x.shape)}"
+                )
+            return x
+        if x.ndim == 2 and x.shape[1] == math.prod(self.in_shape):
+            return x.view(-1, *self.in_shape)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.in_shape:
+            shape = ", ".join(map(str, self.in_shape))
+            raise ValueError(
+                f"expected images of shape [batch, {shape}] or rows of [batch, {math.prod(self.in_shape)}], got "
+                f"{tuple(x.shape)}; reshape the inputs to the image shape the network was built with"
+            )
+        return x
+
+    def architecture(self) -> dict[str, Any]:
+        """The MLP block's architecture, with the input's image shape."""
+        in_shape = None if self.in_shape is None else list(self.in_shape)
+        return {**super().architecture(), "in_shape": in_shape}  # type: ignore[misc]
+
+    def rebuild_(self, architecture: dict[str, Any]) -> None:
+        """The MLP block's ``rebuild_``, refusing a network saved for another image shape."""
+        saved = architecture.get("in_shape")
+        if (None if saved is None else tuple(saved)) != self.in_shape:
+            this = None if self.in_shape is None else list(self.in_shape)
+            raise ValueError(
+                f"the saved network reads images of shape {saved}, this one {this}: build the model with the "
+                "configuration the checkpoint was trained with"
+            )
+        super().rebuild_(architecture)  # type: ignore[misc]
