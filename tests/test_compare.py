@@ -161,6 +161,26 @@ def test_compare_runs_every_method_on_a_users_own_model_class(tmp_path):
     assert last == 3 * first and rows["Progressive Networks"]["parameters_after_task"][-1] > last
 
 
+def test_compare_runs_every_method_on_a_convolutional_configuration_with_each_methods_cnn(tmp_path):
+    from lightning_den.baselines import PackNetCNNModel, ProgressiveCNNModel
+    from tests.helpers import TINY_CNN_CONFIG
+
+    (tmp_path / "cnn.yaml").write_text(TINY_CNN_CONFIG)
+    out = tmp_path / "cmp"
+    command = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "cnn.yaml", "--epochs", "2", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
+    assert len(rows) == 8 and "widths [3, 4, 6]" in (out / "comparison.md").read_text()
+    shape = dict(in_shape=[1, 8, 8], channels=[3, 4], hidden_sizes=[6], num_classes=2, kernel_size=3, padding=1)
+    one_cnn = ProgressiveCNNModel(**shape, lateral=False).columns.num_parameters()
+    assert rows["one network per task"]["parameters_after_task"] == [one_cnn, 2 * one_cnn, 3 * one_cnn]
+    assert rows["Progressive Networks"]["parameters_after_task"][-1] > 3 * one_cnn  # conv lateral adapters too
+    packnet = PackNetCNNModel(**shape).net.num_parameters()  # a fixed CNN: only the heads come on top
+    assert rows["PackNet"]["parameters_after_task"] == [packnet, packnet + 14, packnet + 28]
+    assert rows["PackNet"]["largest_drop"] == 0.0 and rows["Progressive Networks"]["largest_drop"] == 0.0
+
+
 def test_tune_scores_each_value_of_a_den_setting_on_the_validation_split_over_seeds(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)

@@ -1,0 +1,130 @@
+"""Progressive Networks and PackNet on convolutional blocks, property-tested: a finished task's outputs never
+depend on what later tasks add or train (columns, lateral adapters, weights a task does not own), bit for bit,
+over random image sizes, kernels, padding and widths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_den.core.packnet import PackNetCNN, PackNetMLP
+from lightning_den.core.progressive import ProgressiveCNN
+from lightning_den.core.progressive.block import LateralAdapter
+from tests.core.helpers import FAST
+
+
+@st.composite
+def lenet_shapes(draw) -> dict:
+    """Arguments of ``lenet``: an image, one or two convolutions, one or two fully connected layers."""
+    kernel, padding = draw(st.integers(1, 3), label="kernel"), draw(st.integers(0, 1), label="padding")
+    side = draw(st.integers(6, 10), label="side")
+    convolutions = draw(st.integers(1, 2), label="convolutions")
+    side_after = side
+    for _ in range(convolutions):  # each convolution, then 2x2 pooling, must leave a position
+        side_after = (side_after + 2 * padding - kernel + 1) // 2
+    if side_after < 1:
+        convolutions, side_after = 1, (side + 2 * padding - kernel + 1) // 2
+    return dict(
+        in_shape=(draw(st.integers(1, 2), label="channels"), side, side),
+        channels=draw(st.lists(st.integers(1, 4), min_size=convolutions, max_size=convolutions), label="filters"),
+        hidden_sizes=draw(st.lists(st.integers(1, 5), min_size=1, max_size=2), label="units"),
+        head_classes=draw(st.integers(1, 3), label="classes"),
+        kernel_size=kernel,
+        padding=padding,
+    )
+
+
+@torch.no_grad()
+def outputs(block: nn.Module, x: torch.Tensor, tasks: int) -> list[torch.Tensor]:
+    return [block(x, task=t).clone() for t in range(tasks)]
+
+
+@FAST
+@given(shape=lenet_shapes(), lateral=st.booleans(), seed=st.integers(0, 2**16))
+def test_new_columns_never_change_what_earlier_tasks_compute(shape, lateral, seed):
+    torch.manual_seed(seed)
+    pnn = ProgressiveCNN.lenet(**shape, lateral=lateral)
+    x = torch.randn(3, *shape["in_shape"])
+    before = outputs(pnn, x, 1)
+    for task in (1, 2):
+        pnn.add_task_(torch.Generator().manual_seed(seed + task))
+        with torch.no_grad():  # train the new column as hard as you like: earlier tasks never read it
+            for parameter in pnn.column_parameters(task):
+                parameter.add_(torch.randn_like(parameter))
+        assert all(torch.equal(a, b) for a, b in zip(outputs(pnn, x, task), before, strict=True))
+        before = outputs(pnn, x, task + 1)
+    assert pnn.widths(2) == tuple((3 if lateral else 1) * size for size in pnn.hidden_sizes)
+
+
+@FAST
+@given(shape=lenet_shapes(), seed=st.integers(0, 2**16))
+def test_lateral_adapters_feed_convolutions_through_a_1x1_reduction_and_the_layers_kernel(shape, seed):
+    torch.manual_seed(seed)
+    pnn = ProgressiveCNN.lenet(**shape)
+    pnn.add_task_(torch.Generator().manual_seed(seed))
+    pnn.add_task_(torch.Generator().manual_seed(seed + 1))
+    column = pnn.columns[2]
+    for layer, adapter in zip([*column.hidden[1:], column.head], column.laterals, strict=True):
+        if isinstance(layer, nn.Conv2d):
+            assert adapter.V.kernel_size == (1, 1) and adapter.V.in_channels == 2 * layer.in_channels
+            assert (adapter.U.kernel_size, adapter.U.padding, adapter.U.stride) == (
+                layer.kernel_size,
+                layer.padding,
+                layer.stride,
+            )
+        else:
+            assert adapter.V.in_features == 2 * layer.in_features
+        assert adapter.U.bias is None
+    single = ProgressiveCNN.lenet(**shape, lateral=False)
+    assert single.num_parameters(0) == pnn.num_parameters(0)  # column 0 is one plain CNN
+
+
+def test_a_lateral_adapter_into_a_convolution_keeps_the_layers_output_shape():
+    layer = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    adapter = LateralAdapter.into(layer, columns=3)
+    earlier = torch.randn(2, 12, 9, 9)  # three earlier columns' 4-channel maps, concatenated
+    assert adapter(earlier).shape == layer(torch.randn(2, 4, 9, 9)).shape
+
+
+@FAST
+@given(shape=lenet_shapes(), fractions=st.lists(st.floats(0.3, 0.7), min_size=2, max_size=2), seed=st.integers(0, 99))
+def test_a_finished_packnet_task_reads_only_the_filter_entries_it_and_earlier_tasks_own(shape, fractions, seed):
+    torch.manual_seed(seed)
+    net = PackNetCNN.lenet(**shape)
+    assume(all(layer.weight.numel() >= 4 for layer in net.hidden))  # room for a second task in every layer
+    x = torch.randn(3, *shape["in_shape"])
+    for task, fraction in enumerate(fractions):
+        if task:
+            net.add_task_(torch.Generator().manual_seed(seed + task))
+        with torch.no_grad():  # training of the newest task: any change to the free entries
+            for layer, free in zip(net.hidden, net.trainable_masks().values(), strict=True):
+                layer.weight[free] += torch.randn(int(free.sum()))
+        net.prune_(fraction)
+    final = outputs(net, x, len(fractions))
+    assert net.owner_0.shape == net.hidden[0].weight.shape  # one owner per kernel entry
+    with torch.no_grad():
+        for task in reversed(range(len(fractions))):  # spoil every entry a task does not own, newest first
+            for layer, owner in zip(net.hidden, net.owners(), strict=True):
+                layer.weight[(owner > task + 1) | (owner == 0)] = 1e3
+            assert torch.equal(net(x, task=task), final[task]), task
+
+
+@pytest.mark.parametrize("block_type", [PackNetCNN, ProgressiveCNN])
+def test_convolutional_blocks_check_their_inputs_and_refuse_another_image_shape(block_type):
+    block = block_type.lenet((1, 8, 8), [2], [3], head_classes=2, kernel_size=3, padding=1)
+    assert torch.equal(block(torch.ones(2, 64), task=0), block(torch.ones(2, 1, 8, 8), task=0))
+    with pytest.raises(ValueError, match=r"expected images of shape \[batch, 1, 8, 8\] or rows of \[batch, 64\]"):
+        block(torch.ones(2, 63), task=0)
+    other = block_type.lenet((1, 10, 10), [2], [3], head_classes=2, kernel_size=3, padding=1)
+    with pytest.raises(ValueError, match=r"reads images of shape \[1, 8, 8\], this one \[1, 10, 10\]"):
+        other.rebuild_(block.architecture())
+
+
+def test_a_convolutional_packnet_checkpoint_is_refused_by_a_fully_connected_one():
+    cnn = PackNetCNN.lenet((1, 8, 8), [2], [3], head_classes=2, kernel_size=3, padding=1)
+    mlp = PackNetMLP(64, [3], head_classes=2)
+    with pytest.raises(ValueError, match="block of type PackNetCNN where this model has one of type PackNetMLP"):
+        mlp.load_state_dict(cnn.state_dict(), strict=False)
