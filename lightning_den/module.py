@@ -232,10 +232,12 @@ class DENLightningModule(pl.LightningModule):
 
 
 class ReadyModel(DENLightningModule):
-    """A ready model: one task block on flattened inputs, ``forward(x, task)`` routed to it.
+    """A ready model: one task block on flattened inputs (a convolutional block reshapes them into its images),
+    ``forward(x, task)`` routed to it.
 
-    The ready models (:class:`DENMLP`, :class:`~lightning_den.baselines.ProgressiveNet`,
-    :class:`~lightning_den.baselines.PackNetModel`) only build their block.
+    The ready models (:class:`DENMLP`, :class:`DENCNN`, :class:`~lightning_den.baselines.ProgressiveNet`,
+    :class:`~lightning_den.baselines.ProgressiveCNNModel`, :class:`~lightning_den.baselines.PackNetModel`,
+    :class:`~lightning_den.baselines.PackNetCNNModel`) only build their block.
 
     Args:
         name: attribute name of the block (what checkpoints' keys and the callbacks' ``block=`` use).
