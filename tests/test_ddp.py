@@ -80,3 +80,15 @@ def test_two_process_ddp_grows_a_convolutional_block_alike_on_every_rank(tmp_pat
     assert any(sum(map(len, r["changes"].get("split", []))) for r in records)
     first, last = records[0]["widths"], records[-1]["widths"]
     assert last[0] > 3 and last[1] > 4 and first[:2] == [3, 4]  # both convolutions gained filters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp-pnn-cnn", "ddp-packnet-cnn"])
+def test_two_process_ddp_trains_the_convolutional_baselines_alike_on_every_rank(tmp_path, mode):
+    saved = run_two_processes(tmp_path, mode)
+    records = saved["boundaries"]
+    if mode == "ddp-packnet-cnn":  # rank 1 planned to keep every free weight at tasks 0 and 1; rank 0's pruning won
+        assert saved["wrong_plans_on_rank_1"] == 2
+    assert len(records) >= 3 and all(r["same_plan"] and r["same_weights"] for r in records)
+    (report,) = metrics_files(tmp_path)
+    assert json.loads(report.read_text())["complete"] is True

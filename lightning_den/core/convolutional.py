@@ -150,8 +150,8 @@ class ConvolutionalBlock:
     """Mixin that puts convolutions in front of a method's MLP block (listed first among the bases).
 
     A subclass's constructor takes ``(in_channels, convolutions, positions, hidden_sizes, head_classes,
-    activations=None, in_shape=None, **options)`` and calls :meth:`_checked_front` first; ``hidden_sizes``
-    are the fully connected layers' units.
+    activations=None, in_shape=None, **options)`` and checks them with :meth:`_checked_front` first;
+    ``hidden_sizes`` are the fully connected layers' units.
     """
 
     in_shape: tuple[int, ...] | None
@@ -162,15 +162,18 @@ class ConvolutionalBlock:
         in_channels: int,
         convolutions: Sequence[nn.Conv2d],
         positions: int,
-        linears: int,
+        hidden_sizes: Sequence[int],
+        head_classes: int | Sequence[int],
         activations: Sequence[nn.Module] | None,
         in_shape: Sequence[int] | None,
-    ) -> tuple[list[nn.Conv2d], nn.ModuleList]:
-        """The checked convolutions and the module after every layer; keeps ``in_shape`` after checking that
-        its images leave ``positions`` per channel."""
+    ) -> tuple[tuple[int, ...], list[nn.Conv2d], nn.ModuleList]:
+        """The constructor's arguments checked: the fully connected layers' units (``in_features`` and
+        ``head_classes`` kept, as every block's constructor does), the convolutions, and the module after every
+        layer; keeps ``in_shape`` after checking that its images leave ``positions`` per channel."""
+        sizes = self._checked_shape(in_channels, hidden_sizes, head_classes)  # type: ignore[attr-defined]
         convolutions = checked_convolutions(in_channels, convolutions)
         check_count("positions", positions)
-        modules = checked_modules(activations, len(convolutions), linears)
+        modules = checked_modules(activations, len(convolutions), len(sizes))
         self.in_shape = None if in_shape is None else tuple(in_shape)
         if self.in_shape is not None:
             if len(self.in_shape) != 3 or self.in_shape[0] != in_channels:
@@ -181,7 +184,7 @@ class ConvolutionalBlock:
                     f"`positions` is {positions}, but a {list(self.in_shape)} image leaves {measured} per channel "
                     "after the convolutions and their modules"
                 )
-        return convolutions, modules
+        return sizes, convolutions, modules
 
     @classmethod
     def lenet(

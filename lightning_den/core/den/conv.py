@@ -137,9 +137,8 @@ class ExpandableCNN(ConvolutionalBlock, ExpandableMLP):
         in_shape: Sequence[int] | None = None,
     ) -> None:
         nn.Module.__init__(self)  # ExpandableMLP's constructor builds Linear layers only; _hold_layers is shared
-        hidden_sizes = self._checked_shape(in_channels, hidden_sizes, head_classes)
-        convolutions, modules = self._checked_front(
-            in_channels, convolutions, positions, len(hidden_sizes), activations, in_shape
+        hidden_sizes, convolutions, modules = self._checked_front(
+            in_channels, convolutions, positions, hidden_sizes, head_classes, activations, in_shape
         )
         layers: list[ExpandableLinear] = [ExpandableConv2d.like(conv) for conv in convolutions]
         below = convolutions[-1].out_channels

@@ -396,9 +396,8 @@ class PackNetCNN(ConvolutionalBlock, PackNetMLP):
         in_shape: Sequence[int] | None = None,
     ) -> None:
         nn.Module.__init__(self)
-        sizes = self._checked_shape(in_channels, hidden_sizes, head_classes)
-        convolutions, modules = self._checked_front(
-            in_channels, convolutions, positions, len(sizes), activations, in_shape
+        sizes, convolutions, modules = self._checked_front(
+            in_channels, convolutions, positions, hidden_sizes, head_classes, activations, in_shape
         )
         below = convolutions[-1].out_channels * positions
         linears = [nn.Linear(a, b) for a, b in itertools.pairwise([below, *sizes])]

@@ -404,9 +404,8 @@ class ProgressiveCNN(ConvolutionalBlock, ProgressiveMLP):
         lateral: bool = True,
     ) -> None:
         nn.Module.__init__(self)
-        sizes = self._checked_shape(in_channels, hidden_sizes, head_classes)
-        convolutions, modules = self._checked_front(
-            in_channels, convolutions, positions, len(sizes), activations, in_shape
+        sizes, convolutions, modules = self._checked_front(
+            in_channels, convolutions, positions, hidden_sizes, head_classes, activations, in_shape
         )
         # the settings of every column's convolutions (on the meta device: no weights)
         self._convolutions = [conv_like(conv, device="meta") for conv in convolutions]
