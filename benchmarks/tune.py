@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compare import add_threads_argument, den_variant, held_out_score, ready_models, validation_stream
+from compare import READY_FAMILIES, add_threads_argument, den_variant, held_out_score, ready_models, validation_stream
 
-from lightning_den import DENMLP, DENCallback
+from lightning_den import DENCallback
 from lightning_den.cli import DENCLI
 
 
@@ -51,7 +51,7 @@ def markdown(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="a lightning-den fit configuration of DENMLP with a DENCallback")
+    parser.add_argument("config", help="a lightning-den fit configuration of DENMLP or DENCNN with a DENCallback")
     parser.add_argument("--setting", required=True, help="a DENCallback argument, e.g. drift_penalty")
     parser.add_argument("--values", nargs="+", type=float, required=True, help="the candidate values")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
@@ -63,14 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     overrides = ["--data.init_args.root", args.root] if args.root else []
     cli = DENCLI(args=["--config", args.config, *overrides], run=False, save_config_callback=None)
     den = next((cb for cb in cli.trainer.callbacks if isinstance(cb, DENCallback)), None)
-    if den is None or not isinstance(cli.model, DENMLP):
-        parser.error(f"{args.config} needs a ready model (DENMLP) and a DENCallback")
+    if den is None or type(cli.model) not in READY_FAMILIES:
+        parser.error(
+            f"{args.config} needs a ready DEN model ({[m.__name__ for m in READY_FAMILIES]}) and a DENCallback"
+        )
     current = getattr(den.method, args.setting, getattr(den, args.setting, None))
     if not isinstance(current, int | float) or isinstance(current, bool):
         parser.error(f"DENCallback has no numeric setting {args.setting!r}")
     out = Path(args.out or f"benchmarks/results/{Path(args.config).stem}")
-    hparams = {k: cli.model.hparams[k] for k in ("in_features", "hidden_sizes", "num_classes")}
-    build_model = ready_models(hparams, cli.model.optimizer_factory)["den"]
+    build_model = ready_models(cli.model, cli.model.optimizer_factory)["den"]
     held_out = validation_stream(cli.datamodule, args.seeds[0])
     scores: dict[str, list[float]] = {}
     costs: dict[str, list[dict[str, Any]]] = {}

@@ -74,18 +74,6 @@ def flattened_positions(
     return h.shape[1] // convolutions[-1].out_channels
 
 
-def conv_like(conv: nn.Conv2d, device: torch.device | str | None = None) -> nn.Conv2d:
-    """A freshly drawn ``nn.Conv2d`` of ``conv``'s channels, kernel, stride, padding and dilation (on ``device``;
-    the meta device keeps the settings alone and draws nothing).
-
-    Example:
-        >>> conv_like(nn.Conv2d(1, 4, 3, padding=1))
-        Conv2d(1, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
-    """
-    settings = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-    return nn.Conv2d(conv.in_channels, conv.out_channels, *settings, device=device)
-
-
 def with_weight(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     """``layer`` (an ``nn.Linear`` or ``nn.Conv2d``) applied to ``x`` with ``weight`` in place of its own.
 

@@ -44,3 +44,19 @@ def draw_layer_(layer: nn.Module, generator: torch.Generator) -> None:
     layer.weight.copy_(weight.view_as(layer.weight))
     if bias is not None:
         layer.bias.copy_(bias)
+
+
+def fresh_layer(like: nn.Linear | nn.Conv2d, device: torch.device | str | None = None) -> nn.Linear | nn.Conv2d:
+    """A freshly drawn ``nn.Linear`` or ``nn.Conv2d`` of ``like``'s shape and settings (torch's own initialisation,
+    from the global RNG), on ``device``; the meta device keeps the shape and settings alone and draws nothing.
+
+    Example:
+        >>> fresh_layer(nn.Conv2d(1, 4, 3, padding=1))
+        Conv2d(1, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+        >>> fresh_layer(nn.Linear(3, 2), device="meta").weight.is_meta
+        True
+    """
+    if isinstance(like, nn.Conv2d):
+        settings = (like.kernel_size, like.stride, like.padding, like.dilation)
+        return nn.Conv2d(like.in_channels, like.out_channels, *settings, bias=like.bias is not None, device=device)
+    return nn.Linear(like.in_features, like.out_features, bias=like.bias is not None, device=device)

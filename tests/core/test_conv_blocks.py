@@ -61,25 +61,54 @@ def test_new_columns_never_change_what_earlier_tasks_compute(shape, lateral, see
 
 @FAST
 @given(shape=lenet_shapes(), seed=st.integers(0, 2**16))
-def test_lateral_adapters_feed_convolutions_through_a_1x1_reduction_and_the_layers_kernel(shape, seed):
+def test_lateral_adapters_reduce_channels_with_1x1_convolutions_and_feed_each_layer_as_it_reads(shape, seed):
     torch.manual_seed(seed)
     pnn = ProgressiveCNN.lenet(**shape)
     pnn.add_task_(torch.Generator().manual_seed(seed))
     pnn.add_task_(torch.Generator().manual_seed(seed + 1))
-    column = pnn.columns[2]
-    for layer, adapter in zip([*column.hidden[1:], column.head], column.laterals, strict=True):
-        if isinstance(layer, nn.Conv2d):
-            assert adapter.V.kernel_size == (1, 1) and adapter.V.in_channels == 2 * layer.in_channels
-            assert (adapter.U.kernel_size, adapter.U.padding, adapter.U.stride) == (
-                layer.kernel_size,
-                layer.padding,
-                layer.stride,
-            )
+    column, convolutions = pnn.columns[2], len(shape["channels"])
+    layers = [*column.hidden[1:], column.head]
+    for index, (below, layer, adapter) in enumerate(zip(column.hidden, layers, column.laterals, strict=True)):
+        assert adapter.U.bias is None
+        if isinstance(layer, nn.Conv2d):  # a 1x1 reduction of two columns' maps, then the layer's own kernel
+            assert (adapter.V.kernel_size, adapter.V.in_channels) == ((1, 1), 2 * layer.in_channels)
+            settings = ("kernel_size", "stride", "padding", "dilation")
+            assert [getattr(adapter.U, a) for a in settings] == [getattr(layer, a) for a in settings]
+        elif index == convolutions - 1:  # the flattened maps: the channels reduced at every position alike
+            assert isinstance(adapter.V, nn.Conv1d) and adapter.V.in_channels == 2 * below.out_channels
+            assert adapter.positions * below.out_channels == layer.in_features
         else:
             assert adapter.V.in_features == 2 * layer.in_features
-        assert adapter.U.bias is None
     single = ProgressiveCNN.lenet(**shape, lateral=False)
     assert single.num_parameters(0) == pnn.num_parameters(0)  # column 0 is one plain CNN
+
+
+@pytest.mark.parametrize("lateral", [True, False])
+def test_the_newest_cnn_column_reads_earlier_columns_only_when_lateral(lateral):
+    torch.manual_seed(0)
+    pnn = ProgressiveCNN.lenet((1, 8, 8), [3, 4], [6], head_classes=2, kernel_size=3, padding=1, lateral=lateral)
+    pnn.add_task_()
+    x = torch.randn(5, 1, 8, 8)
+    before = pnn(x, task=1).detach().clone()
+    for layer in pnn.columns[0].hidden:  # change each of column 0's layers in turn: column 1 sees it if lateral
+        with torch.no_grad():
+            layer.weight.add_(0.5)
+            assert torch.equal(pnn(x, task=1), before) is not lateral, type(layer).__name__
+            layer.weight.sub_(0.5)
+            before = pnn(x, task=1).clone()
+
+
+def test_gradients_of_the_newest_cnn_column_reach_every_lateral_adapter():
+    torch.manual_seed(0)
+    pnn = ProgressiveCNN.lenet((1, 8, 8), [3, 4], [6, 5], head_classes=2, kernel_size=3, padding=1)
+    pnn.add_task_()
+    pnn.add_task_()
+    pnn(torch.randn(5, 1, 8, 8), task=2).square().sum().backward()
+    adapters = pnn.columns[2].laterals
+    assert [type(adapter.V).__name__ for adapter in adapters] == ["Conv2d", "Conv1d", "Linear", "Linear"]
+    for index, adapter in enumerate(adapters):
+        for name, parameter in adapter.named_parameters():
+            assert parameter.grad is not None and bool(parameter.grad.ne(0).any()), (index, name)
 
 
 def test_a_lateral_adapter_into_a_convolution_keeps_the_layers_output_shape():

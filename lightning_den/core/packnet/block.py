@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_den.core.convolutional import ConvolutionalBlock, conv_like, with_weight
-from lightning_den.core.init import draw_layer_
+from lightning_den.core.convolutional import ConvolutionalBlock, with_weight
+from lightning_den.core.init import draw_layer_, fresh_layer
 from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 
@@ -401,7 +401,7 @@ class PackNetCNN(ConvolutionalBlock, PackNetMLP):
         )
         below = convolutions[-1].out_channels * positions
         linears = [nn.Linear(a, b) for a, b in itertools.pairwise([below, *sizes])]
-        self._hold_layers([*(conv_like(conv) for conv in convolutions), *linears], modules)
+        self._hold_layers([*(fresh_layer(conv) for conv in convolutions), *linears], modules)
 
 
 def _forget_masks(module: PackNetMLP, incompatible_keys: object) -> None:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_den.core.checks import check_flag
-from lightning_den.core.convolutional import ConvolutionalBlock, conv_like
-from lightning_den.core.init import draw_layer_
+from lightning_den.core.convolutional import ConvolutionalBlock
+from lightning_den.core.init import draw_layer_, fresh_layer
 from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 #: Initial value of every adapter's learned scale ``alpha``: laterals start as a small perturbation.
@@ -38,11 +38,16 @@ class LateralAdapter(nn.Module):
     ``V`` reduces the earlier columns' outputs ``a`` (concatenated along dim 1) to the width of one column's,
     ``U`` maps that as the layer it feeds does, without a bias (the layer has one). Into a fully connected layer
     both are ``nn.Linear``; into a convolution ``V`` is a 1x1 convolution over the channels and ``U`` a
-    convolution of the layer's kernel, stride, padding and dilation (Rusu et al., 2016, §2).
+    convolution of the layer's kernel, stride, padding and dilation (Rusu et al., 2016, §2: convolutional
+    laterals reduce channels with 1x1 convolutions). Into the fully connected layer that reads a flattened
+    feature map, ``V`` reduces the channels at each of its ``positions`` alike (a 1x1 convolution over the
+    earlier columns' maps) and ``U`` is a Linear over the flattened result. ``alpha`` scales the adapter's
+    output; Rusu et al. scale its input, which differs by ``V``'s bias.
 
     Args:
         V: the reduction.
         U: the projection into the layer, without a bias.
+        positions: positions per channel of the flattened feature maps ``a`` holds (``None``: ``a`` is not one).
 
     Example:
         >>> adapter = LateralAdapter.into(nn.Linear(3, 2), columns=2)
@@ -52,20 +57,24 @@ class LateralAdapter(nn.Module):
         0.01
     """
 
-    def __init__(self, V: nn.Module, U: nn.Module) -> None:
+    def __init__(self, V: nn.Module, U: nn.Module, positions: int | None = None) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.tensor(ALPHA_INIT))
         self.V = V
         self.U = U
+        self.positions = positions
 
     @classmethod
-    def into(cls, layer: nn.Module, columns: int) -> LateralAdapter:
+    def into(cls, layer: nn.Module, columns: int, positions: int | None = None) -> LateralAdapter:
         """The adapter feeding ``layer`` (an ``nn.Linear`` or ``nn.Conv2d``) from ``columns`` earlier columns
-        whose outputs have the width of ``layer``'s input.
+        whose outputs have the width of ``layer``'s input (flattened feature maps of ``positions`` per channel,
+        when given).
 
         Example:
             >>> LateralAdapter.into(nn.Conv2d(4, 6, 3, padding=1), columns=2).V
             Conv2d(8, 4, kernel_size=(1, 1), stride=(1, 1))
+            >>> LateralAdapter.into(nn.Linear(12, 5), columns=2, positions=4).V   # 3 channels of 4 positions
+            Conv1d(6, 3, kernel_size=(1,), stride=(1,))
         """
         if isinstance(layer, nn.Conv2d):
             reduced = layer.in_channels
@@ -74,14 +83,21 @@ class LateralAdapter(nn.Module):
                 reduced, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False
             )
             return cls(V, U)
-        reduced = layer.in_features
-        return cls(nn.Linear(columns * reduced, reduced), nn.Linear(reduced, layer.out_features, bias=False))
+        U = nn.Linear(layer.in_features, layer.out_features, bias=False)
+        if positions is None:
+            return cls(nn.Linear(columns * layer.in_features, layer.in_features), U)
+        channels = layer.in_features // positions
+        return cls(nn.Conv1d(columns * channels, channels, 1), U, positions)
 
     def forward(self, a: Tensor) -> Tensor:
-        return self.alpha * self.U(F.relu(self.V(a)))
+        if self.positions is None:
+            return self.alpha * self.U(F.relu(self.V(a)))
+        maps = a.unflatten(1, (-1, self.positions))  # [batch, columns x channels, positions]
+        return self.alpha * self.U(F.relu(self.V(maps)).flatten(1))
 
     def draw_(self, generator: torch.Generator) -> None:
-        """Redraw ``V`` and ``U`` from ``generator`` (``nn.Linear``'s distribution); ``alpha`` is reset."""
+        """Redraw ``V`` and ``U`` from ``generator`` (the distribution of torch's layers, see
+        :func:`~lightning_den.core.init.draw_layer_`); ``alpha`` is reset."""
         with torch.no_grad():
             self.alpha.fill_(ALPHA_INIT)
         draw_layer_(self.V, generator)
@@ -117,8 +133,10 @@ class ProgressiveColumn(nn.Module):
         self.head = nn.Linear(hidden[-1].weight.shape[0], classes)
         self.laterals = nn.ModuleList()
         if lateral and task > 0:
-            for layer in [*self.hidden[1:], self.head]:
-                self.laterals.append(LateralAdapter.into(layer, task))
+            for below, layer in zip(self.hidden, [*self.hidden[1:], self.head], strict=True):
+                flattened = isinstance(below, nn.Conv2d) and not isinstance(layer, nn.Conv2d)
+                positions = layer.in_features // below.out_channels if flattened else None
+                self.laterals.append(LateralAdapter.into(layer, task, positions))
 
     def draw_(self, generator: torch.Generator) -> None:
         """Redraw every layer from ``generator``: hidden layers bottom-up, head, then adapters."""
@@ -169,18 +187,18 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
     ) -> None:
         super().__init__()
         self.hidden_sizes = self._checked_shape(in_features, hidden_sizes, head_classes)
-        self._hold_columns(lateral, activation_modules(activations, len(self.hidden_sizes)))
+        widths = [in_features, *self.hidden_sizes]
+        blueprint = [nn.Linear(a, b, device="meta") for a, b in itertools.pairwise(widths)]
+        self._hold_columns(lateral, blueprint, activation_modules(activations, len(self.hidden_sizes)))
 
-    def _hold_columns(self, lateral: bool, activations: nn.ModuleList) -> None:
-        """Keep the lateral setting and the module after each hidden layer, and build task 0's column."""
+    def _hold_columns(self, lateral: bool, blueprint: list[nn.Module], activations: nn.ModuleList) -> None:
+        """Keep the lateral setting, every column's hidden layers as ``blueprint`` (shapes and settings on the meta
+        device) and the module after each, and build task 0's column."""
         self.lateral = check_flag("lateral", lateral)
-        # the modules new columns copy (a plain list: each column registers its own copies)
+        # plain lists: what every new column copies (each column registers its own layers and modules)
+        self._blueprint = blueprint
         self._activations = list(activations)
         self.columns = nn.ModuleList([self._new_column(0)])
-
-    def _fresh_hidden(self) -> list[nn.Module]:
-        """Freshly drawn hidden layers of a new column."""
-        return [nn.Linear(a, b) for a, b in itertools.pairwise([self.in_features, *self.hidden_sizes])]
 
     def first_task_layers(self) -> tuple[list[nn.Module], nn.Module]:
         """Task 0's hidden layers and head (what a converted ``nn.Linear`` chain is copied into)."""
@@ -196,7 +214,8 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
     # --- columns ---
 
     def _new_column(self, task: int) -> ProgressiveColumn:
-        return ProgressiveColumn(self._fresh_hidden(), self.classes_of(task), task, self.lateral, self._activations)
+        hidden = [fresh_layer(layer) for layer in self._blueprint]
+        return ProgressiveColumn(hidden, self.classes_of(task), task, self.lateral, self._activations)
 
     def add_task_(self, generator: torch.Generator | None = None) -> int:
         """Add the column of the next task, freeze every earlier column, and return the new task id.
@@ -407,15 +426,10 @@ class ProgressiveCNN(ConvolutionalBlock, ProgressiveMLP):
         sizes, convolutions, modules = self._checked_front(
             in_channels, convolutions, positions, hidden_sizes, head_classes, activations, in_shape
         )
-        # the settings of every column's convolutions (on the meta device: no weights)
-        self._convolutions = [conv_like(conv, device="meta") for conv in convolutions]
-        self.positions = positions
-        self.hidden_sizes = (*(conv.out_channels for conv in convolutions), *sizes)
-        self._hold_columns(lateral, modules)
-
-    def _fresh_hidden(self) -> list[nn.Module]:
-        """Freshly drawn convolutions, then fully connected layers, of a new column."""
-        convolutions = [conv_like(conv) for conv in self._convolutions]
-        units = self.hidden_sizes[len(convolutions) :]
-        below = convolutions[-1].out_channels * self.positions
-        return [*convolutions, *(nn.Linear(a, b) for a, b in itertools.pairwise([below, *units]))]
+        widths = [convolutions[-1].out_channels * positions, *sizes]
+        blueprint = [
+            *(fresh_layer(conv, device="meta") for conv in convolutions),
+            *(nn.Linear(a, b, device="meta") for a, b in itertools.pairwise(widths)),
+        ]
+        self.hidden_sizes = tuple(layer.weight.shape[0] for layer in blueprint)
+        self._hold_columns(lateral, blueprint, modules)
