@@ -316,7 +316,8 @@ def load_grown(model: nn.Module, checkpoint_path: str | Path, map_location: Any 
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
     state = checkpoint.get("state_dict", checkpoint)
     for name, block_type in saved_blocks(state).items():
-        attach_block(model, block_type, name)
+        options = block_type.options_of(state[f"{name}._extra_state"]["architecture"])
+        attach_block(model, block_type, name, options)
     model.load_state_dict(state)
     return model
 

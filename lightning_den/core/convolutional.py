@@ -160,6 +160,11 @@ class ConvolutionalBlock:
         layer; keeps ``in_shape`` after checking that its images leave ``positions`` per channel."""
         sizes = self._checked_shape(in_channels, hidden_sizes, head_classes)  # type: ignore[attr-defined]
         convolutions = checked_convolutions(in_channels, convolutions)
+        #: each convolution's kernel, stride, padding and dilation, as plain data (saved in the architecture)
+        self.convolution_settings = [
+            {name: _plain(getattr(conv, name)) for name in ("kernel_size", "stride", "padding", "dilation")}
+            for conv in convolutions
+        ]
         check_count("positions", positions)
         modules = checked_modules(activations, len(convolutions), len(sizes))
         self.in_shape = None if in_shape is None else tuple(in_shape)
@@ -191,6 +196,12 @@ class ConvolutionalBlock:
         (the paper's LeNet: ``[20, 50]`` filters of 5x5, ``[800, 500]`` units, on 1x28x28); ``options`` go to
         the block (e.g. ``lateral``).
 
+        Example:
+            >>> from lightning_den.core.packnet import PackNetCNN
+            >>> net = PackNetCNN.lenet((1, 28, 28), [20, 50], [800, 500], head_classes=2)
+            >>> net.hidden_sizes, net.hidden[2].in_features   # 50 channels of 4x4 positions after two poolings
+            ((20, 50, 800, 500), 800)
+
         Raises:
             ValueError: when the image has no positions left after the convolutions and pooling.
         """
@@ -214,6 +225,12 @@ class ConvolutionalBlock:
         """``x`` as images ``[batch, *in_shape]``: flattened rows (what the task streams serve) are reshaped when
         the image shape is known.
 
+        Example:
+            >>> from lightning_den.core.progressive import ProgressiveCNN
+            >>> pnn = ProgressiveCNN.lenet((1, 8, 8), [2], [3], head_classes=2, kernel_size=3)
+            >>> tuple(pnn.checked_inputs(torch.zeros(5, 64)).shape)
+            (5, 1, 8, 8)
+
         Raises:
             ValueError: naming the expected shape, unless ``x`` is a batch of images of this block's channels
                 (and shape, when known) or their rows.
@@ -235,17 +252,25 @@ class ConvolutionalBlock:
         return x
 
     def architecture(self) -> dict[str, Any]:
-        """The MLP block's architecture, with the input's image shape."""
+        """The MLP block's architecture, with the input's image shape and the convolutions' settings."""
         in_shape = None if self.in_shape is None else list(self.in_shape)
-        return {**super().architecture(), "in_shape": in_shape}  # type: ignore[misc]
+        mine = {"in_shape": in_shape, "convolutions": self.convolution_settings}
+        return {**super().architecture(), **mine}  # type: ignore[misc]
 
     def rebuild_(self, architecture: dict[str, Any]) -> None:
-        """The MLP block's ``rebuild_``, refusing a network saved for another image shape."""
-        saved = architecture.get("in_shape")
-        if (None if saved is None else tuple(saved)) != self.in_shape:
-            this = None if self.in_shape is None else list(self.in_shape)
-            raise ValueError(
-                f"the saved network reads images of shape {saved}, this one {this}: build the model with the "
-                "configuration the checkpoint was trained with"
-            )
+        """The MLP block's ``rebuild_``, refusing a network saved for another image shape or other convolution
+        settings (a state saved without them is taken as it is)."""
+        mine = self.architecture()
+        for key, what in (("in_shape", "reads images of shape"), ("convolutions", "has convolutions")):
+            saved = architecture.get(key, mine[key] if key == "convolutions" else None)
+            if saved != mine[key]:
+                raise ValueError(
+                    f"the saved network {what} {saved}, this one {mine[key]}: build the model with the "
+                    "configuration the checkpoint was trained with"
+                )
         super().rebuild_(architecture)  # type: ignore[misc]
+
+
+def _plain(setting: tuple[int, ...] | str) -> list[int] | str:
+    """A convolution's setting as plain data (``padding`` may be a string such as ``"same"``)."""
+    return setting if isinstance(setting, str) else list(setting)

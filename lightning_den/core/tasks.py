@@ -128,6 +128,12 @@ class PerTaskHeads:
             "tasks_learned": self.tasks_learned,
         }
 
+    @classmethod
+    def options_of(cls, architecture: dict[str, Any]) -> dict[str, Any]:
+        """The constructor options (beyond the shape a converted chain gives) of the block that saved
+        ``architecture``, so that :func:`~lightning_den.core.convert.load_grown` builds it alike: none by default."""
+        return {}
+
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Grow to the saved architecture; torch calls it before the block's layers load their weights.
 

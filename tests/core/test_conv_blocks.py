@@ -10,6 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
+from lightning_den.core.den import ExpandableCNN
 from lightning_den.core.packnet import PackNetCNN, PackNetMLP
 from lightning_den.core.progressive import ProgressiveCNN
 from lightning_den.core.progressive.block import LateralAdapter
@@ -157,3 +158,39 @@ def test_a_convolutional_packnet_checkpoint_is_refused_by_a_fully_connected_one(
     mlp = PackNetMLP(64, [3], head_classes=2)
     with pytest.raises(ValueError, match="block of type PackNetCNN where this model has one of type PackNetMLP"):
         mlp.load_state_dict(cnn.state_dict(), strict=False)
+
+
+CONVOLUTIONAL_BLOCKS = [ExpandableCNN, ProgressiveCNN, PackNetCNN]
+
+
+@pytest.mark.parametrize("block_type", CONVOLUTIONAL_BLOCKS)
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"convolutions": [nn.Conv2d(1, 2, 3, groups=1, bias=False)]}, "with a bias, groups=1"),
+        ({"convolutions": [nn.Conv2d(2, 2, 3)]}, "must read the 1 channels below it"),
+        ({"convolutions": []}, "needs at least one convolution"),
+        ({"activations": [nn.Sequential(nn.BatchNorm2d(2), nn.Flatten()), nn.ReLU()]}, r"\['BatchNorm2d'\] cannot sit"),
+        ({"activations": [nn.ReLU(), nn.ReLU()]}, "must end with nn.Flatten"),
+        ({"positions": 10}, "`positions` is 10, but a \\[1, 8, 8\\] image leaves 9 per channel"),
+        ({"in_shape": (3, 8, 8)}, r"`in_shape` must be \(1, height, width\)"),
+        ({"hidden_sizes": []}, "hidden_sizes"),
+    ],
+)
+def test_convolutional_blocks_refuse_bad_arguments_naming_the_problem(block_type, change, match):
+    arguments = dict(
+        in_channels=1,
+        convolutions=[nn.Conv2d(1, 2, 3)],
+        positions=9,
+        hidden_sizes=[4],
+        head_classes=2,
+        activations=[nn.Sequential(nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()), nn.ReLU()],
+        in_shape=(1, 8, 8),
+    )
+    with pytest.raises(ValueError, match=match):
+        block_type(**{**arguments, **change})
+
+
+def test_a_progressive_cnn_refuses_a_lateral_setting_that_is_not_a_bool():
+    with pytest.raises(ValueError, match="lateral"):
+        ProgressiveCNN.lenet((1, 8, 8), [2], [3], head_classes=2, kernel_size=3, lateral="yes")

@@ -100,20 +100,41 @@ def test_a_layer_shared_with_another_part_of_the_model_is_refused():
         attach_block(model, ExpandableMLP)
 
 
-@pytest.mark.parametrize("block_type", BLOCKS)
-def test_a_grown_blocks_state_loads_into_a_freshly_built_user_model(block_type):
+def fully_connected() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+
+
+def convolutional() -> nn.Sequential:  # reads [batch, 4] as [batch, 1, 2, 2]
+    return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 3, 2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(27, 5), nn.Tanh(), nn.Linear(5, 2))  # fmt: skip
+
+
+class UserConvModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        chain = convolutional()
+        self.unflatten, self.net = chain[0], nn.Sequential(*chain[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.unflatten(x))
+
+
+@pytest.mark.parametrize("convolutions", [False, True])
+@pytest.mark.parametrize(("block_type", "options"), [*((b, {}) for b in BLOCKS), (ProgressiveMLP, {"lateral": False})])
+def test_a_grown_blocks_state_loads_into_a_freshly_built_user_model(block_type, options, convolutions):
     torch.manual_seed(0)
-    build = lambda: UserModel(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)))  # noqa: E731
+    build = UserConvModel if convolutions else lambda: UserModel(fully_connected())
     model = build()
-    _, block = attach_block(model, block_type)
-    if block_type is PackNetMLP:
+    _, block = attach_block(model, block_type, options=options)
+    if isinstance(block, PackNetMLP):
         block.prune_(0.5)
     block.add_task_(torch.Generator().manual_seed(1))
     block.active_task, block.tasks_learned = 1, 1
     buffer = io.BytesIO()
     torch.save({"state_dict": model.state_dict()}, buffer)
     buffer.seek(0)
-    restored = load_grown(build(), buffer)
+    restored = load_grown(build(), buffer)  # built as the method built it: options included
+    assert type(restored.net) is type(block) and restored.net.architecture() == block.architecture()
     x = torch.randn(3, 4)
     for t in (0, 1):
         with task(model, t), task(restored, t):
@@ -160,7 +181,7 @@ def fits(modules: list[nn.Module], candidate: nn.Module, probe: torch.Tensor) ->
 
 @st.composite
 def conv_chains(draw) -> tuple[nn.Sequential, tuple[int, int, int]]:
-    """A user's ``nn.Sequential``: convolutions (random kernels, strides, padding) with channelwise modules
+    """A user's ``nn.Sequential``: convolutions (random kernels, strides, padding, dilation) with channelwise modules
     between them, one ``nn.Flatten``, then Linear layers; and the image shape it reads."""
     channels = draw(st.integers(1, 3), label="in channels")
     side = draw(st.integers(8, 12), label="side")
@@ -171,7 +192,8 @@ def conv_chains(draw) -> tuple[nn.Sequential, tuple[int, int, int]]:
     for index in range(draw(st.integers(1, 2), label="convolutions")):
         width, kernel = draw(st.integers(1, 4), label="filters"), draw(st.integers(1, 3), label="kernel")
         stride, padding = draw(st.integers(1, 2), label="stride"), draw(st.integers(0, 1), label="padding")
-        convolution = nn.Conv2d(below, width, kernel, stride=stride, padding=padding)
+        dilation = draw(st.integers(1, 2), label="dilation")
+        convolution = nn.Conv2d(below, width, kernel, stride=stride, padding=padding, dilation=dilation)
         if index and not fits(modules, convolution, probe):
             break
         modules.append(convolution)
@@ -206,6 +228,23 @@ def test_a_chain_of_convolutions_converts_into_each_methods_cnn_bit_for_bit(conf
     hidden, _ = block.first_task_layers()
     filters = [layer.weight.shape[0] for layer in hidden if layer.weight.ndim == 4]
     assert filters == [m.out_channels for m in chain if isinstance(m, nn.Conv2d)]
+
+
+@FAST
+@given(configured=conv_chains(), lateral=st.booleans())
+def test_a_converted_progressive_cnn_grows_columns_that_leave_task_0_bit_for_bit(configured, lateral):
+    chain, shape = configured
+    model = UserModel(chain).eval()
+    x = torch.randn(4, *shape)
+    _, block = attach_block(model, ProgressiveMLP, options={"lateral": lateral})
+    with torch.no_grad():
+        before = block(x, task=0)
+        for task_id in (1, 2):
+            block.add_task_(torch.Generator().manual_seed(task_id))
+            for parameter in block.column_parameters(task_id):
+                parameter.add_(torch.randn_like(parameter))
+            assert block(x, task=task_id).shape == before.shape  # laterals fit strides, padding, dilation
+        assert torch.equal(block(x, task=0), before)
 
 
 def test_a_block_type_without_a_convolutional_form_refuses_a_chain_of_convolutions_naming_those_with_one():

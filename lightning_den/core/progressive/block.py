@@ -294,6 +294,16 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
             "heads": [column.head.out_features for column in self.columns],
         }
 
+    @classmethod
+    def options_of(cls, architecture: dict[str, Any]) -> dict[str, Any]:
+        """Whether the saved network had lateral adapters.
+
+        Example:
+            >>> ProgressiveMLP.options_of(ProgressiveMLP(4, [3], head_classes=2, lateral=False).architecture())
+            {'lateral': False}
+        """
+        return {"lateral": bool(architecture.get("lateral", True))}
+
     def rebuild_(self, architecture: dict[str, Any]) -> None:
         """Add columns until there are as many as in ``architecture`` (from :meth:`architecture`); idempotent.
 
