@@ -124,14 +124,19 @@ class DENCallback(TaskSequenceCallback):
         super().__init__(method, block=block, convergence_tol=convergence_tol)
 
     def on_task_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, boundary: TaskBoundary) -> None:
-        """Log what selective retraining selected (step: the task) to every logger of the Trainer; with several
-        blocks, each block's metrics are named after it (``selection/<block>/fraction/layer_0``)."""
+        """Log what selective retraining selected and what the split duplicated (step: the task) to every logger
+        of the Trainer; with several blocks, each block's metrics are named after it
+        (``selection/<block>/fraction/layer_0``)."""
         several = len(boundary.changes_by_block) > 1
         metrics = {}
         for name, changes in boundary.changes_by_block.items():
+            block = f"{name}/" if several else ""
+            if "largest_drift" in changes:
+                metrics.update({f"split/{block}units/layer_{i}": len(u) for i, u in enumerate(changes["split"])})
+                drifts = changes["largest_drift"]
+                metrics.update({f"split/{block}largest_drift/layer_{i}": d for i, d in enumerate(drifts)})
             if SELECTION_KEYS[0] not in changes:
                 continue
-            block = f"{name}/" if several else ""
             metrics.update(
                 {f"selection/{block}fraction/layer_{i}": f for i, f in enumerate(changes["selected_fraction"])}
             )

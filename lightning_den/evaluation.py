@@ -126,6 +126,8 @@ class TaskEvaluation(Callback):
         selection: per task, what its selective retraining selected (DEN): ``selected_fraction`` of each
             hidden layer's units, ``selected_inputs``, ``zero_fraction`` of each hidden layer's weights and
             ``head_zero_fraction`` of the new head's, when the selection was made.
+        splits: per task, what its split did (DEN): ``units`` duplicated in each hidden layer and the
+            ``largest_drift`` of a unit in each (the split duplicates units whose drift exceeds the threshold).
         phase_epochs: per task, the epochs each of its phases trained (in this run), in phase order.
         summary: the dict written to ``continual_metrics.json`` (after the last task, or when the fit
             ends early); undefined numbers are ``None`` in it, as in the file.
@@ -162,6 +164,7 @@ class TaskEvaluation(Callback):
         self.parameters: list[int | None] = []
         self.summary: dict[str, Any] = {}
         self.selection: dict[int, dict[str, Any]] = {}
+        self.splits: dict[int, dict[str, list]] = {}
         self.phase_epochs: dict[int, dict[str, int]] = {}
         self._directory: Path | None = None
         self._fitting = False
@@ -193,6 +196,9 @@ class TaskEvaluation(Callback):
             changes = boundary.changes
         if SELECTION_KEYS[0] in changes:
             self.selection[boundary.task] = {key: changes[key] for key in SELECTION_KEYS}
+        if "largest_drift" in changes:
+            units = [len(split) for split in changes["split"]]
+            self.splits[boundary.task] = {"units": units, "largest_drift": list(changes["largest_drift"])}
         if boundary.ended_task is None:
             return
         ended = boundary.ended_task
@@ -240,6 +246,7 @@ class TaskEvaluation(Callback):
             "widths": [None if w is None else list(w) for w in self.widths],
             "parameters": list(self.parameters),
             "selection": {str(task): report for task, report in self.selection.items()},
+            "splits": {str(task): report for task, report in self.splits.items()},
             "phase_epochs": {str(task): dict(epochs) for task, epochs in self.phase_epochs.items()},
         }
 
@@ -249,6 +256,7 @@ class TaskEvaluation(Callback):
         self.widths = [None if w is None else tuple(w) for w in state_dict["widths"]]
         self.parameters = list(state_dict["parameters"])
         self.selection = {int(task): report for task, report in state_dict.get("selection", {}).items()}
+        self.splits = {int(task): report for task, report in state_dict.get("splits", {}).items()}
         self.phase_epochs = {int(task): dict(epochs) for task, epochs in state_dict.get("phase_epochs", {}).items()}
 
     def _make_room(self, task: int) -> None:
@@ -359,6 +367,7 @@ class TaskEvaluation(Callback):
                 "parameters_after_task": self.parameters,
                 "parameters_per_task": [mlp.num_parameters(t) for t in range(tasks)],
                 "selection": [self.selection.get(t) for t in range(tasks)] if self.selection else None,
+                "splits": [self.splits.get(t) for t in range(tasks)] if self.splits else None,
                 "phase_epochs": [self.phase_epochs.get(t) for t in range(tasks)],
             }
         )

@@ -83,6 +83,12 @@ def format_report(summary: dict[str, Any]) -> str:
             fractions = " ".join(f"{f:.2f}" for f in report["selected_fraction"])
             zeros = " ".join(f"{z:.2f}" for z in report["zero_fraction"])
             lines.append(f"  task {task}: {fractions} | {zeros} (head {report['head_zero_fraction']:.2f})")
+    split = [(task, report) for task, report in enumerate(summary.get("splits") or []) if report]
+    if split:
+        lines.append("split, per task: units duplicated in each hidden layer | largest drift of a unit in each")
+        for task, report in split:
+            drifts = " ".join(f"{drift:.4f}" for drift in report["largest_drift"])
+            lines.append(f"  task {task}: {' '.join(map(str, report['units']))} | {drifts}")
     return "\n".join(lines)
 
 

@@ -493,3 +493,33 @@ def test_the_network_has_its_plain_layout_after_the_fit(tmp_path, ending):
     assert not any(layer.separated for layer in model.mlp.hidden)
     assert {name.rpartition(".")[2] for name, _ in model.named_parameters()} == {"weight", "bias"}
     assert all(p.requires_grad for p in model.mlp.hidden.parameters())
+
+
+def split_run(tmp_path, split_threshold: float):
+    """Two tiny tasks with every phase run; the evaluation and the CSV logger's rows of the split metrics."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_den import TaskEvaluation
+
+    torch.manual_seed(0)
+    evaluation = TaskEvaluation(print_report=False, plots=False)
+    logger = CSVLogger(tmp_path, name=f"split_{split_threshold}")
+    den = DENCallback(**short_phases(loss_threshold=0.0, split_threshold=split_threshold))
+    make_trainer(tmp_path, [den, evaluation], logger=logger).fit(tiny_model(), datamodule=tiny_stream(2))
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("split/units/layer_0")]
+    return evaluation, logged
+
+
+def test_the_split_is_reported_with_the_largest_drift_that_a_threshold_above_it_leaves_unsplit(tmp_path):
+    from lightning_den.report import format_report
+
+    every, logged = split_run(tmp_path, split_threshold=0.0)
+    (none, report), units, drift = every.summary["splits"], every.splits[1]["units"], every.splits[1]["largest_drift"]
+    assert none is None and report == every.splits[1]
+    assert all(count > 0 for count in units) and all(d > 0 for d in drift)  # every drifted unit split
+    assert [float(logged[0][f"split/largest_drift/layer_{i}"]) for i in range(len(HIDDEN))] == pytest.approx(drift)
+    assert [int(float(logged[0][f"split/units/layer_{i}"])) for i in range(len(HIDDEN))] == units
+    assert "split, per task: units duplicated in each hidden layer" in format_report(every.summary)
+    above, _ = split_run(tmp_path, split_threshold=max(drift) * 1.01)  # the same run until the split
+    assert above.splits[1] == {"units": [0] * len(HIDDEN), "largest_drift": drift}

@@ -142,12 +142,13 @@ class DENMethod(TaskMethod):
             return {"added": self._units_added(block)}
         plan = self.end_plan(block, progress)  # leaving expansion, for the split or the next task: prune its dead
         if phase is DENPhase.SPLIT:
+            drifts = [unit_drift(block, i, self._snapshot) for i in range(len(block.hidden))]
             plan["split"] = [
-                units_to_split(
-                    unit_drift(block, i, self._snapshot), self._split_threshold(layer), self.max_splits_per_layer
-                )
-                for i, layer in enumerate(block.hidden)
+                units_to_split(drift, self._split_threshold(layer), self.max_splits_per_layer)
+                for drift, layer in zip(drifts, block.hidden, strict=True)
             ]
+            # reported beside the split: how far the most drifted unit of each layer is from its threshold
+            plan["largest_drift"] = [float(drift.max()) if drift.numel() else 0.0 for drift in drifts]
         return plan
 
     def _split_threshold(self, layer: nn.Module) -> float:
