@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 
 from lightning_den.boundary import TaskBoundary
 from lightning_den.core.den import DENMethod
-from lightning_den.core.den.selection import SELECTION_KEYS
+from lightning_den.core.den.selection import SELECTION_KEYS, SPLIT_KEYS
 from lightning_den.driver import TaskSequenceCallback, configured
 
 
@@ -131,10 +131,9 @@ class DENCallback(TaskSequenceCallback):
         metrics = {}
         for name, changes in boundary.changes_by_block.items():
             block = f"{name}/" if several else ""
-            if "largest_drift" in changes:
-                metrics.update({f"split/{block}units/layer_{i}": len(u) for i, u in enumerate(changes["split"])})
-                drifts = changes["largest_drift"]
-                metrics.update({f"split/{block}largest_drift/layer_{i}": d for i, d in enumerate(drifts)})
+            if SPLIT_KEYS[0] in changes:
+                for key, name in zip(SPLIT_KEYS, ("units", "largest_drift"), strict=True):
+                    metrics.update({f"split/{block}{name}/layer_{i}": v for i, v in enumerate(changes[key])})
             if SELECTION_KEYS[0] not in changes:
                 continue
             metrics.update(

@@ -19,7 +19,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from lightning_den.boundary import TaskBoundary
 from lightning_den.core.den.layers import ExpandableMLP
-from lightning_den.core.den.selection import SELECTION_KEYS
+from lightning_den.core.den.selection import SELECTION_KEYS, SPLIT_KEYS
 from lightning_den.core.routing import task as route_to
 from lightning_den.core.routing import task_blocks
 from lightning_den.metrics import functional as M
@@ -126,7 +126,7 @@ class TaskEvaluation(Callback):
         selection: per task, what its selective retraining selected (DEN): ``selected_fraction`` of each
             hidden layer's units, ``selected_inputs``, ``zero_fraction`` of each hidden layer's weights and
             ``head_zero_fraction`` of the new head's, when the selection was made.
-        splits: per task, what its split did (DEN): ``units`` duplicated in each hidden layer and the
+        splits: per task, what its split did (DEN): ``split_units`` duplicated in each hidden layer and the
             ``largest_drift`` of a unit in each (the split duplicates units whose drift exceeds the threshold).
         phase_epochs: per task, the epochs each of its phases trained (in this run), in phase order.
         summary: the dict written to ``continual_metrics.json`` (after the last task, or when the fit
@@ -196,9 +196,8 @@ class TaskEvaluation(Callback):
             changes = boundary.changes
         if SELECTION_KEYS[0] in changes:
             self.selection[boundary.task] = {key: changes[key] for key in SELECTION_KEYS}
-        if "largest_drift" in changes:
-            units = [len(split) for split in changes["split"]]
-            self.splits[boundary.task] = {"units": units, "largest_drift": list(changes["largest_drift"])}
+        if SPLIT_KEYS[0] in changes:
+            self.splits[boundary.task] = {key: changes[key] for key in SPLIT_KEYS}
         if boundary.ended_task is None:
             return
         ended = boundary.ended_task

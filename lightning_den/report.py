@@ -88,7 +88,7 @@ def format_report(summary: dict[str, Any]) -> str:
         lines.append("split, per task: units duplicated in each hidden layer | largest drift of a unit in each")
         for task, report in split:
             drifts = " ".join(f"{drift:.4f}" for drift in report["largest_drift"])
-            lines.append(f"  task {task}: {' '.join(map(str, report['units']))} | {drifts}")
+            lines.append(f"  task {task}: {' '.join(map(str, report['split_units']))} | {drifts}")
     return "\n".join(lines)
 
 

@@ -515,11 +515,15 @@ def test_the_split_is_reported_with_the_largest_drift_that_a_threshold_above_it_
     from lightning_den.report import format_report
 
     every, logged = split_run(tmp_path, split_threshold=0.0)
-    (none, report), units, drift = every.summary["splits"], every.splits[1]["units"], every.splits[1]["largest_drift"]
+    (none, report), units, drift = (
+        every.summary["splits"],
+        every.splits[1]["split_units"],
+        every.splits[1]["largest_drift"],
+    )
     assert none is None and report == every.splits[1]
     assert all(count > 0 for count in units) and all(d > 0 for d in drift)  # every drifted unit split
     assert [float(logged[0][f"split/largest_drift/layer_{i}"]) for i in range(len(HIDDEN))] == pytest.approx(drift)
     assert [int(float(logged[0][f"split/units/layer_{i}"])) for i in range(len(HIDDEN))] == units
     assert "split, per task: units duplicated in each hidden layer" in format_report(every.summary)
     above, _ = split_run(tmp_path, split_threshold=max(drift) * 1.01)  # the same run until the split
-    assert above.splits[1] == {"units": [0] * len(HIDDEN), "largest_drift": drift}
+    assert above.splits[1] == {"split_units": [0] * len(HIDDEN), "largest_drift": drift}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_den.core.checks import check_count, check_sizes
+from lightning_den.core.init import conv_settings
 from lightning_den.core.tasks import ELEMENTWISE, activation_modules
 
 #: parameter-free modules that act on each channel alone, so they can sit between convolutions whose filters
@@ -74,6 +75,20 @@ def flattened_positions(
     return h.shape[1] // convolutions[-1].out_channels
 
 
+def fully_connected(
+    convolutions: Sequence[nn.Conv2d], positions: int, sizes: Sequence[int], device: torch.device | str | None = None
+) -> list[nn.Linear]:
+    """Freshly drawn fully connected layers of ``sizes`` units after ``convolutions``: the first reads the last
+    convolution's flattened map of ``positions`` per channel (on ``device``; meta: shapes only).
+
+    Example:
+        >>> fully_connected([nn.Conv2d(1, 4, 3)], positions=9, sizes=[5, 3])
+        [Linear(in_features=36, out_features=5, bias=True), Linear(in_features=5, out_features=3, bias=True)]
+    """
+    widths = [convolutions[-1].out_channels * positions, *sizes]
+    return [nn.Linear(a, b, device=device) for a, b in itertools.pairwise(widths)]
+
+
 def with_weight(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     """``layer`` (an ``nn.Linear`` or ``nn.Conv2d``) applied to ``x`` with ``weight`` in place of its own.
 
@@ -94,7 +109,7 @@ def checked_convolutions(in_channels: int, convolutions: Sequence[nn.Conv2d]) ->
     Raises:
         ValueError: naming the convolution that cannot be held and why.
     """
-    below, checked = in_channels, []
+    convolutions, below = list(convolutions), in_channels
     for index, conv in enumerate(convolutions):
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"`convolutions[{index}]` must be an nn.Conv2d, got {type(conv).__name__}")
@@ -103,11 +118,10 @@ def checked_convolutions(in_channels: int, convolutions: Sequence[nn.Conv2d]) ->
                 f"convolution {index} ({conv}) must read the {below} channels below it, with a bias, groups=1 "
                 "and padding_mode='zeros'"
             )
-        checked.append(conv)
         below = conv.out_channels
-    if not checked:
+    if not convolutions:
         raise ValueError("a convolutional block needs at least one convolution; use the MLP block without")
-    return checked
+    return convolutions
 
 
 def checked_modules(activations: Sequence[nn.Module] | None, convolutions: int, linears: int) -> nn.ModuleList:
@@ -162,8 +176,7 @@ class ConvolutionalBlock:
         convolutions = checked_convolutions(in_channels, convolutions)
         #: each convolution's kernel, stride, padding and dilation, as plain data (saved in the architecture)
         self.convolution_settings = [
-            {name: _plain(getattr(conv, name)) for name in ("kernel_size", "stride", "padding", "dilation")}
-            for conv in convolutions
+            {name: _plain(setting) for name, setting in conv_settings(conv).items()} for conv in convolutions
         ]
         check_count("positions", positions)
         modules = checked_modules(activations, len(convolutions), len(sizes))

@@ -6,6 +6,7 @@ so every process with the same seed draws the same values (the ranks of a DDP jo
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,16 @@ def draw_layer_(layer: nn.Module, generator: torch.Generator) -> None:
         layer.bias.copy_(bias)
 
 
+def conv_settings(conv: nn.Conv2d) -> dict[str, Any]:
+    """``conv``'s kernel size, stride, padding and dilation, as keyword arguments of ``nn.Conv2d``.
+
+    Example:
+        >>> conv_settings(nn.Conv2d(1, 4, 3, padding=1))
+        {'kernel_size': (3, 3), 'stride': (1, 1), 'padding': (1, 1), 'dilation': (1, 1)}
+    """
+    return {name: getattr(conv, name) for name in ("kernel_size", "stride", "padding", "dilation")}
+
+
 def fresh_layer(like: nn.Linear | nn.Conv2d, device: torch.device | str | None = None) -> nn.Linear | nn.Conv2d:
     """A freshly drawn ``nn.Linear`` or ``nn.Conv2d`` of ``like``'s shape and settings (torch's own initialisation,
     from the global RNG), on ``device``; the meta device keeps the shape and settings alone and draws nothing.
@@ -57,6 +68,6 @@ def fresh_layer(like: nn.Linear | nn.Conv2d, device: torch.device | str | None =
         True
     """
     if isinstance(like, nn.Conv2d):
-        settings = (like.kernel_size, like.stride, like.padding, like.dilation)
-        return nn.Conv2d(like.in_channels, like.out_channels, *settings, bias=like.bias is not None, device=device)
+        bias = like.bias is not None
+        return nn.Conv2d(like.in_channels, like.out_channels, **conv_settings(like), bias=bias, device=device)
     return nn.Linear(like.in_features, like.out_features, bias=like.bias is not None, device=device)

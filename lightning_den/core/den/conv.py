@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_den.core.convolutional import ConvolutionalBlock
 from lightning_den.core.den.layers import ExpandableLinear, ExpandableMLP
+from lightning_den.core.init import conv_settings
 
 
 class ExpandableConv2d(ExpandableLinear):
@@ -66,7 +67,7 @@ class ExpandableConv2d(ExpandableLinear):
     @classmethod
     def like(cls, conv: nn.Conv2d) -> ExpandableConv2d:
         """An expandable convolution of ``conv``'s shape and settings (freshly drawn weights)."""
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+        return cls(conv.in_channels, conv.out_channels, **conv_settings(conv))
 
     def forward(self, x: Tensor, out_width: int | None = None) -> Tensor:
         """The convolution with the first ``out_width`` filters over the channels ``x`` carries."""

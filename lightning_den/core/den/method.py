@@ -147,7 +147,7 @@ class DENMethod(TaskMethod):
                 units_to_split(drift, self._split_threshold(layer), self.max_splits_per_layer)
                 for drift, layer in zip(drifts, block.hidden, strict=True)
             ]
-            # reported beside the split: how far the most drifted unit of each layer is from its threshold
+            plan["split_units"] = [len(units) for units in plan["split"]]  # SPLIT_KEYS: reported beside the split
             plan["largest_drift"] = [float(drift.max()) if drift.numel() else 0.0 for drift in drifts]
         return plan
 

@@ -78,6 +78,10 @@ def _strongest(strength: Tensor, budget: float | None) -> Tensor:
     return kept & reached
 
 
+#: what DEN's plan for a split reports beside the units to split: how many per hidden layer, and the largest
+#: drift of a unit in each (how far the split is from splitting anything)
+SPLIT_KEYS = ("split_units", "largest_drift")
+
 #: the keys of :func:`selection_report`, which DEN's plan for selective retraining carries
 SELECTION_KEYS = ("selected_fraction", "selected_inputs", "zero_fraction", "head_zero_fraction")
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_den.core.convolutional import ConvolutionalBlock, with_weight
+from lightning_den.core.convolutional import ConvolutionalBlock, fully_connected, with_weight
 from lightning_den.core.init import draw_layer_, fresh_layer
 from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
@@ -399,8 +399,7 @@ class PackNetCNN(ConvolutionalBlock, PackNetMLP):
         sizes, convolutions, modules = self._checked_front(
             in_channels, convolutions, positions, hidden_sizes, head_classes, activations, in_shape
         )
-        below = convolutions[-1].out_channels * positions
-        linears = [nn.Linear(a, b) for a, b in itertools.pairwise([below, *sizes])]
+        linears = fully_connected(convolutions, positions, sizes)  # drawn first, then the convolutions
         self._hold_layers([*(fresh_layer(conv) for conv in convolutions), *linears], modules)
 
 

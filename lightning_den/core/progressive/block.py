@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_den.core.checks import check_flag
-from lightning_den.core.convolutional import ConvolutionalBlock
-from lightning_den.core.init import draw_layer_, fresh_layer
+from lightning_den.core.convolutional import ConvolutionalBlock, fully_connected
+from lightning_den.core.init import conv_settings, draw_layer_, fresh_layer
 from lightning_den.core.tasks import PerTaskHeads, activation_modules
 
 #: Initial value of every adapter's learned scale ``alpha``: laterals start as a small perturbation.
@@ -79,10 +79,7 @@ class LateralAdapter(nn.Module):
         if isinstance(layer, nn.Conv2d):
             reduced = layer.in_channels
             V = nn.Conv2d(columns * reduced, reduced, 1)
-            U = nn.Conv2d(
-                reduced, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False
-            )
-            return cls(V, U)
+            return cls(V, nn.Conv2d(reduced, layer.out_channels, **conv_settings(layer), bias=False))
         U = nn.Linear(layer.in_features, layer.out_features, bias=False)
         if positions is None:
             return cls(nn.Linear(columns * layer.in_features, layer.in_features), U)
@@ -186,10 +183,9 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         activations: Sequence[nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        self.hidden_sizes = self._checked_shape(in_features, hidden_sizes, head_classes)
-        widths = [in_features, *self.hidden_sizes]
-        blueprint = [nn.Linear(a, b, device="meta") for a, b in itertools.pairwise(widths)]
-        self._hold_columns(lateral, blueprint, activation_modules(activations, len(self.hidden_sizes)))
+        sizes = self._checked_shape(in_features, hidden_sizes, head_classes)
+        blueprint = [nn.Linear(a, b, device="meta") for a, b in itertools.pairwise([in_features, *sizes])]
+        self._hold_columns(lateral, blueprint, activation_modules(activations, len(sizes)))
 
     def _hold_columns(self, lateral: bool, blueprint: list[nn.Module], activations: nn.ModuleList) -> None:
         """Keep the lateral setting, every column's hidden layers as ``blueprint`` (shapes and settings on the meta
@@ -197,6 +193,7 @@ class ProgressiveMLP(PerTaskHeads, nn.Module):
         self.lateral = check_flag("lateral", lateral)
         # plain lists: what every new column copies (each column registers its own layers and modules)
         self._blueprint = blueprint
+        self.hidden_sizes = tuple(layer.weight.shape[0] for layer in blueprint)
         self._activations = list(activations)
         self.columns = nn.ModuleList([self._new_column(0)])
 
@@ -436,10 +433,6 @@ class ProgressiveCNN(ConvolutionalBlock, ProgressiveMLP):
         sizes, convolutions, modules = self._checked_front(
             in_channels, convolutions, positions, hidden_sizes, head_classes, activations, in_shape
         )
-        widths = [convolutions[-1].out_channels * positions, *sizes]
-        blueprint = [
-            *(fresh_layer(conv, device="meta") for conv in convolutions),
-            *(nn.Linear(a, b, device="meta") for a, b in itertools.pairwise(widths)),
-        ]
-        self.hidden_sizes = tuple(layer.weight.shape[0] for layer in blueprint)
+        convolutions = [fresh_layer(conv, device="meta") for conv in convolutions]
+        blueprint = [*convolutions, *fully_connected(convolutions, positions, sizes, device="meta")]
         self._hold_columns(lateral, blueprint, modules)
