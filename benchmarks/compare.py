@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import inspect
 import json
 import math
@@ -55,6 +56,7 @@ from lightning_den.baselines import (
 )
 from lightning_den.cli import DENCLI
 from lightning_den.core.convert import linear_chain, linear_chains
+from lightning_den.core.den import PhaseEpochs
 from lightning_den.data import TaskSequenceDataModule
 from lightning_den.data.streams import train_test_split
 from lightning_den.driver import sequence_trainer
@@ -78,16 +80,26 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the results depend on it)")
 
 
+def den_setting(den: DENCallback, name: str) -> Any:
+    """The value of the ``DENCallback`` argument ``name`` in ``den`` (``None`` if it has no such setting): a
+    phase's epochs, a setting of DEN's method, or the callback's own (``convergence_tol``)."""
+    if name in PhaseEpochs.ARGUMENTS:
+        return getattr(den.method.epochs, PhaseEpochs.ARGUMENTS[name])
+    return getattr(den.method, name, getattr(den, name, None))
+
+
 def den_variant(den: DENCallback, seed: int, **changes: Any) -> DENCallback:
-    """A fresh copy of the configuration's DEN callback with ``seed`` and ``changes`` (the paper's ablations),
-    each set on DEN's method or, for the callback's own settings (``convergence_tol``), on the callback."""
+    """A fresh copy of the configuration's DEN callback with ``seed`` and ``changes`` (the paper's ablations, a
+    tuned setting), each a ``DENCallback`` argument (see :func:`den_setting`)."""
     variant = copy.deepcopy(den)
     variant.method.seed = seed
     for name, value in changes.items():
-        owner = variant.method if hasattr(variant.method, name) else variant
-        if not hasattr(owner, name):
+        if den_setting(variant, name) is None:
             raise ValueError(f"DENCallback has no setting {name!r}")
-        setattr(owner, name, value)
+        if name in PhaseEpochs.ARGUMENTS:
+            variant.method.epochs = dataclasses.replace(variant.method.epochs, **{PhaseEpochs.ARGUMENTS[name]: value})
+        else:
+            setattr(variant.method if hasattr(variant.method, name) else variant, name, value)
     return variant
 
 

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compare import READY_FAMILIES, add_threads_argument, den_variant, held_out_score, ready_models, validation_stream
+from compare import (
+    READY_FAMILIES,
+    add_threads_argument,
+    den_setting,
+    den_variant,
+    held_out_score,
+    ready_models,
+    validation_stream,
+)
 
 from lightning_den import DENCallback
 from lightning_den.cli import DENCLI
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(
             f"{args.config} needs a ready DEN model ({[m.__name__ for m in READY_FAMILIES]}) and a DENCallback"
         )
-    current = getattr(den.method, args.setting, getattr(den, args.setting, None))
+    current = den_setting(den, args.setting)
     if not isinstance(current, int | float) or isinstance(current, bool):
         parser.error(f"DENCallback has no numeric setting {args.setting!r}")
     out = Path(args.out or f"benchmarks/results/{Path(args.config).stem}")

@@ -202,3 +202,17 @@ def test_tune_scores_each_value_of_a_den_setting_on_the_validation_split_over_se
     table = (out / "den_units_per_expansion.md").read_text().splitlines()
     row = next(line for line in table if line.startswith("| 6 |"))
     assert f"{statistics.fmean(saved['scores']['6']):.4f}" in row
+
+
+def test_a_den_variant_changes_a_phases_epochs_or_a_setting_on_a_copy_and_refuses_an_unknown_name():
+    from lightning_den import DENCallback
+
+    compare = load_compare()
+    den = DENCallback(split_epochs=5, drift_penalty=3.0, convergence_tol=0.01)
+    variant = compare.den_variant(den, 7, split_epochs=20, drift_penalty=1.0, convergence_tol=0.0)
+    assert variant.method.epochs.split == 20 and variant.method.phase_epochs("split") == 20
+    assert (variant.method.drift_penalty, variant.convergence_tol, variant.method.seed) == (1.0, 0.0, 7)
+    assert den.method.epochs.split == 5 and den.method.drift_penalty == 3.0 and den.convergence_tol == 0.01
+    assert compare.den_setting(variant, "split_epochs") == 20 and compare.den_setting(den, "expansion") is True
+    with pytest.raises(ValueError, match="no setting 'split_epoch'"):
+        compare.den_variant(den, 0, split_epoch=20)

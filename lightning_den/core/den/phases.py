@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import ClassVar
 
 from lightning_den.core.method import PhaseProgress
 
@@ -49,7 +50,22 @@ class DENPhase(StrEnum):
 
 @dataclass(frozen=True)
 class PhaseEpochs:
-    """Most epochs each phase may run (a phase also ends early once its loss stops improving)."""
+    """Most epochs each phase may run (a phase also ends early once its loss stops improving).
+
+    Example:
+        >>> epochs = PhaseEpochs(sparse=20, head_fit=5, selective=20, expansion=20, split=5)
+        >>> epochs.of(DENPhase.SPLIT), PhaseEpochs.ARGUMENTS["first_task_epochs"]
+        (5, 'sparse')
+    """
+
+    #: the ``DENCallback`` argument that sets each field
+    ARGUMENTS: ClassVar[dict[str, str]] = {
+        "first_task_epochs": "sparse",
+        "head_fit_epochs": "head_fit",
+        "selective_epochs": "selective",
+        "expansion_epochs": "expansion",
+        "split_epochs": "split",
+    }
 
     sparse: int
     head_fit: int
