@@ -32,12 +32,17 @@ OPTIMIZERS: dict[str, Callable] = {
 }
 
 
-def synthetic_stream(tasks: int, width: int, examples: int, batch: int, seed: int = 0) -> TaskSequenceDataModule:
-    """Random linear 10-class tasks of ``width`` inputs (the data is not the point; the shapes are)."""
+def synthetic_stream(
+    tasks: int, width: int, examples: int, batch: int, seed: int = 0, shared: float = 0.0
+) -> TaskSequenceDataModule:
+    """Random linear 10-class tasks of ``width`` inputs (the data is not the point; the shapes are). With
+    ``shared`` > 0 each task's projection mixes in that share of the previous task's, so that what a network
+    learnt serves the next task in part (unrelated tasks by default)."""
     generator = torch.Generator().manual_seed(seed)
     splits = []
+    projection = torch.zeros(width, 10)
     for _ in range(tasks):
-        projection = torch.randn(width, 10, generator=generator)
+        projection = shared * projection + (1 - shared) * torch.randn(width, 10, generator=generator)
         x = torch.randn(examples, width, generator=generator)
         splits.append((x, (x @ projection).argmax(dim=1)))
     return TaskSequenceDataModule.from_tensors(
@@ -156,6 +161,64 @@ class EpochMarks(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.ends.append((self.label(), self.clock()))
+
+
+class EpochLosses(Callback):
+    """Per epoch: a label (e.g. the task and phase, read when the epoch starts, after the boundary a callback
+    earlier in the Trainer's list applied), the epoch's training time and its mean training loss. The losses
+    are summed on the device and read once an epoch."""
+
+    def __init__(self, clock: Clock, label: Callable[[], Any]) -> None:
+        self.clock, self.label = clock, label
+        self.epochs: list[tuple[Any, float, float]] = []  # (label, seconds, mean loss)
+        self._start, self._label, self._losses = 0.0, None, []
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start, self._label, self._losses = self.clock(), self.label(), []
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._losses.append((outputs["loss"] if isinstance(outputs, dict) else outputs).detach())
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        seconds = self.clock() - self._start
+        self.epochs.append((self._label, seconds, float(torch.stack(self._losses).mean())))
+
+    def curve(self, label: Any) -> list[tuple[float, float]]:
+        """``(seconds since the first epoch of `label` started, mean loss)`` at the end of each such epoch."""
+        elapsed, points = 0.0, []
+        for epoch_label, seconds, loss in self.epochs:
+            if epoch_label == label:
+                elapsed += seconds
+                points.append((elapsed, loss))
+        return points
+
+
+class SelectionLog(Callback):
+    """The share of each hidden layer's units DEN's selective retraining trains, per task (from the plan its
+    task boundary carries)."""
+
+    def __init__(self) -> None:
+        self.selected_fraction: dict[int, list[float]] = {}
+
+    def on_task_boundary(self, trainer: Trainer, pl_module: LightningModule, boundary: Any) -> None:
+        if boundary.phase == "selective":
+            self.selected_fraction[boundary.task] = list(boundary.changes["selected_fraction"])
+
+
+def time_to_loss(curve: list[tuple[float, float]], target: float) -> tuple[float, int] | None:
+    """The time and the epochs a loss ``curve`` (from :meth:`EpochLosses.curve`) took until an epoch's mean
+    loss was at most ``target``; ``None`` if it never was.
+
+    Example:
+        >>> time_to_loss([(1.0, 0.9), (2.0, 0.5), (3.0, 0.4)], 0.5)
+        (2.0, 2)
+    """
+    for epochs, (seconds, loss) in enumerate(curve, start=1):
+        if loss <= target:
+            return seconds, epochs
+    return None
 
 
 class PeakMemory:

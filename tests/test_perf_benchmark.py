@@ -72,9 +72,21 @@ def test_every_measurement_runs_and_reports_consistent_figures(tmp_path):
     assert set(alternatives["sequence_s"]) == {"DEN", "STL", "Progressive Networks", "PackNet"}
     assert alternatives["parameters"]["Progressive Networks"] > alternatives["parameters"]["STL"]
 
+    claim = report["selective_vs_whole"]
+    assert claim["selected_fraction"]["selective"] == [0.5, 0.5]  # the shipped budget: half of each layer
+    assert claim["selected_fraction"]["whole"] == [1.0, 1.0]  # BFS reaches every unit of the tiny network
+    for name, losses in claim["loss_curves"].items():  # each side reached the target at the epoch it reports
+        epochs = claim["epochs_to_target"][name]
+        assert losses[epochs - 1] <= claim["target_loss"] and all(
+            loss > claim["target_loss"] for loss in losses[: epochs - 1]
+        )
+    assert claim["target_loss"] == max(losses[-1] for losses in claim["loss_curves"].values())
+    assert claim["selective_vs_whole"] > 0
+
     table = (tmp_path / "perf.md").read_text()
     assert table in result.stdout
-    for row in ("training step", "boundary work", "task 0 after 10 tasks", "whole sequence", "one network per task"):
+    rows = ("training step", "boundary work", "task 0 after 10 tasks", "whole sequence", "one network per task")
+    for row in (*rows, "selective retraining vs retraining the whole network"):
         assert row in table
 
 
