@@ -382,12 +382,12 @@ def selective_vs_whole(args: argparse.Namespace) -> dict[str, Any]:
     sooner than retraining the whole network.
 
     Two runs of two related tasks (task 1's class projection is half task 0's: what the network learnt serves
-    it in part, as the paper's selective retraining assumes) share task 0 and task 1's head fit (same seed and
-    data); task 1 then retrains for
-    ``4 * --epochs`` epochs, under the same L1 and pull towards task 0's weights, either at most half of
-    each layer's units (``selection_budget`` 0.5, as shipped) or every unit BFS reaches (the whole network:
-    the report gives the share). The target is the higher of the two phases' last epoch losses, so both reach
-    it; each side's time is its phase's training time until an epoch's mean loss was at most the target.
+    it in part, as the paper's selective retraining assumes) share task 0 and task 1's head fit (same seed
+    and data); task 1 then retrains for ``4 * --epochs`` epochs, under the same L1 and pull towards task 0's
+    weights, either at most half of each layer's units (``selection_budget`` 0.5, as shipped) or every unit
+    BFS reaches (the whole network: the report gives the share). The target is the higher of the two phases'
+    last epoch losses, so both reach it; each side's time is its phase's training time until an epoch's mean
+    loss was at most the target.
     """
     clock = Clock(args.accelerator)
     stream = synthetic_stream(2, args.width_in, args.examples, args.batch, shared=0.5)
@@ -412,17 +412,21 @@ def selective_vs_whole(args: argparse.Namespace) -> dict[str, Any]:
 
     curves: dict[str, list[tuple[float, float]]] = {}
 
+    def reached() -> tuple[float, dict[str, tuple[float, int]]]:
+        """The target loss, and the time and epochs each side took to reach it."""
+        target = max(points[-1][1] for points in curves.values())
+        return target, {name: time_to_loss(points, target) for name, points in curves.items()}
+
     def one_round() -> dict[str, float]:
         curves.update(selective=curve("selective", SELECTION_BUDGET), whole=curve("whole", None))
-        target = max(points[-1][1] for points in curves.values())
-        return {name: time_to_loss(points, target)[0] for name, points in curves.items()}
+        return {name: seconds for name, (seconds, _) in reached()[1].items()}
 
     rounds = Rounds(args.rounds, one_round)
-    target = max(points[-1][1] for points in curves.values())
+    target, to_target = reached()
     return {
         "target_loss": target,
         "selected_fraction": selected,
-        "epochs_to_target": {name: time_to_loss(points, target)[1] for name, points in curves.items()},
+        "epochs_to_target": {name: epochs for name, (_, epochs) in to_target.items()},
         "selective_s": rounds.median("selective"),
         "whole_s": rounds.median("whole"),
         "selective_vs_whole": rounds.ratio("selective", "whole"),

@@ -166,7 +166,7 @@ class EpochMarks(Callback):
 class EpochLosses(Callback):
     """Per epoch: a label (e.g. the task and phase, read when the epoch starts, after the boundary a callback
     earlier in the Trainer's list applied), the epoch's training time and its mean training loss. The losses
-    are summed on the device and read once an epoch."""
+    stay on the device until the epoch ends, so a step reads nothing back."""
 
     def __init__(self, clock: Clock, label: Callable[[], Any]) -> None:
         self.clock, self.label = clock, label
