@@ -102,12 +102,15 @@ class DENMethod(TaskMethod):
         )
         self.expansion = check_flag("expansion", expansion)
         self.split = check_flag("split", split)
+        given = dict(
+            first_task_epochs=first_task_epochs,
+            head_fit_epochs=head_fit_epochs,
+            selective_epochs=selective_epochs,
+            expansion_epochs=expansion_epochs,
+            split_epochs=split_epochs,
+        )
         self.epochs = PhaseEpochs(
-            sparse=check_count("first_task_epochs", first_task_epochs),
-            head_fit=check_count("head_fit_epochs", head_fit_epochs),
-            selective=check_count("selective_epochs", selective_epochs),
-            expansion=check_count("expansion_epochs", expansion_epochs),
-            split=check_count("split_epochs", split_epochs),
+            **{field: check_count(argument, given[argument]) for argument, field in PhaseEpochs.ARGUMENTS.items()}
         )
         self._snapshot: Snapshot = {}
         self._selection: list[list[int]] | None = None
