@@ -403,7 +403,9 @@ def selective_vs_whole(args: argparse.Namespace) -> dict[str, Any]:
     def curve(name: str, budget: float | None) -> list[tuple[float, float]]:
         torch.manual_seed(0)
         den = DENCallback(**{**settings, "selection_budget": budget})
-        losses = EpochLosses(clock, label=lambda: (den.progress.task, str(den.progress.phase)))
+        losses = EpochLosses(
+            clock, label=lambda: (den.progress.task, str(den.progress.phase)), loss=lambda: den.progress.last_loss
+        )
         selection = SelectionLog()
         stream.set_task(0)
         sequence_trainer([den, losses, selection], accelerator=args.accelerator).fit(network.model(), datamodule=stream)

@@ -165,25 +165,20 @@ class EpochMarks(Callback):
 
 class EpochLosses(Callback):
     """Per epoch: a label (e.g. the task and phase, read when the epoch starts, after the boundary a callback
-    earlier in the Trainer's list applied), the epoch's training time and its mean training loss. The losses
-    stay on the device until the epoch ends, so a step reads nothing back."""
+    earlier in the Trainer's list applied), the epoch's training time and its mean training loss, read when
+    the epoch ends from ``loss`` (e.g. a :class:`~lightning_den.driver.TaskSequenceCallback`'s
+    ``progress.last_loss``, which that callback, earlier in the list, has just computed)."""
 
-    def __init__(self, clock: Clock, label: Callable[[], Any]) -> None:
-        self.clock, self.label = clock, label
+    def __init__(self, clock: Clock, label: Callable[[], Any], loss: Callable[[], float]) -> None:
+        self.clock, self.label, self.loss = clock, label, loss
         self.epochs: list[tuple[Any, float, float]] = []  # (label, seconds, mean loss)
-        self._start, self._label, self._losses = 0.0, None, []
+        self._start, self._label = 0.0, None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start, self._label, self._losses = self.clock(), self.label(), []
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._losses.append((outputs["loss"] if isinstance(outputs, dict) else outputs).detach())
+        self._start, self._label = self.clock(), self.label()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        seconds = self.clock() - self._start
-        self.epochs.append((self._label, seconds, float(torch.stack(self._losses).mean())))
+        self.epochs.append((self._label, self.clock() - self._start, self.loss()))
 
     def curve(self, label: Any) -> list[tuple[float, float]]:
         """``(seconds since the first epoch of `label` started, mean loss)`` at the end of each such epoch."""

@@ -132,8 +132,8 @@ class DENCallback(TaskSequenceCallback):
         for name, changes in boundary.changes_by_block.items():
             block = f"{name}/" if several else ""
             if SPLIT_KEYS[0] in changes:
-                for key, name in zip(SPLIT_KEYS, ("units", "largest_drift"), strict=True):
-                    metrics.update({f"split/{block}{name}/layer_{i}": v for i, v in enumerate(changes[key])})
+                for key, metric in zip(SPLIT_KEYS, ("units", "largest_drift"), strict=True):
+                    metrics.update({f"split/{block}{metric}/layer_{i}": v for i, v in enumerate(changes[key])})
             if SELECTION_KEYS[0] not in changes:
                 continue
             metrics.update(
