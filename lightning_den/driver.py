@@ -532,7 +532,7 @@ class TaskSequenceCallback(Callback):
             target, plan = self._pending
             pending = {"target": target.state_dict(), "plan": plan}
         return {
-            "format": 3,
+            "format": 4,
             EPOCH_END: not self._in_epoch,
             "progress": self.progress.state_dict(),
             "pending": pending,
@@ -549,7 +549,7 @@ class TaskSequenceCallback(Callback):
         """
         refuse_resuming_within_an_epoch([state_dict])
         phase = state_dict["progress"]["phase"]
-        if state_dict.get("format", 1) < 3 and phase in self.method.arranged_phases:
+        if state_dict.get("format", 1) < self.method.arranged_phases.get(phase, 0):
             raise MisconfigurationException(
                 f"this checkpoint was written in {self.method.name}'s '{phase}' phase by an earlier lightning_den, "
                 "which laid that phase's parameters and optimizer state out differently: resume from a checkpoint "
@@ -614,7 +614,8 @@ def _copy_for_block(method: TaskMethod, index: int) -> TaskMethod:
 
 def _by_block(state: dict[str, Any], block: str) -> dict[str, Any]:
     """A saved driver state with the method states and the pending plan by block name (format 1, written
-    before several blocks were possible, held the one block's; format 2 had DEN's expansion laid out plainly)."""
+    before several blocks were possible, held the one block's; format 2 had DEN's expansion laid out plainly, format 3
+    its selective retraining)."""
     if state.get("format", 1) >= 2:
         return state
     pending = state.get("pending")

@@ -77,12 +77,12 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, 
 def test_a_checkpoint_written_before_several_blocks_were_possible_resumes_the_same(tmp_path, uninterrupted):
     """Format 1 of the driver state held the one block's method state and pending plan, not by block name."""
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path, extra=[CrashAt(7)])  # the expansion is decided, not applied: a pending plan is saved
+        run(tmp_path, extra=[CrashAt(5)])  # the selection is decided, not applied: a pending plan is saved
     last = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     (key,) = [key for key, state in checkpoint["callbacks"].items() if "methods" in state]
     state = checkpoint["callbacks"][key]
-    assert state["format"] == 3 and state["pending"] is not None
+    assert state["format"] == 4 and state["pending"] is not None
     (method_state,), (plan,) = state.pop("methods").values(), state["pending"]["plan"].values()
     state.update(format=1, method=method_state, pending={**state["pending"], "plan": plan})
     torch.save(checkpoint, last)
@@ -93,15 +93,21 @@ def test_a_checkpoint_written_before_several_blocks_were_possible_resumes_the_sa
         assert torch.equal(a, b)
 
 
-def test_a_checkpoint_written_in_expansion_before_its_parameters_were_separated_is_refused(tmp_path):
-    """Format 2 laid the expansion phase's parameters (and so its optimizer state) out plainly."""
+@pytest.mark.parametrize(
+    ("phase", "crash_epoch", "old_format"),
+    [
+        ("expansion", 8, 2),  # format 2 laid expansion's parameters (so its optimizer state) out plainly
+        ("selective", 6, 3),  # format 3 trained selective retraining on the whole weights under masks
+    ],
+)
+def test_a_checkpoint_written_in_a_phase_laid_out_otherwise_before_is_refused(tmp_path, phase, crash_epoch, old_format):
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path, extra=[CrashAt(8)])  # the checkpoint is written after the first expansion epoch
+        run(tmp_path, extra=[CrashAt(crash_epoch)])  # the checkpoint is written after the phase's first epoch
     last = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     (state,) = [state for state in checkpoint["callbacks"].values() if "methods" in state]
-    assert state["progress"]["phase"] == "expansion"
-    state["format"] = 2
+    assert state["progress"]["phase"] == phase
+    state["format"] = old_format
     torch.save(checkpoint, last)
-    with pytest.raises(MisconfigurationException, match="written in DEN's 'expansion' phase by an earlier"):
+    with pytest.raises(MisconfigurationException, match=f"written in DEN's '{phase}' phase by an earlier"):
         run(tmp_path, ckpt_path=str(last))

@@ -138,8 +138,9 @@ class TaskMethod(ABC):
     #: parameters of the model outside the block train in every task (True) or in the first only (False:
     #: later tasks keep the features earlier tasks were trained on)
     trains_outside_block: ClassVar[bool] = False
-    #: phases whose parameters :meth:`arrange` lays out otherwise than plainly (their optimizer state too)
-    arranged_phases: ClassVar[frozenset[str]] = frozenset()
+    #: phases whose parameters :meth:`arrange` lays out otherwise than plainly (their optimizer state too), with
+    #: the format of the driver's checkpoint state since which they have that layout
+    arranged_phases: ClassVar[dict[str, int]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A concrete method must name its phases, block type and name (checked when the class is made)."""

@@ -69,9 +69,9 @@ class ExpandableConv2d(ExpandableLinear):
         """An expandable convolution of ``conv``'s shape and settings (freshly drawn weights)."""
         return cls(conv.in_channels, conv.out_channels, **conv_settings(conv))
 
-    def forward(self, x: Tensor, out_width: int | None = None) -> Tensor:
-        """The convolution with the first ``out_width`` filters over the channels ``x`` carries."""
-        weight, bias = self._prefix(x, out_width)
+    def compute(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """The convolution with the filter bank ``weight`` (a prefix of the filters over the channels ``x``
+        carries, or the gathered subnetwork's)."""
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
     def by_input_unit(self, weight: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_den.core.den.layers import TRAINED_ENTRIES, ExpandableMLP
+from lightning_den.core.den.layers import SEPARATE_PARAMETERS, ExpandableMLP
 from lightning_den.core.den.phases import DENPhase
 from lightning_den.core.den.prox import group_lasso_prox_, l1_prox_, l1_prox_masked_
 from lightning_den.core.freezing import frozen_leading_block
@@ -126,11 +126,12 @@ def _frozen_block(trained: Trainable, shape: torch.Size) -> tuple[slice, ...] | 
 
 def parameter_entries(mlp: ExpandableMLP, entries: dict[str, Trainable]) -> dict[nn.Parameter, Trainable]:
     """``entries`` (by name, from :func:`trainable_entries`) per Parameter of ``mlp`` as it is laid out now: a
-    layer separated by :func:`separate_trained_entries_` trains its own Parameters, not its weight and bias."""
+    layer separated by :func:`separate_trained_entries_` or gathered by :meth:`ExpandableMLP.gather_` trains its
+    own Parameters, not its weight and bias."""
     result: dict[nn.Parameter, Trainable] = {}
     for name, param in mlp.named_parameters():
         layer_name, _, attribute = name.rpartition(".")
-        result[param] = attribute in TRAINED_ENTRIES if mlp.get_submodule(layer_name).separated else entries[name]
+        result[param] = attribute in SEPARATE_PARAMETERS if mlp.get_submodule(layer_name).separated else entries[name]
     return result
 
 
@@ -229,9 +230,9 @@ class DriftTarget:
 
 def drift_targets(mlp: ExpandableMLP, phase: DENPhase, reference: dict[str, Tensor]) -> list[DriftTarget]:
     """The hidden parameters pulled toward W^{t-1} (``reference``, from
-    :func:`~lightning_den.core.den.surgery.snapshot`): in ``SELECTIVE`` and ``SPLIT`` only (Eq. 4, 6).
-
-    The pull's gradient reaches frozen entries too; the phase's gradient masks zero it there.
+    :func:`~lightning_den.core.den.surgery.snapshot`): in ``SELECTIVE`` and ``SPLIT`` only (Eq. 4, 6); a
+    gathered layer's compact Parameters toward the same rows and columns of W^{t-1}
+    (:meth:`ExpandableMLP.gather_`).
 
     Example:
         >>> from lightning_den.core.den.surgery import snapshot
@@ -243,9 +244,14 @@ def drift_targets(mlp: ExpandableMLP, phase: DENPhase, reference: dict[str, Tens
         return []
     targets = []
     for index, layer in enumerate(mlp.hidden):
-        for name in ("weight", "bias"):
-            param, saved = getattr(layer, name), reference[f"hidden.{index}.{name}"]
-            leading = None if param.shape == saved.shape else tuple(map(slice, saved.shape))
+        saved = [reference[f"hidden.{index}.{name}"] for name in ("weight", "bias")]
+        if layer.gathering:
+            for param, compact in zip(layer.gathered_parameters(), layer.gathered(*saved), strict=True):
+                if isinstance(param, nn.Parameter):
+                    targets.append(DriftTarget(param, None, param.detach(), compact, torch.empty_like(compact)))
+            continue
+        for param, old in zip((layer.weight, layer.bias), saved, strict=True):
+            leading = None if param.shape == old.shape else tuple(map(slice, old.shape))
             values = param.detach() if leading is None else param.detach()[leading]
-            targets.append(DriftTarget(param, leading, values, saved, torch.empty_like(values)))
+            targets.append(DriftTarget(param, leading, values, old, torch.empty_like(values)))
     return targets

@@ -54,7 +54,9 @@ class ExpandableLinear(nn.Module):
     While only the entries outside a leading block train (DEN's expansion: the old units' weights from old
     inputs stay), :meth:`train_outside_` gives those entries Parameters of their own (``weight`` and
     ``bias`` stop requiring gradients), so that an optimizer steps only them; the forward assembles the
-    same weight, so it computes bit for bit what it computed.
+    same weight, so it computes bit for bit what it computed. While only a subnetwork trains (DEN's selective
+    retraining), :meth:`gather_` copies its rows and columns into compact Parameters that
+    :meth:`forward_gathered` computes with, at a cost that follows the subnetwork's size.
 
     Example:
         >>> layer = ExpandableLinear(4, 3)
@@ -82,6 +84,7 @@ class ExpandableLinear(nn.Module):
         self.bias = reference.bias
         self.register_buffer("birth", torch.full((self.weight.shape[0],), birth_task, dtype=torch.long))
         self._frozen_block: tuple[int, int] | None = None  # (rows, columns) while train_outside_ holds
+        self._gathered: tuple[Tensor, Tensor] | None = None  # (rows, input units) while gather_ holds
 
     @property
     def in_features(self) -> int:
@@ -137,7 +140,10 @@ class ExpandableLinear(nn.Module):
         all of it: autograd would give such a slice a backward that writes the whole gradient twice
         (zeros, then a copy), which a dense ``nn.Linear`` never pays.
         """
-        weight, bias = self._prefix(x, out_width)
+        return self.compute(x, *self._prefix(x, out_width))
+
+    def compute(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """The layer's operation with ``weight`` and ``bias`` (rows and columns of this layer's layout)."""
         return F.linear(x, weight, bias)
 
     def _prefix(self, x: Tensor, out_width: int | None) -> tuple[Tensor, Tensor]:
@@ -163,9 +169,15 @@ class ExpandableLinear(nn.Module):
     # --- training the entries outside a frozen leading block as Parameters of their own ---
 
     @property
+    def gathering(self) -> bool:
+        """Whether :meth:`gather_` holds (a subnetwork trains through compact Parameters)."""
+        return self._gathered is not None
+
+    @property
     def separated(self) -> bool:
-        """Whether :meth:`train_outside_` holds (the trained entries are Parameters of their own)."""
-        return self._frozen_block is not None
+        """Whether :meth:`train_outside_` or :meth:`gather_` holds (the trained entries are Parameters of their
+        own)."""
+        return self._frozen_block is not None or self._gathered is not None
 
     @torch.no_grad()
     def train_outside_(self, rows: int, columns: int) -> None:
@@ -199,24 +211,75 @@ class ExpandableLinear(nn.Module):
 
     @torch.no_grad()
     def sync_(self) -> None:
-        """Write the trained Parameters of :meth:`train_outside_` into ``weight`` and ``bias`` (no-op otherwise)."""
-        if self._frozen_block is None:
-            return
-        for name, entries in self._trained_entries().items():
-            if name in self._parameters:
-                entries.copy_(self._parameters[name])
+        """Write the trained Parameters of :meth:`train_outside_` or :meth:`gather_` into ``weight`` and
+        ``bias`` (no-op otherwise)."""
+        if self._gathered is not None:
+            rows, units = self._gathered
+            weight, bias = self.gathered_parameters()
+            self.by_input_unit(self.weight.detach())[rows[:, None], units] = self.by_input_unit(weight.detach())
+            self.bias.detach()[rows] = bias.detach()
+        elif self._frozen_block is not None:
+            for name, entries in self._trained_entries().items():
+                if name in self._parameters:
+                    entries.copy_(self._parameters[name])
 
     def join_(self) -> None:
-        """Back to one ``weight`` and ``bias`` Parameter, up to date and trainable (no-op if :meth:`train_outside_`
-        does not hold)."""
-        if self._frozen_block is None:
+        """Back to one ``weight`` and ``bias`` Parameter, up to date and trainable (no-op if neither
+        :meth:`train_outside_` nor :meth:`gather_` holds)."""
+        if not self.separated:
             return
         self.sync_()
-        for name in TRAINED_ENTRIES:
+        for name in SEPARATE_PARAMETERS:
             self._parameters.pop(name, None)
-        self._frozen_block = None
+        self._frozen_block = self._gathered = None
         self.weight.requires_grad_(True)
         self.bias.requires_grad_(True)
+
+    @torch.no_grad()
+    def gather_(self, rows: Tensor, units: Tensor) -> None:
+        """Train only the weights of the units ``rows`` from the units below ``units`` (sorted index tensors on
+        the layer's device) and those units' biases, through compact copies: ``gathered_weight`` (this layer's
+        layout, ``len(rows)`` rows reading ``len(units)`` units below) and ``gathered_bias``, each registered
+        only when it is not empty. :meth:`forward_gathered` computes with them; ``weight`` and ``bias`` stop
+        requiring gradients and are brought up to date by :meth:`sync_` (after every optimizer step), so
+        nothing outside the subnetwork changes. :meth:`join_` undoes it (so does any shape change). Rebuild the
+        optimizers afterwards.
+
+        Example:
+            >>> layer = ExpandableLinear(3, 4)
+            >>> layer.gather_(torch.tensor([0, 2]), torch.tensor([1, 2]))
+            >>> tuple(layer.gathered_weight.shape), layer(torch.ones(5, 3)).shape  # the full layer still computes
+            ((2, 2), torch.Size([5, 4]))
+            >>> layer.forward_gathered(torch.ones(5, 2)).shape   # the subnetwork's inputs
+            torch.Size([5, 2])
+        """
+        self.join_()
+        self._gathered = (rows, units)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+        for name, entries in zip(GATHERED_ENTRIES, self.gathered(self.weight, self.bias), strict=True):
+            if entries.numel():
+                self.register_parameter(name, nn.Parameter(entries))
+
+    def gathered(self, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """Compact copies of the rows and input units :meth:`gather_` holds, of ``weight`` and ``bias`` (this
+        layer's layout: its own, or a snapshot's)."""
+        rows, units = self._gathered
+        return self.from_input_units(self.by_input_unit(weight.detach())[rows[:, None], units]), bias.detach()[rows]
+
+    def gathered_parameters(self) -> tuple[Tensor, Tensor]:
+        """The compact weight and bias of :meth:`gather_` (an empty copy where the subnetwork has no entries)."""
+        weight, bias = (self._parameters.get(name) for name in GATHERED_ENTRIES)
+        if weight is None or bias is None:
+            empty_weight, empty_bias = self.gathered(self.weight, self.bias)
+            weight = empty_weight if weight is None else weight
+            bias = empty_bias if bias is None else bias
+        return weight, bias
+
+    def forward_gathered(self, x: Tensor) -> Tensor:
+        """The subnetwork of :meth:`gather_`: ``x`` carries the gathered units below, the output the gathered
+        units of this layer."""
+        return self.compute(x, *self.gathered_parameters())
 
     def _trained_entries(self) -> dict[str, Tensor]:
         """Views of ``weight`` and ``bias`` where the Parameters of :meth:`train_outside_` belong."""
@@ -244,7 +307,7 @@ class ExpandableLinear(nn.Module):
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         self.sync_()
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in TRAINED_ENTRIES:  # their values are in weight and bias, which are saved whole
+        for name in SEPARATE_PARAMETERS:  # their values are in weight and bias, which are saved whole
             destination.pop(prefix + name, None)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -333,6 +396,10 @@ class ExpandableLinear(nn.Module):
 
 #: the Parameters :meth:`ExpandableLinear.train_outside_` registers
 TRAINED_ENTRIES = ("new_unit_weight", "new_unit_bias", "old_unit_new_inputs")
+#: the Parameters :meth:`ExpandableLinear.gather_` registers
+GATHERED_ENTRIES = ("gathered_weight", "gathered_bias")
+#: every Parameter a layer may hold beside ``weight`` and ``bias``
+SEPARATE_PARAMETERS = (*TRAINED_ENTRIES, *GATHERED_ENTRIES)
 
 
 class ExpandableMLP(PerTaskHeads, nn.Module):
@@ -376,6 +443,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         self.hidden = nn.ModuleList(layers)
         self.heads = nn.ModuleDict({"0": ExpandableLinear(layers[-1].out_features, self.classes_of(0))})
         self._width_cache: dict[int, tuple[int, ...]] = {}
+        self._gathered_inputs: Tensor | None = None  # input units of the subnetwork gather_ holds (None: all)
         self.register_load_state_dict_post_hook(_forget_widths)
 
     # --- tasks and widths ---
@@ -398,7 +466,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
     def num_parameters(self, task: int | None = None) -> int:
         """Parameters used by ``task``'s prefix network and head, or by the whole network if ``None``."""
         if task is None:  # weights and biases (a separated layer's own Parameters are copies of parts of them)
-            return sum(layer.weight.numel() + layer.bias.numel() for layer in [*self.hidden, *self.heads.values()])
+            return sum(layer.weight.numel() + layer.bias.numel() for layer in self._layers())
         return self.parameters_of(self.widths(task), self.heads[str(task)].out_features)
 
     def num_parameters_through(self, task: int) -> int:
@@ -478,10 +546,73 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
 
     def forward(self, x: Tensor, task: int | None = None) -> Tensor:
         """Logits of ``task``'s head (:attr:`active_task`'s if ``None``), ``[batch, classes_of(task)]``, from
-        ``x`` ``[batch, in_features]``."""
+        ``x`` ``[batch, in_features]``.
+
+        While :meth:`gather_` holds, the newest task runs its subnetwork alone (:meth:`subnetwork`) where gradients
+        are computed (a training step, in train or eval mode); without gradients (validation, test, predict) and
+        for every other task, the whole network runs.
+        """
         task = self.routed(task)
+        if torch.is_grad_enabled() and task == self.newest_task and self.heads[str(task)].gathering:
+            return self.subnetwork(x)
         features = self.features(x, task)
         return self.heads[str(task)](features)
+
+    # --- training a subnetwork (DEN's selective retraining) ---
+
+    def gather_(self, selection: Sequence[Sequence[int]]) -> None:
+        """Train only the newest task's subnetwork ``selection`` (the input units, then the units of each
+        hidden layer, as :func:`~lightning_den.core.den.selection.select_subnetwork` returns it) and its head's
+        weights from the selected top units: every layer holds the subnetwork's rows and columns as compact
+        Parameters (:meth:`ExpandableLinear.gather_`), and :meth:`subnetwork` computes with them alone, as the
+        official DEN code built the selected subnetwork afresh. :meth:`sync_` writes them back; :meth:`join_`
+        ends it. Rebuild the optimizers afterwards.
+
+        Example:
+            >>> mlp = ExpandableMLP(4, [3], head_classes=2)
+            >>> mlp.gather_([[0, 1, 2, 3], [0, 2]])
+            >>> [name for name, p in mlp.named_parameters() if p.requires_grad]
+            ['hidden.0.gathered_weight', 'hidden.0.gathered_bias', 'heads.0.gathered_weight', 'heads.0.gathered_bias']
+            >>> mlp.subnetwork(torch.ones(5, 4)).shape
+            torch.Size([5, 2])
+        """
+        self.join_()
+        device = self.hidden[0].birth.device
+        units = [torch.as_tensor(list(selected), dtype=torch.long, device=device) for selected in selection]
+        if len(units) != len(self.hidden) + 1:
+            raise ValueError(
+                f"a subnetwork names the input units and the units of each of the {len(self.hidden)} hidden layers, "
+                f"got {len(units)} lists"
+            )
+        head = self.heads[str(self.newest_task)]
+        rows = [*units[1:], torch.arange(head.out_features, device=device)]
+        for layer, kept, below in zip([*self.hidden, head], rows, units, strict=True):
+            layer.gather_(kept, below)
+        self._gathered_inputs = None if units[0].numel() == self.hidden[0].in_units else units[0]
+
+    def subnetwork(self, x: Tensor) -> Tensor:
+        """Logits of the newest task from the subnetwork of :meth:`gather_` alone: the units outside it take no
+        part (inputs ``x`` ``[batch, in_features]``, all of them)."""
+        h = self.checked_inputs(x)
+        if self._gathered_inputs is not None:
+            h = h.index_select(1, self._gathered_inputs)
+        for layer, activation in zip(self.hidden, self.activations, strict=True):
+            h = activation(layer.forward_gathered(h))
+        return self.heads[str(self.newest_task)].forward_gathered(h)
+
+    def sync_(self) -> None:
+        """Write the Parameters of every separated layer and head into its ``weight`` and ``bias``."""
+        for layer in self._layers():
+            layer.sync_()
+
+    def join_(self) -> None:
+        """The plain layout for every layer and head: one ``weight`` and ``bias`` each, up to date."""
+        for layer in self._layers():
+            layer.join_()
+        self._gathered_inputs = None
+
+    def _layers(self) -> list[ExpandableLinear]:
+        return [*self.hidden, *self.heads.values()]
 
     # --- heads ---
 

@@ -11,7 +11,7 @@ unit test can step through it by hand.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class DENMethod(TaskMethod):
     phases = DENPhase
     block_type = ExpandableMLP
     name = "DEN"
-    arranged_phases = frozenset({DENPhase.EXPANSION.value})
+    arranged_phases: ClassVar[dict[str, int]] = {DENPhase.EXPANSION.value: 3, DENPhase.SELECTIVE.value: 4}
 
     def __init__(
         self,
@@ -183,6 +183,7 @@ class DENMethod(TaskMethod):
 
     def apply(self, block: ExpandableMLP, progress: PhaseProgress, target: PhaseProgress, plan: dict[str, Any]) -> None:
         """Pruning and split as planned; for a new task, snapshot W^{t-1} and add its head; expansion."""
+        block.join_()  # surgery on the plain layout; arrange lays out the next phase
         self.apply_end(block, plan)
         for layer, units in enumerate(plan.get("split", [])):
             duplicate_units_(block, layer, units)
@@ -203,13 +204,16 @@ class DENMethod(TaskMethod):
     # ------------------------------------------------------------------ what trains, and the regularisers
 
     def arrange(self, block: ExpandableMLP, progress: PhaseProgress | None) -> None:
-        """In expansion, the trained entries of each hidden layer become Parameters of their own
-        (:func:`~lightning_den.core.den.entries.separate_trained_entries_`); other phases use the plain layout."""
-        if progress is not None and str(progress.phase) in self.arranged_phases:
-            separate_trained_entries_(block, trainable_entries(block, DENPhase(progress.phase)))
-            return
-        for layer in block.hidden:
-            layer.join_()
+        """In selective retraining, the selected subnetwork trains alone through compact copies of its weights
+        (:meth:`ExpandableMLP.gather_`); in expansion, the trained entries of each hidden layer become
+        Parameters of their own (:func:`~lightning_den.core.den.entries.separate_trained_entries_`); other
+        phases use the plain layout."""
+        block.join_()
+        phase = None if progress is None else DENPhase(progress.phase)
+        if phase is DENPhase.SELECTIVE:
+            block.gather_(self._selection)
+        elif phase is DENPhase.EXPANSION:
+            separate_trained_entries_(block, trainable_entries(block, phase))
 
     def trainable(self, block: ExpandableMLP, progress: PhaseProgress) -> dict[nn.Parameter, Trainable]:
         """The phase's entries of the block (:func:`~lightning_den.core.den.entries.trainable_entries`), per
@@ -249,14 +253,13 @@ class DENMethod(TaskMethod):
 
     def after_step(self, block: ExpandableMLP, optimizer: torch.optim.Optimizer) -> None:
         """L1, then group lasso, on the trained entries (thresholds scaled by each param group's lr); then the
-        layers' weights take the values of their separated Parameters (expansion)."""
+        layers' weights take the values of their separated Parameters (selective retraining, expansion)."""
         for group, targets in self._targets_by_group(block, optimizer):
             # read at every step (schedulers change it); a tensor lr (capturable Adam) would be read back here
             lr = float(group["lr"])
             for target in targets:
                 target.step_(lr * self.sparsity_l1, lr * self.group_sparsity)
-        for layer in block.hidden:  # the network's own weights follow what the step changed
-            layer.sync_()
+        block.sync_()  # the network's own weights follow what the step changed
 
     def _targets_by_group(
         self, block: ExpandableMLP, optimizer: torch.optim.Optimizer
