@@ -74,6 +74,16 @@ class ExpandableConv2d(ExpandableLinear):
         carries, or the gathered subnetwork's)."""
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
+    def forward_gathered(self, x: Tensor, alone: bool) -> Tensor:
+        """As :meth:`ExpandableLinear.forward_gathered`; with every filter taking part, the gradient of the
+        filter bank is formed whole and then gathered (through the gathered entries written into it)."""
+        if alone:
+            return super().forward_gathered(x, alone)
+        rows, units = self._gathered
+        weight, bias = self.gathered_parameters()
+        bank = self.by_input_unit(self.weight.detach()).index_put((rows[:, None], units), self.by_input_unit(weight))
+        return self.compute(x, self.from_input_units(bank), self.bias.detach().index_put((rows,), bias))
+
     def by_input_unit(self, weight: Tensor) -> Tensor:
         """``[filters, channels, kh, kw]`` as ``[filters, channels, kh * kw]``: a filter reads a channel through
         its kernel slice."""

@@ -64,8 +64,8 @@ def trainable_entries(
     """
     task = mlp.newest_task
     result: dict[str, Trainable] = {}
-    for name, _ in mlp.heads.named_parameters():
-        result[f"heads.{name}"] = name.split(".")[0] == str(task)
+    for key in mlp.heads:  # weight and bias by name, however the layers are laid out
+        result[f"heads.{key}.weight"] = result[f"heads.{key}.bias"] = key == str(task)
     for index, layer in enumerate(mlp.hidden):
         weight_key, bias_key = f"hidden.{index}.weight", f"hidden.{index}.bias"
         if phase in (DENPhase.SPARSE, DENPhase.SPLIT):

@@ -56,7 +56,7 @@ class ExpandableLinear(nn.Module):
     ``bias`` stop requiring gradients), so that an optimizer steps only them; the forward assembles the
     same weight, so it computes bit for bit what it computed. While only a subnetwork trains (DEN's selective
     retraining), :meth:`gather_` copies its rows and columns into compact Parameters that
-    :meth:`forward_gathered` computes with, at a cost that follows the subnetwork's size.
+    :meth:`forward_gathered` trains, with the gradients of the subnetwork's weights alone.
 
     Example:
         >>> layer = ExpandableLinear(4, 3)
@@ -240,7 +240,7 @@ class ExpandableLinear(nn.Module):
         """Train only the weights of the units ``rows`` from the units below ``units`` (sorted index tensors on
         the layer's device) and those units' biases, through compact copies: ``gathered_weight`` (this layer's
         layout, ``len(rows)`` rows reading ``len(units)`` units below) and ``gathered_bias``, each registered
-        only when it is not empty. :meth:`forward_gathered` computes with them; ``weight`` and ``bias`` stop
+        only when it is not empty. :meth:`forward_gathered` trains them; ``weight`` and ``bias`` stop
         requiring gradients and are brought up to date by :meth:`sync_` (after every optimizer step), so
         nothing outside the subnetwork changes. :meth:`join_` undoes it (so does any shape change). Rebuild the
         optimizers afterwards.
@@ -250,11 +250,13 @@ class ExpandableLinear(nn.Module):
             >>> layer.gather_(torch.tensor([0, 2]), torch.tensor([1, 2]))
             >>> tuple(layer.gathered_weight.shape), layer(torch.ones(5, 3)).shape  # the full layer still computes
             ((2, 2), torch.Size([5, 4]))
-            >>> layer.forward_gathered(torch.ones(5, 2)).shape   # the subnetwork's inputs
+            >>> layer.forward_gathered(torch.ones(5, 2), alone=True).shape  # the subnetwork's inputs and units
             torch.Size([5, 2])
         """
         self.join_()
         self._gathered = (rows, units)
+        group = torch.arange(self.entries_per_unit, device=units.device)
+        self._gathered_columns = (units[:, None] * self.entries_per_unit + group).flatten()  # of a Linear weight
         self.weight.requires_grad_(False)
         self.bias.requires_grad_(False)
         for name, entries in zip(GATHERED_ENTRIES, self.gathered(self.weight, self.bias), strict=True):
@@ -276,10 +278,22 @@ class ExpandableLinear(nn.Module):
             bias = empty_bias if bias is None else bias
         return weight, bias
 
-    def forward_gathered(self, x: Tensor) -> Tensor:
-        """The subnetwork of :meth:`gather_`: ``x`` carries the gathered units below, the output the gathered
-        units of this layer."""
-        return self.compute(x, *self.gathered_parameters())
+    def forward_gathered(self, x: Tensor, alone: bool) -> Tensor:
+        """This layer in the subnetwork of :meth:`gather_`, with gradients for its compact Parameters (and
+        ``x``). ``alone``: ``x`` carries the gathered units below and the output holds the gathered units only.
+        Otherwise every unit computes with its current weights, as in :meth:`forward`, and only the gradients
+        of the gathered entries are formed: the units outside the subnetwork take part, frozen."""
+        if alone:
+            return self.compute(x, *self.gathered_parameters())
+        return _GatheredGradients.apply(self, x, *self.gathered_parameters())
+
+    def gathered_gradients(self, x: Tensor, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        """For the whole layer's output (a newest-task forward), from its input ``x`` and the gradient ``grad`` of
+        its output: the gradient of ``x`` (``None`` if ``x`` needs none) and of the gathered weight and bias."""
+        rows, _ = self._gathered
+        grad_x = grad @ self.weight.detach() if x.requires_grad else None
+        grad = grad.index_select(1, rows)
+        return grad_x, grad.T @ x.index_select(1, self._gathered_columns), grad.sum(0)
 
     def _trained_entries(self) -> dict[str, Tensor]:
         """Views of ``weight`` and ``bias`` where the Parameters of :meth:`train_outside_` belong."""
@@ -394,6 +408,23 @@ class ExpandableLinear(nn.Module):
         self._replace_(self.from_input_units(weight), bias, births_tensor)
 
 
+class _GatheredGradients(torch.autograd.Function):
+    """A layer's whole output from its current weights, with gradients only for its input and the compact
+    Parameters of :meth:`ExpandableLinear.gather_` (their values are in the weights: :meth:`~ExpandableLinear.sync_`
+    runs after every step). The weight gradient is formed for the gathered rows and columns only."""
+
+    @staticmethod
+    def forward(ctx: Any, layer: ExpandableLinear, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return layer.compute(x, layer.weight.detach(), layer.bias.detach())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor, Tensor]:
+        (x,) = ctx.saved_tensors
+        return None, *ctx.layer.gathered_gradients(x, grad)
+
+
 #: the Parameters :meth:`ExpandableLinear.train_outside_` registers
 TRAINED_ENTRIES = ("new_unit_weight", "new_unit_bias", "old_unit_new_inputs")
 #: the Parameters :meth:`ExpandableLinear.gather_` registers
@@ -444,6 +475,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         self.heads = nn.ModuleDict({"0": ExpandableLinear(layers[-1].out_features, self.classes_of(0))})
         self._width_cache: dict[int, tuple[int, ...]] = {}
         self._gathered_inputs: Tensor | None = None  # input units of the subnetwork gather_ holds (None: all)
+        self._gathered_alone = False  # whether nothing outside that subnetwork reaches it
         self.register_load_state_dict_post_hook(_forget_widths)
 
     # --- tasks and widths ---
@@ -563,10 +595,9 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
     def gather_(self, selection: Sequence[Sequence[int]]) -> None:
         """Train only the newest task's subnetwork ``selection`` (the input units, then the units of each
         hidden layer, as :func:`~lightning_den.core.den.selection.select_subnetwork` returns it) and its head's
-        weights from the selected top units: every layer holds the subnetwork's rows and columns as compact
-        Parameters (:meth:`ExpandableLinear.gather_`), and :meth:`subnetwork` computes with them alone, as the
-        official DEN code built the selected subnetwork afresh. :meth:`sync_` writes them back; :meth:`join_`
-        ends it. Rebuild the optimizers afterwards.
+        weights from the selected top units, through compact Parameters in every layer
+        (:meth:`ExpandableLinear.gather_`); :meth:`subnetwork` computes with them. :meth:`sync_` writes them
+        back; :meth:`join_` ends it. Rebuild the optimizers afterwards.
 
         Example:
             >>> mlp = ExpandableMLP(4, [3], head_classes=2)
@@ -585,20 +616,29 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
                 f"got {len(units)} lists"
             )
         head = self.heads[str(self.newest_task)]
-        rows = [*units[1:], torch.arange(head.out_features, device=device)]
-        for layer, kept, below in zip([*self.hidden, head], rows, units, strict=True):
+        layers, rows = [*self.hidden, head], [*units[1:], torch.arange(head.out_features, device=device)]
+        self._gathered_alone = not any(_reached_from_outside(*each) for each in zip(layers, rows, units, strict=True))
+        for layer, kept, below in zip(layers, rows, units, strict=True):
             layer.gather_(kept, below)
         self._gathered_inputs = None if units[0].numel() == self.hidden[0].in_units else units[0]
 
     def subnetwork(self, x: Tensor) -> Tensor:
-        """Logits of the newest task from the subnetwork of :meth:`gather_` alone: the units outside it take no
-        part (inputs ``x`` ``[batch, in_features]``, all of them)."""
+        """Logits of the newest task while :meth:`gather_` holds, with gradients for the subnetwork's compact
+        Parameters only (inputs ``x`` ``[batch, in_features]``, all of them): Eq. 4's loss, with the units
+        outside the subnetwork frozen.
+
+        When no unit outside the subnetwork has a nonzero weight into it (BFS stopped by itself, as it does
+        without ``selection_budget``), they cannot change its outputs, so the subnetwork runs alone, as the
+        official DEN code built it, at a cost that follows its size. Otherwise (a budget cut the search
+        short) every unit runs forward with its current weights and only the gathered weights' gradients are
+        formed.
+        """
         h = self.checked_inputs(x)
-        if self._gathered_inputs is not None:
+        if self._gathered_alone and self._gathered_inputs is not None:
             h = h.index_select(1, self._gathered_inputs)
         for layer, activation in zip(self.hidden, self.activations, strict=True):
-            h = activation(layer.forward_gathered(h))
-        return self.heads[str(self.newest_task)].forward_gathered(h)
+            h = activation(layer.forward_gathered(h, self._gathered_alone))
+        return self.heads[str(self.newest_task)].forward_gathered(h, self._gathered_alone)
 
     def sync_(self) -> None:
         """Write the Parameters of every separated layer and head into its ``weight`` and ``bias``."""
@@ -636,6 +676,13 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         if layer + 1 < len(self.hidden):
             return self.hidden[layer + 1]
         return self.heads[str(self.newest_task)]
+
+
+def _reached_from_outside(layer: ExpandableLinear, rows: Tensor, units: Tensor) -> bool:
+    """Whether any unit below outside ``units`` has a nonzero weight into the ``rows`` of ``layer``."""
+    outside = torch.ones(layer.in_units, dtype=torch.bool, device=units.device)
+    outside[units] = False
+    return bool(layer.by_input_unit(layer.weight.detach())[rows][:, outside].any())
 
 
 def _forget_widths(module: ExpandableMLP, incompatible_keys: object) -> None:

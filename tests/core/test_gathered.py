@@ -1,0 +1,153 @@
+"""Selective retraining on the gathered subnetwork (:meth:`ExpandableMLP.gather_`).
+
+The subnetwork's rows and columns train as compact Parameters: the network's function and checkpoint do not
+change when they are gathered, a step writes back exactly the entries DEN's rule says selective retraining
+trains, and the outputs and gradients are those of the whole network with the entries outside the subnetwork
+frozen (Eq. 4), whether the subnetwork runs alone (BFS stopped by itself) or with the rest frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor
+
+from lightning_den.core.den.conv import ExpandableCNN
+from lightning_den.core.den.entries import trainable_entries
+from lightning_den.core.den.layers import GATHERED_ENTRIES, ExpandableMLP
+from lightning_den.core.den.phases import DENPhase
+from lightning_den.core.den.selection import select_subnetwork
+from tests.core.helpers import (
+    FAST,
+    as_mask,
+    assert_same_state,
+    build,
+    mlp_configs,
+    random_history,
+    random_inputs,
+    state_copy,
+)
+
+
+def draw_selection(data: st.DataObject, mlp: ExpandableMLP) -> list[list[int]]:
+    """Any subnetwork of the newest task: a sorted subset of the inputs and of each hidden layer's units."""
+    sizes = [mlp.hidden[0].in_units, *mlp.widths(mlp.newest_task)]
+    return [sorted(data.draw(st.sets(st.integers(0, size - 1)), label="selected units")) for size in sizes]
+
+
+def without_unselected(mlp: ExpandableMLP, selection: list[list[int]]) -> ExpandableMLP:
+    """A copy of ``mlp`` in which no layer (the newest head included) reads an unselected unit below."""
+    pruned = copy.deepcopy(mlp)
+    layers = [*pruned.hidden, pruned.heads[str(pruned.newest_task)]]
+    with torch.no_grad():
+        for layer, below in zip(layers, selection, strict=True):
+            dropped = torch.ones(layer.in_units, dtype=torch.bool)
+            dropped[below] = False
+            layer.by_input_unit(layer.weight)[:, dropped] = 0.0
+    return pruned
+
+
+@FAST
+@given(config=mlp_configs(), data=st.data())
+def test_gathering_keeps_the_function_and_a_step_writes_back_exactly_the_selected_entries(config, data):
+    mlp, generator = build(config)
+    random_history(data, mlp, generator)
+    selection = draw_selection(data, mlp)
+    x = random_inputs(mlp)
+    with torch.no_grad():
+        before = {task: mlp(x, task=task) for task in range(mlp.num_tasks)}
+    saved = state_copy(mlp)
+    mlp.gather_(selection)
+    with torch.no_grad():  # without gradients every task runs the whole network, bit for bit
+        assert all(torch.equal(mlp(x, task=task), before[task]) for task in before)
+    assert_same_state(mlp, saved)  # the checkpoint keeps the plain layout and the same values
+
+    trained = [name for name, _ in mlp.named_parameters() if name.rpartition(".")[2] in GATHERED_ENTRIES]
+    assert not any(p.requires_grad for layer in mlp.hidden for p in (layer.weight, layer.bias))
+    with torch.no_grad():  # a stand-in for an optimizer step: every trained entry moves
+        for name in trained:
+            mlp.get_parameter(name).add_(1.0)
+    mlp.sync_()
+    rule = trainable_entries(mlp, DENPhase.SELECTIVE, selection)
+    for name, entries in rule.items():
+        moved = mlp.get_parameter(name).detach() != saved[name]
+        assert torch.equal(moved, as_mask(entries, moved.shape)), f"{name}: moved entries differ from the rule"
+
+    mlp.join_()
+    assert {name.rpartition(".")[2] for name, _ in mlp.named_parameters()} == {"weight", "bias"}
+    assert all(p.requires_grad for p in mlp.parameters())
+
+
+def small_cnn() -> ExpandableCNN:
+    torch.manual_seed(0)
+    cnn = ExpandableCNN.lenet((1, 12, 12), channels=[3, 4], hidden_sizes=[5], head_classes=2, kernel_size=3, padding=1)
+    cnn.add_task_()
+    return cnn
+
+
+def network(kind: str) -> tuple[ExpandableMLP, Tensor, list[list[int]]]:
+    """A two-task network, inputs, and a subnetwork of task 1 that leaves units out of every layer."""
+    if kind == "mlp":
+        mlp = ExpandableMLP(6, [5, 4], head_classes=3)
+        mlp.add_task_()
+        return mlp, torch.randn(7, 6), [[0, 2, 3, 5], [1, 2, 4], [0, 3]]
+    return small_cnn(), torch.randn(7, 1, 12, 12), [[0], [0, 2], [1, 3], [2, 4]]
+
+
+def dense_gradients(mlp: ExpandableMLP, x: Tensor, selection: list[list[int]]) -> tuple[Tensor, list[Tensor]]:
+    """Task 1's outputs of a copy of ``mlp`` and the gradients of its weights and biases at the entries of
+    ``selection`` (every layer, the newest head included), from a dense backward: the masked dense step."""
+    dense = copy.deepcopy(mlp)
+    outputs = dense(x, task=1)
+    outputs.square().sum().backward()
+    dense.gather_(selection)  # only to read the selected entries of the dense gradients
+    layers = [*dense.hidden, dense.heads["1"]]
+    return outputs.detach(), [g for layer in layers for g in layer.gathered(layer.weight.grad, layer.bias.grad)]
+
+
+def gathered_gradients(mlp: ExpandableMLP, x: Tensor, selection: list[list[int]]) -> tuple[Tensor, list[Tensor]]:
+    mlp.gather_(selection)
+    outputs = mlp(x, task=1)
+    outputs.square().sum().backward()
+    return outputs.detach(), [p.grad for layer in [*mlp.hidden, mlp.heads["1"]] for p in layer.gathered_parameters()]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_a_budget_cut_subnetwork_trains_on_the_whole_network_with_the_rest_frozen(kind):
+    """Units outside the subnetwork still feed it (the budget cut BFS short): Eq. 4's loss keeps them, frozen,
+    so outputs and gradients are the masked dense step's."""
+    torch.manual_seed(0)
+    mlp, x, selection = network(kind)
+    expected_outputs, expected = dense_gradients(mlp, x, selection)
+    outputs, gradients = gathered_gradients(mlp, x, selection)
+    assert not mlp._gathered_alone
+    torch.testing.assert_close(outputs, expected_outputs, rtol=0, atol=0)
+    for gradient, reference in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(gradient, reference)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_where_bfs_stops_by_itself_the_subnetwork_runs_alone_and_steps_as_the_masked_dense_step(kind):
+    """Units BFS does not reach have no path to the new head, so leaving them out of the forward changes
+    neither the outputs nor the gradient of any selected entry; then only the subnetwork computes."""
+    torch.manual_seed(0)
+    mlp, x, selection = network(kind)
+    mlp = without_unselected(mlp, selection)  # zeros cut the unselected units off; BFS then stops by itself
+    selection = select_subnetwork(mlp, 1)
+    assert any(len(units) < width for units, width in zip(selection[1:], mlp.widths(1), strict=True))
+    expected_outputs, expected = dense_gradients(mlp, x, selection)
+    outputs, gradients = gathered_gradients(mlp, x, selection)
+    assert mlp._gathered_alone
+    torch.testing.assert_close(outputs, expected_outputs)
+    for gradient, reference in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(gradient, reference)
+
+
+def test_a_subnetwork_that_names_the_wrong_number_of_layers_is_refused():
+    mlp = ExpandableMLP(4, [3, 2], head_classes=2)
+    with pytest.raises(ValueError, match="the 2 hidden layers, got 2 lists"):
+        mlp.gather_([[0], [1]])
