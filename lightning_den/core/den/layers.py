@@ -292,8 +292,8 @@ class ExpandableLinear(nn.Module):
         its output: the gradient of ``x`` (``None`` if ``x`` needs none) and of the gathered weight and bias."""
         rows, _ = self._gathered
         grad_x = grad @ self.weight.detach() if x.requires_grad else None
-        grad = grad.index_select(1, rows)
-        return grad_x, grad.T @ x.index_select(1, self._gathered_columns), grad.sum(0)
+        grad_bias = grad.sum(0).index_select(0, rows)  # summed as autograd sums a dense layer's, bit for bit
+        return grad_x, grad.index_select(1, rows).T @ x.index_select(1, self._gathered_columns), grad_bias
 
     def _trained_entries(self) -> dict[str, Tensor]:
         """Views of ``weight`` and ``bias`` where the Parameters of :meth:`train_outside_` belong."""
