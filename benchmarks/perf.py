@@ -76,6 +76,8 @@ TARGETS = {
 }
 #: the share of each layer's units selective retraining may train, as in the shipped configurations
 SELECTION_BUDGET = 0.5
+#: the step row of selective retraining with ``subnetwork_only=True``
+SUBNETWORK_ONLY = "selective (subnetwork only)"
 
 
 def network_of(args: argparse.Namespace) -> Network:
@@ -111,10 +113,10 @@ def training_steps(args: argparse.Namespace) -> dict[str, Any]:
     device = device_of(args.accelerator)
     network = network_of(args)
 
-    def den_round(optimizer: str) -> StepTimer:
+    def den_round(optimizer: str, **options: Any) -> StepTimer:
         torch.manual_seed(0)
         # no split, so each phase's widths are known from the expansion alone
-        den = DENCallback(**den_settings(args.epochs, split_threshold=1e9))
+        den = DENCallback(**den_settings(args.epochs, split_threshold=1e9), **options)
         timer = StepTimer(clock, label=lambda: den.progress.phase, widths=den.widths)
         stream.set_task(0)
         model = network.model(optimizer=optimizer)
@@ -156,6 +158,10 @@ def training_steps(args: argparse.Namespace) -> dict[str, Any]:
             timer = den_round(optimizer)
             phase_widths.update(timer.widths_of)
             row = {f"den {phase}": steady_median(times) for phase, times in timer.times.items()}
+            # the official code's selective retraining: the subnetwork alone, the units outside it left out
+            alone = den_round(optimizer, subnetwork_only=True).times[DENPhase.SELECTIVE.value]
+            row[f"den {SUBNETWORK_ONLY}"] = steady_median(alone)
+            phase_widths[SUBNETWORK_ONLY] = phase_widths[DENPhase.SELECTIVE.value]
             for widths in sorted(set(phase_widths.values())):
                 row[f"lightning {widths}"] = lightning_round(optimizer, widths)
             row["pytorch"] = pytorch_round(optimizer)

@@ -47,6 +47,12 @@ class DENCallback(TaskSequenceCallback):
             fraction of the layer (the strongest-connected of those BFS reaches); ``None``: all BFS reaches,
             as in the paper. A deviation from the paper that keeps the selection a proper subset when
             L1 has not made the network sparse enough for the search to stop by itself.
+        subnetwork_only: selective retraining computes the selected subnetwork alone, as the official code did,
+            even where a ``selection_budget`` left units outside it that feed it: those then take no part in the
+            loss (they do again afterwards), and a step costs about what the subnetwork's share of the weights
+            does. ``False`` (the paper's Eq. 4): they take part, frozen, so the forward costs a full one and only
+            the weight gradients and the optimizer follow the selection. Where BFS stops by itself both are
+            the same, and the subnetwork computes alone.
         expansion: add units when the loss stays above ``loss_threshold`` (Alg. 3); ``False`` never does.
         split: split drifted units and retrain (Alg. 4); ``False`` ends each task after selective
             retraining or expansion. Both ``False``: the paper's DNN-Selective ablation.
@@ -91,6 +97,7 @@ class DENCallback(TaskSequenceCallback):
         conv_split_threshold: float | None = None,
         max_splits_per_layer: int | None = None,
         selection_budget: float | None = None,
+        subnetwork_only: bool = False,
         expansion: bool = True,
         split: bool = True,
         first_task_epochs: int = 30,
@@ -112,6 +119,7 @@ class DENCallback(TaskSequenceCallback):
             conv_split_threshold=conv_split_threshold,
             max_splits_per_layer=max_splits_per_layer,
             selection_budget=selection_budget,
+            subnetwork_only=subnetwork_only,
             expansion=expansion,
             split=split,
             first_task_epochs=first_task_epochs,

@@ -212,6 +212,7 @@ def test_parameters_outside_the_block_learn_only_in_the_first_task(tmp_path):
         ({"selection_budget": True}, "selection_budget"),
         ({"split": 1}, "`split` must be True or False, got 1"),
         ({"expansion": "no"}, "`expansion` must be True or False"),
+        ({"subnetwork_only": 0}, "`subnetwork_only` must be True or False, got 0"),
     ],
 )
 def test_bad_hyperparameters_are_refused_at_construction(kwargs, match):
@@ -406,23 +407,30 @@ class RecordSelectiveRetraining(Callback):
     def __init__(self) -> None:
         self.runs: list[tuple[list[list[int]], dict, dict, dict]] = []
         self._start: tuple[list[list[int]], dict, dict] | None = None
+        self.optimized_entries: list[int] = []  # the entries the optimizer steps in each selective retraining
 
     def on_task_boundary(self, trainer, pl_module, boundary: TaskBoundary) -> None:
-        weights = {name: p.detach().clone() for name, p in pl_module.mlp.named_parameters()}
+        weights = {
+            name: t.clone() for name, t in pl_module.mlp.state_dict().items() if name.endswith(("weight", "bias"))
+        }
         if boundary.phase == "selective":
+            groups = trainer.optimizers[0].param_groups
+            trained = [p for group in groups for p in group["params"] if p.requires_grad]  # the others get no grad
+            self.optimized_entries.append(sum(p.numel() for p in trained))
             self._start = (boundary.changes["selection"], dict(boundary.changes), weights)
         elif self._start is not None:
             self.runs.append((*self._start, weights))
             self._start = None
 
 
-def test_selective_retraining_trains_a_proper_subset_and_leaves_the_rest_bit_identical(tmp_path):
+@pytest.mark.parametrize("subnetwork_only", [False, True])
+def test_selective_retraining_trains_a_proper_subset_and_leaves_the_rest_bit_identical(tmp_path, subnetwork_only):
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_den import TaskEvaluation
 
     record, evaluation = RecordSelectiveRetraining(), TaskEvaluation(print_report=False)
-    den = DENCallback(**short_phases(selection_budget=0.5, loss_threshold=0.0))
+    den = DENCallback(**short_phases(selection_budget=0.5, loss_threshold=0.0, subnetwork_only=subnetwork_only))
     logger = CSVLogger(tmp_path, name="run")
     make_trainer(tmp_path, [den, record, evaluation], logger=logger).fit(tiny_model(), datamodule=tiny_stream(3))
     assert len(record.runs) == 2  # tasks 1 and 2
@@ -447,6 +455,11 @@ def test_selective_retraining_trains_a_proper_subset_and_leaves_the_rest_bit_ide
             assert torch.equal(trained[frozen], before[weight][frozen])
             assert torch.equal(after[bias][: widths[index]][~rows], before[bias][~rows])
             assert not torch.equal(trained, before[weight])  # and the selected entries did train
+        # the optimizer steps the subnetwork's entries only: its weights, biases and the new head's columns
+        sizes = [len(units) for units in selection]
+        head_outputs = before[f"heads.{task}.bias"].numel()
+        expected = sum(a * b + b for a, b in zip(sizes, [*sizes[1:], head_outputs], strict=False))
+        assert record.optimized_entries[task - 1] == expected
     assert evaluation.summary["selection"][0] is None and len(evaluation.summary["selection"]) == 3
     with open(f"{logger.log_dir}/metrics.csv") as handle:
         logged = [row for row in csv.DictReader(handle) if row.get("selection/fraction/layer_0")]

@@ -18,6 +18,9 @@ import torch
 
 from lightning_den.core.den.phases import DENPhase
 
+#: the step row of selective retraining with ``subnetwork_only=True`` in perf.json
+SUBNETWORK_ONLY = "selective (subnetwork only)"
+
 #: slow lane (`make test-slow`): every test runs benchmarks/perf.py in a subprocess
 pytestmark = pytest.mark.slow
 
@@ -40,7 +43,8 @@ def test_every_measurement_runs_and_reports_consistent_figures(tmp_path):
 
     for optimizer in ("adam", "adam-fused"):
         step = report["training_step"][optimizer]
-        assert set(step["phases"]) == {phase.value for phase in DENPhase}
+        assert set(step["phases"]) == {phase.value for phase in DENPhase} | {SUBNETWORK_ONLY}
+        assert step["phases"][SUBNETWORK_ONLY]["widths"] == step["phases"]["selective"]["widths"]
         for row in step["phases"].values():
             assert math.isfinite(row["den_vs_lightning"]) and row["den_vs_lightning"] > 0
             assert row["lightning_widths"] == row["widths"]  # plain Lightning was timed at the phase's widths
@@ -118,7 +122,7 @@ def test_a_convolutional_network_is_measured_against_plain_lightning_and_a_dense
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "cnn.json").read_text())
     phases = report["training_step"]["adam"]["phases"]
-    assert set(phases) == {phase.value for phase in DENPhase}
+    assert set(phases) == {phase.value for phase in DENPhase} | {SUBNETWORK_ONLY}
     assert phases["sparse"]["widths"] == [3, 4, 8, 6]  # filters, then units
     assert phases["expansion"]["widths"] == [13, 14, 18, 16]  # expansion added 10 filters and units per layer
     assert all(row["lightning_widths"] == row["widths"] for row in phases.values())

@@ -146,6 +146,22 @@ def test_where_bfs_stops_by_itself_the_subnetwork_runs_alone_and_steps_as_the_ma
         torch.testing.assert_close(gradient, reference)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_asked_to_run_alone_the_subnetwork_leaves_the_units_outside_it_out(kind):
+    """``subnetwork_only`` (the official code's training): the units a budget left out take no part in the loss
+    while the subnetwork trains, and take part again in evaluation."""
+    torch.manual_seed(0)
+    mlp, x, selection = network(kind)
+    expected = without_unselected(mlp, selection)(x, task=1)
+    mlp.gather_(selection, alone=True)
+    torch.testing.assert_close(mlp(x, task=1), expected)
+    with torch.no_grad():
+        whole = mlp(x, task=1)
+    mlp.join_()
+    with torch.no_grad():
+        assert torch.equal(whole, mlp(x, task=1)) and not torch.allclose(whole, expected)
+
+
 def test_a_subnetwork_that_names_the_wrong_number_of_layers_is_refused():
     mlp = ExpandableMLP(4, [3, 2], head_classes=2)
     with pytest.raises(ValueError, match="the 2 hidden layers, got 2 lists"):

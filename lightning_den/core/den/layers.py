@@ -592,12 +592,13 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
 
     # --- training a subnetwork (DEN's selective retraining) ---
 
-    def gather_(self, selection: Sequence[Sequence[int]]) -> None:
+    def gather_(self, selection: Sequence[Sequence[int]], alone: bool = False) -> None:
         """Train only the newest task's subnetwork ``selection`` (the input units, then the units of each
         hidden layer, as :func:`~lightning_den.core.den.selection.select_subnetwork` returns it) and its head's
         weights from the selected top units, through compact Parameters in every layer
         (:meth:`ExpandableLinear.gather_`); :meth:`subnetwork` computes with them. :meth:`sync_` writes them
-        back; :meth:`join_` ends it. Rebuild the optimizers afterwards.
+        back; :meth:`join_` ends it. Rebuild the optimizers afterwards. ``alone``: the subnetwork computes alone
+        even where units outside it reach it (the official DEN code's training; see :meth:`subnetwork`).
 
         Example:
             >>> mlp = ExpandableMLP(4, [3], head_classes=2)
@@ -617,7 +618,9 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
             )
         head = self.heads[str(self.newest_task)]
         layers, rows = [*self.hidden, head], [*units[1:], torch.arange(head.out_features, device=device)]
-        self._gathered_alone = not any(_reached_from_outside(*each) for each in zip(layers, rows, units, strict=True))
+        self._gathered_alone = alone or not any(
+            _reached_from_outside(*each) for each in zip(layers, rows, units, strict=True)
+        )
         for layer, kept, below in zip(layers, rows, units, strict=True):
             layer.gather_(kept, below)
         self._gathered_inputs = None if units[0].numel() == self.hidden[0].in_units else units[0]
@@ -631,7 +634,8 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         without ``selection_budget``), they cannot change its outputs, so the subnetwork runs alone, as the
         official DEN code built it, at a cost that follows its size. Otherwise (a budget cut the search
         short) every unit runs forward with its current weights and only the gathered weights' gradients are
-        formed.
+        formed, unless :meth:`gather_` was asked to run the subnetwork alone all the same (then the units
+        outside it are left out of the loss).
         """
         h = self.checked_inputs(x)
         if self._gathered_alone and self._gathered_inputs is not None:

@@ -75,6 +75,7 @@ class DENMethod(TaskMethod):
         conv_split_threshold: float | None = None,
         max_splits_per_layer: int | None = None,
         selection_budget: float | None = None,
+        subnetwork_only: bool = False,
         expansion: bool = True,
         split: bool = True,
         first_task_epochs: int = 30,
@@ -100,6 +101,7 @@ class DENMethod(TaskMethod):
         self.selection_budget = optional(
             check_fraction, "selection_budget", selection_budget, "select all that BFS reaches", include_one=True
         )
+        self.subnetwork_only = check_flag("subnetwork_only", subnetwork_only)
         self.expansion = check_flag("expansion", expansion)
         self.split = check_flag("split", split)
         given = dict(
@@ -211,7 +213,7 @@ class DENMethod(TaskMethod):
         block.join_()
         phase = None if progress is None else DENPhase(progress.phase)
         if phase is DENPhase.SELECTIVE:
-            block.gather_(self._selection)
+            block.gather_(self._selection, alone=self.subnetwork_only)
         elif phase is DENPhase.EXPANSION:
             separate_trained_entries_(block, trainable_entries(block, phase))
 
