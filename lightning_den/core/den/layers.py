@@ -215,9 +215,12 @@ class ExpandableLinear(nn.Module):
         ``bias`` (no-op otherwise)."""
         if self._gathered is not None:
             rows, units = self._gathered
-            weight, bias = self.gathered_parameters()
-            self.by_input_unit(self.weight.detach())[rows[:, None], units] = self.by_input_unit(weight.detach())
-            self.bias.detach()[rows] = bias.detach()
+            weight, bias = (tensor.detach() for tensor in self.gathered_parameters())
+            by_unit, gathered = self.by_input_unit(self.weight.detach()), self.by_input_unit(weight)
+            if units.numel() < by_unit.shape[1]:  # whole rows copy fast: write the gathered columns into them first
+                gathered = by_unit.index_select(0, rows).index_copy_(1, units, gathered)
+            by_unit.index_copy_(0, rows, gathered)
+            self.bias.detach().index_copy_(0, rows, bias)
         elif self._frozen_block is not None:
             for name, entries in self._trained_entries().items():
                 if name in self._parameters:
@@ -256,7 +259,8 @@ class ExpandableLinear(nn.Module):
         self.join_()
         self._gathered = (rows, units)
         group = torch.arange(self.entries_per_unit, device=units.device)
-        self._gathered_columns = (units[:, None] * self.entries_per_unit + group).flatten()  # of a Linear weight
+        columns = (units[:, None] * self.entries_per_unit + group).flatten()  # of a Linear weight
+        self._gathered_columns = None if columns.numel() == self.in_features else columns  # None: all of them
         self.weight.requires_grad_(False)
         self.bias.requires_grad_(False)
         for name, entries in zip(GATHERED_ENTRIES, self.gathered(self.weight, self.bias), strict=True):
@@ -293,7 +297,9 @@ class ExpandableLinear(nn.Module):
         rows, _ = self._gathered
         grad_x = grad @ self.weight.detach() if x.requires_grad else None
         grad_bias = grad.sum(0).index_select(0, rows)  # summed as autograd sums a dense layer's, bit for bit
-        return grad_x, grad.index_select(1, rows).T @ x.index_select(1, self._gathered_columns), grad_bias
+        columns = self._gathered_columns
+        inputs = x if columns is None else x.index_select(1, columns)
+        return grad_x, grad.index_select(1, rows).T @ inputs, grad_bias
 
     def _trained_entries(self) -> dict[str, Tensor]:
         """Views of ``weight`` and ``bias`` where the Parameters of :meth:`train_outside_` belong."""
