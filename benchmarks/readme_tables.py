@@ -1,8 +1,9 @@
-"""Copy the measured comparison tables from ``benchmarks/results/<name>/comparison.md`` into the README.
+"""Copy the measured tables from ``benchmarks/results`` into the README: a configuration's comparison
+(``<name>/comparison.md``) or a benchmark's table (``<name>.md``, e.g. ``perf`` from ``make bench``).
 
 The README holds each table between ``<!-- measured: <name> -->`` and ``<!-- end measured -->``, so its
 figures are always the ones in the committed results files. After ``benchmarks/compare.py`` has
-re-measured a configuration:
+re-measured a configuration, or ``benchmarks/perf.py`` the performance:
 
     .venv/bin/python benchmarks/readme_tables.py          # rewrite the README's tables
     .venv/bin/python benchmarks/readme_tables.py --check  # exit 1 if the README is out of date
@@ -20,10 +21,11 @@ BLOCK = re.compile(r"(<!-- measured: (?P<name>[\w-]+) -->\n)(?P<table>.*?)(<!-- 
 
 
 def render(readme: str, results: Path) -> str:
-    """``readme`` with every measured block replaced by ``results/<name>/comparison.md``."""
+    """``readme`` with every measured block replaced by ``results/<name>/comparison.md`` or ``results/<name>.md``."""
 
     def table(match: re.Match[str]) -> str:
-        measured = (results / match["name"] / "comparison.md").read_text()
+        comparison = results / match["name"] / "comparison.md"
+        measured = (comparison if comparison.exists() else results / f"{match['name']}.md").read_text()
         return f"{match.group(1)}{measured.strip()}\n{match.group(4)}"
 
     return BLOCK.sub(table, readme)

@@ -19,13 +19,13 @@ from torch import Tensor, nn
 
 from lightning_den.core.den import DENMethod, DENPhase, ExpandableMLP, drift_targets, proximal_targets
 from lightning_den.core.den.entries import (
-    ProximalTarget,
     parameter_entries,
     separate_trained_entries_,
     trainable_entries,
 )
+from lightning_den.core.den.prox import group_lasso_prox_
 from lightning_den.core.den.selection import select_subnetwork
-from lightning_den.core.den.surgery import add_units_, snapshot
+from lightning_den.core.den.surgery import snapshot
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.method import PhaseProgress, TaskBlock, phase_is_done
 from tests.core.helpers import FAST, as_mask, build, mlp_configs, random_history
@@ -223,8 +223,9 @@ def test_no_proximal_step_changes_an_entry_its_phase_does_not_train(config, data
     selection = select_subnetwork(mlp, mlp.newest_task, data.draw(st.sampled_from([None, 0.5]), label="budget"))
     trainable = trainable_entries(mlp, phase, selection)  # by weight and bias
     before = {name: mlp.get_parameter(name).detach().clone() for name in trainable}
-    # expansion's layout (trained entries as Parameters of their own) is required there, possible elsewhere
-    if phase is DENPhase.EXPANSION or data.draw(st.booleans(), label="separate"):
+    if phase is DENPhase.SELECTIVE:  # each phase's layout: every trained entry in a Parameter that trains whole
+        mlp.gather_(selection)
+    elif phase is DENPhase.EXPANSION:
         separate_trained_entries_(mlp, trainable)
     by_parameter = parameter_entries(mlp, trainable)
     laid_out = {name: by_parameter[p] for name, p in mlp.named_parameters()}
@@ -232,10 +233,19 @@ def test_no_proximal_step_changes_an_entry_its_phase_does_not_train(config, data
     with torch.no_grad():
         for target in proximal_targets(mlp, laid_out, phase).values():
             target.step_(l1, group)
+    mlp.join_()
     for name, trained in trainable.items():
         p = mlp.get_parameter(name)
         frozen = ~as_mask(trained, p.shape)
         assert torch.equal(p.detach()[frozen], before[name][frozen]), f"{phase}: a frozen entry of {name} changed"
+
+
+def test_proximal_targets_refuse_a_weight_that_trains_only_some_entries():
+    mlp = ExpandableMLP(4, [3], head_classes=2)
+    mlp.add_task_()
+    entries = trainable_entries(mlp, DENPhase.SELECTIVE, [[0, 1], [2]])  # masks: the block is not gathered
+    with pytest.raises(ValueError, match=r"heads\.1\.weight trains only some of its entries in selective"):
+        proximal_targets(mlp, entries, DENPhase.SELECTIVE)
 
 
 @FAST
@@ -270,69 +280,85 @@ def test_the_pull_toward_the_previous_task_acts_in_selective_retraining_and_afte
     assert all(target.values.shape == target.reference.shape for target in targets)
 
 
+def masked_dense_reference(block: ExpandableMLP, phase: DENPhase, selection, method: DENMethod, fused: bool):
+    """The phase as it ran before its trained entries got Parameters of their own: a dense Adam step under
+    gradient masks, the pull toward W^{t-1} on the whole old block, masked L1 and group lasso on the new
+    rows, the frozen entries written back. Returns one step of it, to run after the backward."""
+    entries = trainable_entries(block, phase, selection)
+    params = dict(block.named_parameters())
+    for name, p in params.items():
+        p.requires_grad_(entries[name] is not False)
+    frozen = FrozenEntries({params[n]: m for n, m in entries.items() if isinstance(m, Tensor)})
+    pulled = drift_targets(block, phase, method.state_dict()["snapshot"])
+    optimizer = torch.optim.Adam([p for p in block.parameters() if p.requires_grad], lr=0.05, fused=fused)
+    threshold = 0.05 * method.sparsity_l1
+
+    @torch.no_grad()
+    def step() -> None:
+        for target in pulled:
+            target.grad().add_(target.values - target.reference, alpha=2.0 * method.drift_penalty)
+        frozen.mask_gradients_()
+        optimizer.step()
+        for name, trained in entries.items():
+            if not name.endswith("weight") or trained is False:
+                continue
+            weight = params[name].detach()
+            mask = torch.ones_like(weight) if trained is True else trained.to(weight.dtype)
+            weight.sub_(weight.clamp(-threshold, threshold).mul_(mask))
+            layer = block.get_submodule(name.rpartition(".")[0])
+            if phase is DENPhase.EXPANSION and name.startswith("hidden."):
+                first = int((layer.birth < 1).sum())
+                group_lasso_prox_([weight[first:]], 0.05 * method.group_sparsity, [layer.bias.detach()[first:]])
+        frozen.restore_()
+
+    return optimizer, step
+
+
 @pytest.mark.parametrize("fused", [False, True])
-def test_expansion_on_separated_parameters_is_the_masked_dense_step_bit_for_bit(fused):
-    """The reference is expansion as it ran before its entries were separated: a dense Adam step under
-    gradient masks, masked L1 and group lasso on the new rows, frozen entries written back."""
+@pytest.mark.parametrize("phase", [DENPhase.SELECTIVE, DENPhase.EXPANSION])
+def test_a_phase_on_its_own_parameters_is_the_masked_dense_step_bit_for_bit(phase, fused):
+    """Selective retraining on the gathered subnetwork (cut short by a budget, so the rest takes part frozen) and
+    expansion on the new units' Parameters step exactly as the masked dense phases did, regularisers included."""
     generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     mlp = ExpandableMLP(IN_FEATURES, [7, 5], head_classes=3)
-    mlp.add_task_(generator)
-    add_units_(mlp, [2, 3], generator)
+    method = DENMethod(selection_budget=0.5, drift_penalty=0.5, units_per_expansion=[2, 3])
+    head_fit, progress = PhaseProgress(task=1, phase=DENPhase.HEAD_FIT), PhaseProgress(task=1, phase=phase)
+    method.apply(mlp, method.start(), head_fit, method.plan(mlp, method.start(), head_fit, 2))  # W^0, new head
+    plan = method.plan(mlp, head_fit, progress, 2)
+    method.apply(mlp, head_fit, progress, plan)
+    with torch.no_grad():  # W^0 and the weights now differ, so that the pull acts
+        for p in mlp.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
     reference = copy.deepcopy(mlp)
-    progress = PhaseProgress(task=1, phase=DENPhase.EXPANSION)
-    method, l1, group = DENMethod(), 0.01, 0.2
+    reference_optimizer, reference_step = masked_dense_reference(reference, phase, plan.get("selection"), method, fused)
 
     method.arrange(mlp, progress)
     trainable = method.trainable(mlp, progress)
+    assert not any(isinstance(entries, Tensor) for entries in trainable.values())  # no mask is left
     for p, entries in trainable.items():
         p.requires_grad_(entries is not False)
     method.enter_phase(mlp, progress, trainable)
-    targets = list(
-        proximal_targets(mlp, {n: trainable[p] for n, p in mlp.named_parameters()}, DENPhase.EXPANSION).values()
-    )
-    step = torch.optim.Adam([p for p in mlp.parameters() if p.requires_grad], lr=0.05, fused=fused)
-
-    entries = trainable_entries(reference, DENPhase.EXPANSION)
-    params = dict(reference.named_parameters())
-    masks = {params[n]: m for n, m in entries.items() if isinstance(m, Tensor)}
-    for name, p in params.items():
-        p.requires_grad_(entries[name] is not False)
-    frozen = FrozenEntries(masks)
-    reference_targets = []
-    for name, m in entries.items():
-        if name.endswith("weight") and m is not False:
-            weight = params[name].detach()
-            mask = None if m is True else m.to(weight.dtype)
-            new_rows = new_biases = None
-            if name.startswith("hidden."):
-                layer = reference.get_submodule(name.rpartition(".")[0])
-                first = int((layer.birth < 1).sum())
-                new_rows, new_biases = weight[first:], layer.bias.detach()[first:]
-            scratch = None if mask is None else torch.empty_like(weight)
-            reference_targets.append(ProximalTarget(weight, mask, scratch, new_rows, new_biases))
-    reference_step = torch.optim.Adam([p for p in reference.parameters() if p.requires_grad], lr=0.05, fused=fused)
+    optimizer = torch.optim.Adam([p for p in mlp.parameters() if p.requires_grad], lr=0.05, fused=fused)
 
     x, y = torch.randn(32, IN_FEATURES, generator=generator), torch.randint(0, 3, (32,), generator=generator)
+    before = reference.state_dict()
+    before = {name: value.clone() for name, value in before.items() if isinstance(value, Tensor)}
     for _ in range(5):
-        for model, optimizer in ((mlp, step), (reference, reference_step)):
-            optimizer.zero_grad()
+        for model, step in ((mlp, optimizer), (reference, reference_optimizer)):
+            step.zero_grad()
             F.cross_entropy(model(x, task=1), y).backward()
-        frozen.mask_gradients_()
-        step.step()
-        reference_step.step()
-        with torch.no_grad():
-            for target in targets + reference_targets:
-                target.step_(l1, group)
-        for layer in mlp.hidden:
-            layer.sync_()
-        frozen.restore_()
-    separated, plain = mlp.state_dict(), reference.state_dict()
-    assert separated.keys() == plain.keys()
+        method.before_step(mlp, mlp)
+        optimizer.step()
+        method.after_step(mlp, optimizer)
+        reference_step()
+    gathered, plain = mlp.state_dict(), reference.state_dict()
+    assert gathered.keys() == plain.keys()
     for name in plain:
         if not isinstance(plain[name], Tensor):
             continue
         if fused:  # torch's fused CPU kernel rounds an entry's update by where it lies in its tensor (1 ulp)
-            torch.testing.assert_close(separated[name], plain[name], rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(gathered[name], plain[name], rtol=1e-6, atol=1e-8)
         else:
-            assert torch.equal(separated[name], plain[name]), name
-    assert torch.equal(mlp.hidden[1].weight[:5, :7], reference.hidden[1].weight[:5, :7])  # frozen: exact
+            assert torch.equal(gathered[name], plain[name]), name
+    assert not torch.equal(plain["hidden.0.weight"], before["hidden.0.weight"])  # and the phase did train

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lightning_den.core.den.layers import SEPARATE_PARAMETERS, ExpandableMLP
 from lightning_den.core.den.phases import DENPhase
-from lightning_den.core.den.prox import group_lasso_prox_, l1_prox_, l1_prox_masked_
+from lightning_den.core.den.prox import group_lasso_prox_, l1_prox_
 from lightning_den.core.freezing import frozen_leading_block
 from lightning_den.core.method import Trainable
 
@@ -143,13 +143,10 @@ def _index_mask(indices: list[int], size: int, device: torch.device) -> Tensor:
 
 @dataclass(frozen=True)
 class ProximalTarget:
-    """What DEN's proximal steps touch in one trained weight: L1 on all of ``weight`` or, for a scattered set
-    of trained entries, where ``mask`` (1s and 0s in its dtype) is 1, through ``scratch``; then, in
-    expansion, group lasso on ``new_rows`` (the new units' incoming weights) with their ``new_biases``."""
+    """What DEN's proximal steps touch in one trained weight: L1 on all of ``weight``; then, in expansion,
+    group lasso on ``new_rows`` (the new units' incoming weights) with their ``new_biases``."""
 
     weight: Tensor
-    mask: Tensor | None = None
-    scratch: Tensor | None = None
     new_rows: Tensor | None = None
     new_biases: Tensor | None = None
 
@@ -158,10 +155,7 @@ class ProximalTarget:
 
         The official code ran both on the same variables at once, so the last one won (bug B6).
         """
-        if self.mask is None:
-            l1_prox_([self.weight], l1)
-        else:
-            l1_prox_masked_(self.weight, self.mask, l1, self.scratch)
+        l1_prox_([self.weight], l1)
         if self.new_rows is not None:
             group_lasso_prox_([self.new_rows], group, None if self.new_biases is None else [self.new_biases])
 
@@ -171,10 +165,13 @@ def proximal_targets(
 ) -> dict[nn.Parameter, ProximalTarget]:
     """For every weight the phase trains (``trainable``, from :func:`trainable_entries`): its proximal target.
 
-    ``trainable`` maps the names of ``mlp``'s Parameters as laid out now (:func:`separate_trained_entries_`)
-    to what they train. L1 acts on the trained entries: a whole weight (or a separated layer's trained
-    part) or a mask. Group lasso acts in ``EXPANSION`` on the units born in the newest task: the
-    ``new_unit_weight`` of each separated hidden layer, with its ``new_unit_bias``.
+    ``trainable`` maps the names of ``mlp``'s Parameters as laid out for the phase (every trained entry in a
+    Parameter that trains whole: :func:`separate_trained_entries_`, :meth:`ExpandableMLP.gather_`) to what
+    they train. L1 acts on each trained weight. Group lasso acts in ``EXPANSION`` on the units born in the
+    newest task: the ``new_unit_weight`` of each separated hidden layer, with its ``new_unit_bias``.
+
+    Raises:
+        ValueError: if a Parameter trains only some of its entries (the block is not laid out for the phase).
 
     Example:
         >>> mlp = ExpandableMLP(4, [3], head_classes=2)
@@ -202,11 +199,12 @@ def proximal_targets(
         new_rows = new_biases = None
         if phase is DENPhase.EXPANSION and name.endswith("new_unit_weight"):
             new_rows, new_biases = weight, params[name.replace("weight", "bias")].detach()
-        if entries is True:
-            targets[params[name]] = ProximalTarget(weight, new_rows=new_rows, new_biases=new_biases)
-        else:
-            mask, scratch = entries.to(device=weight.device, dtype=weight.dtype), torch.empty_like(weight)
-            targets[params[name]] = ProximalTarget(weight, mask=mask, scratch=scratch)
+        if entries is not True:
+            raise ValueError(
+                f"{name} trains only some of its entries in {phase.value}: lay the block out for the phase first "
+                "(`DENMethod.arrange`), so that every trained entry is in a Parameter of its own"
+            )
+        targets[params[name]] = ProximalTarget(weight, new_rows=new_rows, new_biases=new_biases)
     return targets
 
 

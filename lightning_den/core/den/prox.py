@@ -101,24 +101,3 @@ def add_drift_penalty_grad_(
         for param, reference, out in zip(params, references, difference, strict=True):
             torch.sub(param, reference, out=out)
     torch._foreach_add_(list(grads), difference, alpha=2.0 * strength)
-
-
-@torch.no_grad()
-def l1_prox_masked_(tensor: Tensor, mask: Tensor, threshold: float, scratch: Tensor | None = None) -> None:
-    """Soft-threshold the entries of ``tensor`` where ``mask`` (a float tensor of 1s and 0s) is 1; the others
-    keep their values.
-
-    ``w <- w - mask * clamp(w, -t, t)``: three passes over memory into ``scratch`` (a tensor of ``tensor``'s
-    shape, allocated if ``None``), about twice the cost of the unmasked step, against six times for
-    ``torch.where``. A soft-thresholded entry that becomes zero is ``+0.0``.
-
-    Example:
-        >>> w = torch.tensor([0.5, 0.5, -0.125])
-        >>> l1_prox_masked_(w, torch.tensor([1.0, 0.0, 1.0]), 0.25)
-        >>> w.tolist()
-        [0.25, 0.5, 0.0]
-    """
-    if threshold <= 0:
-        return
-    clipped = torch.clamp(tensor, -threshold, threshold, out=torch.empty_like(tensor) if scratch is None else scratch)
-    tensor.sub_(clipped.mul_(mask))
