@@ -85,6 +85,7 @@ class ExpandableLinear(nn.Module):
         self.register_buffer("birth", torch.full((self.weight.shape[0],), birth_task, dtype=torch.long))
         self._frozen_block: tuple[int, int] | None = None  # (rows, columns) while train_outside_ holds
         self._gathered: tuple[Tensor, Tensor] | None = None  # (rows, input units) while gather_ holds
+        self._gathered_columns: Tensor | None = None  # the input units' columns of a Linear weight (None: all)
 
     @property
     def in_features(self) -> int:
@@ -166,7 +167,7 @@ class ExpandableLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
-    # --- training the entries outside a frozen leading block as Parameters of their own ---
+    # --- training part of the layer through Parameters of its own ---
 
     @property
     def gathering(self) -> bool:
@@ -259,8 +260,8 @@ class ExpandableLinear(nn.Module):
         self.join_()
         self._gathered = (rows, units)
         group = torch.arange(self.entries_per_unit, device=units.device)
-        columns = (units[:, None] * self.entries_per_unit + group).flatten()  # of a Linear weight
-        self._gathered_columns = None if columns.numel() == self.in_features else columns  # None: all of them
+        columns = (units[:, None] * self.entries_per_unit + group).flatten()
+        self._gathered_columns = None if columns.numel() == self.in_features else columns
         self.weight.requires_grad_(False)
         self.bias.requires_grad_(False)
         for name, entries in zip(GATHERED_ENTRIES, self.gathered(self.weight, self.bias), strict=True):
@@ -421,6 +422,7 @@ class _GatheredGradients(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, layer: ExpandableLinear, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """``weight`` and ``bias`` are the gathered Parameters: passed so that their gradients reach them."""
         ctx.layer = layer
         ctx.save_for_backward(x)
         return layer.compute(x, layer.weight.detach(), layer.bias.detach())
@@ -586,9 +588,9 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         """Logits of ``task``'s head (:attr:`active_task`'s if ``None``), ``[batch, classes_of(task)]``, from
         ``x`` ``[batch, in_features]``.
 
-        While :meth:`gather_` holds, the newest task runs its subnetwork alone (:meth:`subnetwork`) where gradients
-        are computed (a training step, in train or eval mode); without gradients (validation, test, predict) and
-        for every other task, the whole network runs.
+        While :meth:`gather_` holds, the newest task trains through :meth:`subnetwork` where gradients are
+        computed (a training step, in train or eval mode); without gradients (validation, test, predict) and
+        for every other task, the whole network runs as it is.
         """
         task = self.routed(task)
         if torch.is_grad_enabled() and task == self.newest_task and self.heads[str(task)].gathering:

@@ -206,7 +206,7 @@ class DENMethod(TaskMethod):
     # ------------------------------------------------------------------ what trains, and the regularisers
 
     def arrange(self, block: ExpandableMLP, progress: PhaseProgress | None) -> None:
-        """In selective retraining, the selected subnetwork trains alone through compact copies of its weights
+        """In selective retraining, the selected subnetwork trains through compact copies of its weights
         (:meth:`ExpandableMLP.gather_`); in expansion, the trained entries of each hidden layer become
         Parameters of their own (:func:`~lightning_den.core.den.entries.separate_trained_entries_`); other
         phases use the plain layout."""
