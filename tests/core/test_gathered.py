@@ -61,7 +61,9 @@ def test_gathering_keeps_the_function_and_a_step_writes_back_exactly_the_selecte
     with torch.no_grad():
         before = {task: mlp(x, task=task) for task in range(mlp.num_tasks)}
     saved = state_copy(mlp)
+    counts = [mlp.num_parameters(), *(mlp.num_parameters_through(task) for task in range(mlp.num_tasks))]
     mlp.gather_(selection)
+    assert counts == [mlp.num_parameters(), *(mlp.num_parameters_through(task) for task in range(mlp.num_tasks))]
     with torch.no_grad():  # without gradients every task runs the whole network, bit for bit
         assert all(torch.equal(mlp(x, task=task), before[task]) for task in before)
     assert_same_state(mlp, saved)  # the checkpoint keeps the plain layout and the same values

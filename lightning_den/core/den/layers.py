@@ -505,13 +505,13 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
 
     def num_parameters(self, task: int | None = None) -> int:
         """Parameters used by ``task``'s prefix network and head, or by the whole network if ``None``."""
-        if task is None:  # weights and biases (a separated layer's own Parameters are copies of parts of them)
-            return sum(layer.weight.numel() + layer.bias.numel() for layer in self._layers())
+        if task is None:
+            return sum(map(_weights_and_biases, self._layers()))
         return self.parameters_of(self.widths(task), self.heads[str(task)].out_features)
 
     def num_parameters_through(self, task: int) -> int:
         """Parameters the network held when ``task`` ended: the prefix of ``task`` and heads ``0..task``."""
-        heads = sum(p.numel() for t in range(task + 1) for p in self.heads[str(t)].parameters())
+        heads = sum(_weights_and_biases(self.heads[str(t)]) for t in range(task + 1))
         return self.parameters_of(self.widths(task), 0) + heads
 
     def parameters_of(self, widths: Sequence[int], classes: int) -> int:
@@ -688,6 +688,12 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         if layer + 1 < len(self.hidden):
             return self.hidden[layer + 1]
         return self.heads[str(self.newest_task)]
+
+
+def _weights_and_biases(layer: ExpandableLinear) -> int:
+    """The entries of ``layer``'s weight and bias: what it holds, whatever Parameters of its own it trains
+    through (copies of parts of them)."""
+    return layer.weight.numel() + layer.bias.numel()
 
 
 def _reached_from_outside(layer: ExpandableLinear, rows: Tensor, units: Tensor) -> bool:
