@@ -343,6 +343,12 @@ def main(argv: list[str] | None = None) -> None:
         help="tune EWC's lambda: the best of these on a validation split of each task's training data",
     )
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<config name>)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="re-run only --methods and replace their rows in the comparison already in --out (its seeds, epochs, "
+        "EWC lambda and the other rows kept): for a change that can move those rows alone",
+    )
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -372,6 +378,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.ewc_lambdas and "ewc" not in args.methods:
         parser.error("--ewc-lambdas tunes EWC: add `ewc` to --methods")
     ewc_lambda, tuning = None, None
+    saved: dict[str, Any] = {"rows": [], "rerun": []}
+    if args.update:
+        if not (out / "comparison.json").exists() or args.seeds or args.epochs or args.ewc_lambdas:
+            parser.error("--update re-runs rows of the comparison in --out with its seeds, epochs and EWC lambda")
+        saved = json.loads((out / "comparison.json").read_text())
+        seeds, epochs, ewc_lambda = saved["seeds"], saved["epochs"], saved["ewc_lambda"]
+        tuning = saved["ewc_validation_scores"]
     if args.ewc_lambdas:
         held_out = validation_stream(datamodule, seeds[0])
         ewc_lambda, tuning = tune_ewc(
@@ -382,9 +395,11 @@ def main(argv: list[str] | None = None) -> None:
             seeds[0],
         )
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in args.methods}
-    for seed in seeds:
+    names = {display: method for method, display in METHODS.items()}
+    kept = {names[row["method"]]: row for row in saved["rows"] if names[row["method"]] not in args.methods}
+    for index, seed in enumerate(seeds):
         build = builders(models, den, epochs, seed, ewc_lambda)
-        results, reference = {}, None
+        results, reference = {}, kept["stl"]["seeds"][index]["diagonal"] if "stl" in kept else None
         for method in ordered:
             result = run_method(*build[method], datamodule, out / f"seed_{seed}" / method, seed)
             results[method] = summarise(method, result, reference)
@@ -396,10 +411,15 @@ def main(argv: list[str] | None = None) -> None:
                     )
         for method, result in results.items():
             runs[method].append(result)
-    rows = [aggregate(runs[m]) for m in args.methods]
+    measured = {**kept, **{m: aggregate(runs[m]) for m in args.methods}}
+    methods = [m for m in METHODS if m in measured]
+    rows = [measured[m] for m in methods]
+    rerun = [*saved.get("rerun", []), *(m for m in args.methods if args.update and m not in saved.get("rerun", []))]
     spread = f"; mean over seeds {seeds} (± sample standard deviation)" if len(seeds) > 1 else f"; seed {seeds[0]}"
     spread += f"; {args.threads} torch thread{'s' if args.threads > 1 else ''}"
-    if "ewc" in args.methods:
+    if rerun:
+        spread += f"; re-run alone later: {', '.join(METHODS[m] for m in rerun)}"
+    if "ewc" in methods:
         how = "chosen on a validation split of the training data" if tuning else "not tuned"
         strength = EWCCallback().method.ewc_lambda if ewc_lambda is None else ewc_lambda
         spread += f"; EWC lambda {strength:g} ({how})"
@@ -417,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         "ewc_lambda": ewc_lambda,
         "ewc_validation_scores": tuning,
         "rows": rows,
+        "rerun": rerun,
     }
     (out / "comparison.json").write_text(json.dumps(record, indent=2))
     plot(rows, out / "accuracy_vs_parameters.png", binary)

@@ -44,6 +44,7 @@ def test_compare_writes_every_row_and_column(tmp_path):
         "DEN",
         "DEN without split",
         "DNN-Selective (selection only)",
+        "DEN, subnetwork only (the official code's selective step)",
         "Progressive Networks",
         "PackNet",
         "one network per task",
@@ -89,6 +90,33 @@ def test_compare_averages_over_seeds_with_their_spread(tmp_path):
         params = run["parameters_after_task"]
         assert [after - before for before, after in itertools.pairwise(params)] == [8 * 2 + 2] * (len(params) - 1)
     assert " ± " in (out / "comparison.md").read_text()
+
+
+def test_update_reruns_only_the_named_rows_and_keeps_the_others(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    out = tmp_path / "cmp"
+    compare = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(config), "--out", str(out)]
+
+    def run(*arguments: str) -> dict:
+        result = subprocess.run([*compare, *arguments], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return json.loads((out / "comparison.json").read_text())
+
+    first = run("--methods", "stl", "den", "--epochs", "2", "--seeds", "0", "1")
+    updated = run("--update", "--methods", "den-selective", "den")
+    methods = ["DEN", "DNN-Selective (selection only)", "one network per task"]
+    assert [row["method"] for row in updated["rows"]] == methods
+    assert updated["seeds"] == [0, 1] and updated["epochs"] == 2 and updated["rerun"] == ["den-selective", "den"]
+    kept, rerun = first["rows"][1], updated["rows"][0]  # STL kept as it was; DEN re-run gives the same scores
+    assert updated["rows"][2] == kept
+    assert {key: rerun[key] for key in ("accuracy", "forward_transfer")} == {
+        key: first["rows"][0][key] for key in ("accuracy", "forward_transfer")
+    }
+    assert updated["rows"][1]["forward_transfer"] is not None  # against the kept STL row's scores
+    assert "; re-run alone later: DNN-Selective (selection only), DEN" in (out / "comparison.md").read_text()
+    result = subprocess.run([*compare, "--update", "--seeds", "3"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "--update re-runs rows of the comparison in --out" in result.stderr
 
 
 def test_ewc_lambda_is_tuned_on_a_validation_split_of_the_training_data(tmp_path, monkeypatch):
