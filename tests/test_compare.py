@@ -184,7 +184,7 @@ def test_compare_runs_every_method_on_a_users_own_model_class(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {row["method"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
-    assert len(rows) == 8 and "widths [12]" in (out / "comparison.md").read_text()
+    assert len(rows) == 9 and "widths [12]" in (out / "comparison.md").read_text()
     first, last = rows["one network per task"]["parameters_after_task"][::2]  # STL: one independent copy per task
     assert last == 3 * first and rows["Progressive Networks"]["parameters_after_task"][-1] > last
 
@@ -199,7 +199,7 @@ def test_compare_runs_every_method_on_a_convolutional_configuration_with_each_me
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {row["method"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
-    assert len(rows) == 8 and "widths [3, 4, 6]" in (out / "comparison.md").read_text()
+    assert len(rows) == 9 and "widths [3, 4, 6]" in (out / "comparison.md").read_text()
     shape = dict(in_shape=[1, 8, 8], channels=[3, 4], hidden_sizes=[6], num_classes=2, kernel_size=3, padding=1)
     one_cnn = ProgressiveCNNModel(**shape, lateral=False).columns.num_parameters()
     assert rows["one network per task"]["parameters_after_task"] == [one_cnn, 2 * one_cnn, 3 * one_cnn]
