@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     measured = {**kept, **{m: aggregate(runs[m]) for m in args.methods}}
     methods = [m for m in METHODS if m in measured]
     rows = [measured[m] for m in methods]
-    rerun = [*saved.get("rerun", []), *(m for m in args.methods if args.update and m not in saved.get("rerun", []))]
+    earlier = saved.get("rerun", [])  # rows an earlier --update re-ran (a file written before it has none)
+    rerun = [*earlier, *(m for m in args.methods if m not in earlier)] if args.update else []
     spread = f"; mean over seeds {seeds} (± sample standard deviation)" if len(seeds) > 1 else f"; seed {seeds[0]}"
     spread += f"; {args.threads} torch thread{'s' if args.threads > 1 else ''}"
     if rerun:
