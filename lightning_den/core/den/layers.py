@@ -235,7 +235,7 @@ class ExpandableLinear(nn.Module):
         self.sync_()
         for name in SEPARATE_PARAMETERS:
             self._parameters.pop(name, None)
-        self._frozen_block = self._gathered = None
+        self._frozen_block = self._gathered = self._gathered_columns = None
         self.weight.requires_grad_(True)
         self.bias.requires_grad_(True)
 
@@ -661,7 +661,7 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         """The plain layout for every layer and head: one ``weight`` and ``bias`` each, up to date."""
         for layer in self._layers():
             layer.join_()
-        self._gathered_inputs = None
+        self._gathered_inputs, self._gathered_alone = None, False
 
     def _layers(self) -> list[ExpandableLinear]:
         return [*self.hidden, *self.heads.values()]
