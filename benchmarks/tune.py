@@ -3,10 +3,14 @@
 Each task's training data are cut into training and validation data (``compare.validation_stream``; the test
 data are never seen); DEN runs with each candidate value under each seed, and the final average score
 (AUROC when every task is binary, accuracy otherwise) and the parameters are written to
-``<out>/den_<setting>.json`` and ``.md`` (the runs' own files under ``<out>/tuning/``):
+``<out>/den_<setting>.json`` and ``.md`` (the runs' own files under ``<out>/tuning/``). A value is a number or
+one number per hidden layer (``[40,10]``); ``--with`` holds other settings fixed for every candidate, and
+``--reference`` also scores one network per task on the same split (the score DEN's own is judged against):
 
     .venv/bin/python benchmarks/tune.py examples/mnist_variation.yaml --root ../shared/data/mnist \\
         --setting drift_penalty --values 3 12 30 --seeds 0 1 2
+    .venv/bin/python benchmarks/tune.py examples/permuted_mnist.yaml --root ../shared/data/mnist \\
+        --setting units_per_expansion --values 30 [40,10] --with drift_penalty=0.25 --seeds 0 --reference
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from compare import (
     READY_FAMILIES,
     add_threads_argument,
+    builders,
     den_setting,
     den_variant,
     held_out_score,
@@ -33,14 +38,40 @@ from compare import (
 from lightning_den import DENCallback
 from lightning_den.cli import DENCLI
 
+#: the row of ``--reference``
+REFERENCE = "one network per task"
+
+
+def candidate(text: str) -> float | list[float]:
+    """A value from the command line: a number, or a JSON list of numbers (one per hidden layer)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    numbers = value if isinstance(value, list) else [value]
+    if not numbers or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers):
+        raise argparse.ArgumentTypeError(f"expected a number or a list of numbers such as [40,10], got {text!r}")
+    return value
+
+
+def label(value: float | list[float]) -> str:
+    """A value as the tables and folders name it: ``0.25``, ``40-10`` for ``[40, 10]``."""
+    return "-".join(f"{n:g}" for n in value) if isinstance(value, list) else f"{value:g}"
+
 
 def markdown(
-    setting: str, seeds: list[int], threads: int, scores: dict[str, list[float]], costs: dict[str, list[dict]]
+    setting: str,
+    seeds: list[int],
+    threads: int,
+    scores: dict[str, list[float]],
+    costs: dict[str, list[dict]],
+    fixed: dict[str, Any],
 ) -> str:
     """One row per candidate value: the score per seed, their mean, and the mean parameters, epochs and seconds."""
+    held = "".join(f", {name} {label(value)}" for name, value in fixed.items())
     lines = [
-        f"DEN's `{setting}` on a validation split of each task's training data, seeds {seeds}, {threads} torch "
-        f"thread{'s' if threads > 1 else ''}",
+        f"DEN's `{setting}`{f' (with{held[1:]})' if held else ''} on a validation split of each task's training "
+        f"data, seeds {seeds}, {threads} torch thread{'s' if threads > 1 else ''}",
         "",
         f"| {setting} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | parameters | epochs | seconds |",
         "|---" * (len(seeds) + 5) + "|",
@@ -61,7 +92,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a lightning-den fit configuration of DENMLP or DENCNN with a DENCallback")
     parser.add_argument("--setting", required=True, help="a DENCallback argument, e.g. drift_penalty")
-    parser.add_argument("--values", nargs="+", type=float, required=True, help="the candidate values")
+    parser.add_argument(
+        "--values", nargs="+", type=candidate, required=True, help="the candidate values (a number or [40,10])"
+    )
+    parser.add_argument(
+        "--with",
+        dest="fixed",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another DENCallback setting, the same for every candidate (repeatable)",
+    )
+    parser.add_argument(
+        "--reference", action="store_true", help="also score one network per task on the same validation split"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
     parser.add_argument("--root", default=None, help="MNIST folder, overriding the config's data.init_args.root")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<config name>)")
@@ -75,31 +119,58 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(
             f"{args.config} needs a ready DEN model ({[m.__name__ for m in READY_FAMILIES]}) and a DENCallback"
         )
-    current = den_setting(den, args.setting)
-    if not isinstance(current, int | float) or isinstance(current, bool):
-        parser.error(f"DENCallback has no numeric setting {args.setting!r}")
+
+    def typed(name: str, value: float | list[float]) -> Any:
+        """``value`` as the numeric setting ``name`` takes it (whole numbers where it holds them)."""
+        current = den_setting(den, name)
+        numbers = list(current) if isinstance(current, list | tuple) else [current]
+        if not numbers or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers):
+            parser.error(f"DENCallback has no numeric setting {name!r}")
+        if not all(isinstance(n, int) for n in numbers):
+            return value
+        given = value if isinstance(value, list) else [value]
+        if any(not float(n).is_integer() for n in given):
+            parser.error(f"{name} takes whole numbers, got {label(value)}")
+        return [int(n) for n in value] if isinstance(value, list) else int(value)
+
+    fixed = {}
+    for item in args.fixed:
+        name, _, text = item.partition("=")
+        try:
+            fixed[name] = typed(name, candidate(text))
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"--with {item}: {error}")
+    name = f"den_{args.setting}" + "".join(f"_with_{key}_{label(value)}" for key, value in fixed.items())
     out = Path(args.out or f"benchmarks/results/{Path(args.config).stem}")
-    build_model = ready_models(cli.model, cli.model.optimizer_factory)["den"]
+    models = ready_models(cli.model, cli.model.optimizer_factory)
     held_out = validation_stream(cli.datamodule, args.seeds[0])
     scores: dict[str, list[float]] = {}
     costs: dict[str, list[dict[str, Any]]] = {}
-    integer = isinstance(current, int)  # e.g. units_per_expansion
-    if integer and any(not value.is_integer() for value in args.values):
-        parser.error(f"{args.setting} takes whole numbers, got {args.values}")
     for value in args.values:
-        changes: dict[str, Any] = {args.setting: int(value) if integer else value}
+        changes: dict[str, Any] = {**fixed, args.setting: typed(args.setting, value)}
         for seed in args.seeds:
-            folder = out / "tuning" / f"den_{args.setting}_{value:g}" / f"seed_{seed}"
-            build = (build_model, functools.partial(den_variant, den, seed, **changes))
+            folder = out / "tuning" / f"{name}_{label(value)}" / f"seed_{seed}"
+            build = (models["den"], functools.partial(den_variant, den, seed, **changes))
             score, cost = held_out_score(build, held_out, folder, seed)
-            scores.setdefault(f"{value:g}", []).append(score)
-            costs.setdefault(f"{value:g}", []).append(cost)
-            print(f"{args.setting}={value:g} seed {seed}: {score:.4f}, {cost}", flush=True)
-    table = markdown(args.setting, args.seeds, args.threads, scores, costs)
-    (out / f"den_{args.setting}.md").write_text(table + "\n")
-    record = {"config": args.config, "setting": args.setting, "seeds": args.seeds, "threads": args.threads}
-    record["scores"] = scores
-    (out / f"den_{args.setting}.json").write_text(json.dumps({**record, "costs": costs}, indent=2))
+            scores.setdefault(label(value), []).append(score)
+            costs.setdefault(label(value), []).append(cost)
+            print(f"{args.setting}={label(value)} seed {seed}: {score:.4f}, {cost}", flush=True)
+    reference: dict[str, Any] = {"scores": [], "costs": []}
+    if args.reference:
+        epochs = den.method.epochs.sparse  # as compare.py gives the other methods by default
+        for seed in args.seeds:
+            folder = out / "tuning" / "stl" / f"seed_{seed}"
+            score, cost = held_out_score(builders(models, den, epochs, seed)["stl"], held_out, folder, seed)
+            reference["scores"].append(score)
+            reference["costs"].append(cost)
+    rows = {**scores, REFERENCE: reference["scores"]} if args.reference else scores
+    table = markdown(args.setting, args.seeds, args.threads, rows, {**costs, REFERENCE: reference["costs"]}, fixed)
+    (out / f"{name}.md").write_text(table + "\n")
+    record = {"config": args.config, "setting": args.setting, "fixed": fixed, "seeds": args.seeds}
+    record.update(threads=args.threads, scores=scores, costs=costs)
+    if args.reference:
+        record["reference"] = reference
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
     print(table)
 
 

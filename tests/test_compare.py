@@ -232,6 +232,36 @@ def test_tune_scores_each_value_of_a_den_setting_on_the_validation_split_over_se
     assert f"{statistics.fmean(saved['scores']['6']):.4f}" in row
 
 
+def test_tune_holds_other_settings_fixed_takes_one_value_per_layer_and_scores_the_reference(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    out = tmp_path / "tuning"
+    fixed = ["--with", "units_per_expansion=[0,2]", "--with", "split_threshold=1000"]
+    arguments = ["--setting", "drift_penalty", "--values", "0.5", *fixed, "--seeds", "0", "--reference"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "tune.py"), str(config), *arguments, "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    name = "den_drift_penalty_with_units_per_expansion_0-2_with_split_threshold_1000"
+    saved = json.loads((out / f"{name}.json").read_text())
+    assert saved["fixed"] == {"units_per_expansion": [0, 2], "split_threshold": 1000}
+    run = json.loads((out / "tuning" / f"{name}_0.5" / "seed_0" / "continual_metrics.json").read_text())
+    assert run["summary"]["average_auroc"] == pytest.approx(saved["scores"]["0.5"][0])
+    assert {widths[0] for widths in run["widths"]} == {12}  # no unit added to the first layer: the fixed list held
+    stl = json.loads((out / "tuning" / "stl" / "seed_0" / "continual_metrics.json").read_text())
+    assert saved["reference"]["scores"] == [pytest.approx(stl["summary"]["average_auroc"])]
+    assert saved["reference"]["costs"][0]["parameters"] == stl["parameters_after_task"][-1]
+    table = (out / f"{name}.md").read_text()
+    assert "(with units_per_expansion 0-2, split_threshold 1000)" in table
+    assert f"| one network per task | {saved['reference']['scores'][0]:.4f} |" in table
+    refused = subprocess.run(
+        [*command[:3], "--setting", "drift_penalty", "--values", "[0.5,x]"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert refused.returncode != 0 and "a list of numbers such as [40,10]" in refused.stderr
+
+
 def test_a_den_variant_changes_a_phases_epochs_or_a_setting_on_a_copy_and_refuses_an_unknown_name():
     from lightning_den import DENCallback
 
