@@ -84,6 +84,11 @@ class ExpandableConv2d(ExpandableLinear):
         bank = self.by_input_unit(self.weight.detach()).index_put((rows[:, None], units), self.by_input_unit(weight))
         return self.compute(x, self.from_input_units(bank), self.bias.detach().index_put((rows,), bias))
 
+    def forward_outside(self, x: Tensor) -> Tensor:
+        """As :meth:`ExpandableLinear.forward_outside`, with the gradient of the filter bank formed whole and then
+        sliced (the bank assembled from the trained Parameters)."""
+        return self.compute(x, *self._assembled())
+
     def by_input_unit(self, weight: Tensor) -> Tensor:
         """``[filters, channels, kh, kw]`` as ``[filters, channels, kh * kw]``: a filter reads a channel through
         its kernel slice."""

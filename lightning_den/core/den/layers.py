@@ -10,7 +10,7 @@ a view, no masks, at a cost proportional to the active width.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -53,10 +53,11 @@ class ExpandableLinear(nn.Module):
 
     While only the entries outside a leading block train (DEN's expansion: the old units' weights from old
     inputs stay), :meth:`train_outside_` gives those entries Parameters of their own (``weight`` and
-    ``bias`` stop requiring gradients), so that an optimizer steps only them; the forward assembles the
-    same weight, so it computes bit for bit what it computed. While only a subnetwork trains (DEN's selective
-    retraining), :meth:`gather_` copies its rows and columns into compact Parameters that
-    :meth:`forward_gathered` trains, with the gradients of the subnetwork's weights alone.
+    ``bias`` stop requiring gradients), so that an optimizer steps only them; the forward computes bit for bit
+    what it computed, and the backward forms the gradients of those entries alone (:meth:`forward_outside`).
+    While only a subnetwork trains (DEN's selective retraining), :meth:`gather_` copies its rows and columns
+    into compact Parameters that :meth:`forward_gathered` trains, with the gradients of the subnetwork's
+    weights alone.
 
     Example:
         >>> layer = ExpandableLinear(4, 3)
@@ -139,8 +140,12 @@ class ExpandableLinear(nn.Module):
 
         The full layer (the newest task in training) is used as it is, not through a slice covering
         all of it: autograd would give such a slice a backward that writes the whole gradient twice
-        (zeros, then a copy), which a dense ``nn.Linear`` never pays.
+        (zeros, then a copy), which a dense ``nn.Linear`` never pays. While :meth:`train_outside_` holds,
+        the full layer trains through :meth:`forward_outside`.
         """
+        whole = out_width in (None, self.out_features) and self.input_width(x) == self.weight.shape[1]
+        if self._frozen_block is not None and whole and torch.is_grad_enabled():
+            return self.forward_outside(x)
         return self.compute(x, *self._prefix(x, out_width))
 
     def compute(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -290,17 +295,40 @@ class ExpandableLinear(nn.Module):
         of the gathered entries are formed: the units outside the subnetwork take part, frozen."""
         if alone:
             return self.compute(x, *self.gathered_parameters())
-        return _GatheredGradients.apply(self, x, *self.gathered_parameters())
+        return _PartialGradients.apply(self, self.gathered_gradients, x, *self.gathered_parameters())
 
     def gathered_gradients(self, x: Tensor, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
         """For the whole layer's output (a newest-task forward), from its input ``x`` and the gradient ``grad`` of
         its output: the gradient of ``x`` (``None`` if ``x`` needs none) and of the gathered weight and bias."""
         rows, _ = self._gathered
-        grad_x = grad @ self.weight.detach() if x.requires_grad else None
         grad_bias = grad.sum(0).index_select(0, rows)  # summed as autograd sums a dense layer's, bit for bit
         columns = self._gathered_columns
         inputs = x if columns is None else x.index_select(1, columns)
-        return grad_x, grad.index_select(1, rows).T @ inputs, grad_bias
+        return self._input_gradient(x, grad), grad.index_select(1, rows).T @ inputs, grad_bias
+
+    def forward_outside(self, x: Tensor) -> Tensor:
+        """The whole layer while :meth:`train_outside_` holds: its output from its current weights, with gradients
+        for ``x`` and the Parameters of the trained entries only (:meth:`outside_gradients`); the frozen block's
+        weight gradient is never formed."""
+        trained = (self._parameters.get(name) for name in TRAINED_ENTRIES)
+        return _PartialGradients.apply(self, self.outside_gradients, x, *trained)
+
+    def outside_gradients(self, x: Tensor, grad: Tensor) -> tuple[Tensor | None, ...]:
+        """For the whole layer's output while :meth:`train_outside_` holds, from its input ``x`` and the gradient
+        ``grad`` of its output: the gradient of ``x`` and of each Parameter of ``TRAINED_ENTRIES`` (``None``
+        where there is none), each formed on its own block of the weight."""
+        rows, columns = self._frozen_block
+        trained = self._parameters
+        return (
+            self._input_gradient(x, grad),
+            grad[:, rows:].T @ x if "new_unit_weight" in trained else None,
+            grad.sum(0)[rows:] if "new_unit_bias" in trained else None,  # as autograd sums a dense layer's
+            grad[:, :rows].T @ x[:, columns:] if "old_unit_new_inputs" in trained else None,
+        )
+
+    def _input_gradient(self, x: Tensor, grad: Tensor) -> Tensor | None:
+        """The gradient of the whole layer's input ``x`` from that of its output (``None`` if ``x`` needs none)."""
+        return grad @ self.weight.detach() if x.requires_grad else None
 
     def _trained_entries(self) -> dict[str, Tensor]:
         """Views of ``weight`` and ``bias`` where the Parameters of :meth:`train_outside_` belong."""
@@ -314,7 +342,7 @@ class ExpandableLinear(nn.Module):
 
     def _assembled(self) -> tuple[Tensor, Tensor]:
         """``weight`` and ``bias`` built from the frozen block and the trained Parameters (so gradients reach
-        those): bit for bit the values :meth:`sync_` writes."""
+        those, through the gradient of the whole weight): bit for bit the values :meth:`sync_` writes."""
         rows, columns = self._frozen_block
         trained = self._parameters
         top = self.weight[:rows]
@@ -415,22 +443,25 @@ class ExpandableLinear(nn.Module):
         self._replace_(self.from_input_units(weight), bias, births_tensor)
 
 
-class _GatheredGradients(torch.autograd.Function):
-    """A layer's whole output from its current weights, with gradients only for its input and the compact
-    Parameters of :meth:`ExpandableLinear.gather_` (their values are in the weights: :meth:`~ExpandableLinear.sync_`
-    runs after every step). The weight gradient is formed for the gathered rows and columns only."""
+class _PartialGradients(torch.autograd.Function):
+    """A layer's whole output from its current weights, with gradients only for its input and the Parameters
+    that train part of it (:meth:`ExpandableLinear.gather_`, :meth:`ExpandableLinear.train_outside_`; their values
+    are in the weights: :meth:`~ExpandableLinear.sync_` runs after every step), which ``gradients(x, grad)``
+    forms for their entries alone."""
 
     @staticmethod
-    def forward(ctx: Any, layer: ExpandableLinear, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        """``weight`` and ``bias`` are the gathered Parameters: passed so that their gradients reach them."""
-        ctx.layer = layer
+    def forward(
+        ctx: Any, layer: ExpandableLinear, gradients: Callable[..., tuple], x: Tensor, *trained: Tensor | None
+    ) -> Tensor:
+        """``trained``: the Parameters, passed so that their gradients reach them (``None`` where absent)."""
+        ctx.gradients = gradients
         ctx.save_for_backward(x)
         return layer.compute(x, layer.weight.detach(), layer.bias.detach())
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor, Tensor]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
-        return None, *ctx.layer.gathered_gradients(x, grad)
+        return None, None, *ctx.gradients(x, grad)
 
 
 #: the Parameters :meth:`ExpandableLinear.train_outside_` registers
