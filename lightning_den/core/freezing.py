@@ -30,7 +30,10 @@ def frozen_leading_block(trained: Tensor) -> tuple[slice, ...] | None:
         >>> frozen_leading_block(torch.tensor([True, False]))  # frozen entry not at the start
     """
     frozen = ~trained.bool()
-    extents = [int(frozen.movedim(d, 0).reshape(frozen.shape[d], -1).any(dim=1).sum()) for d in range(frozen.ndim)]
+    # per dimension, how many of its indices hold a frozen entry (reduced where the mask lies: no copy of it)
+    dims = range(frozen.ndim)
+    others = [tuple(o for o in dims if o != d) for d in dims]
+    extents = [int((frozen.any(dim=rest) if rest else frozen).sum()) for rest in others]
     block = tuple(slice(extent) for extent in extents)
     if not frozen.any() or int(frozen.sum()) != frozen[block].numel() or not bool(frozen[block].all()):
         return None

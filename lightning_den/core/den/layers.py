@@ -277,7 +277,8 @@ class ExpandableLinear(nn.Module):
         """Compact copies of the rows and input units :meth:`gather_` holds, of ``weight`` and ``bias`` (this
         layer's layout: its own, or a snapshot's)."""
         rows, units = self._gathered
-        return self.from_input_units(self.by_input_unit(weight.detach())[rows[:, None], units]), bias.detach()[rows]
+        compact = self.by_input_unit(weight.detach()).index_select(0, rows).index_select(1, units)
+        return self.from_input_units(compact), bias.detach().index_select(0, rows)
 
     def gathered_parameters(self) -> tuple[Tensor, Tensor]:
         """The compact weight and bias of :meth:`gather_` (an empty copy where the subnetwork has no entries)."""
