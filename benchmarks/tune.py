@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import math
 import statistics
@@ -51,6 +52,8 @@ def candidate(text: str) -> float | list[float]:
     numbers = value if isinstance(value, list) else [value]
     if not numbers or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers):
         raise argparse.ArgumentTypeError(f"expected a number or a list of numbers such as [40,10], got {text!r}")
+    if not all(math.isfinite(n) for n in numbers):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
     return value
 
 
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         numbers = list(current) if isinstance(current, list | tuple) else [current]
         if not numbers or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers):
             parser.error(f"DENCallback has no numeric setting {name!r}")
+        per_layer = "Sequence" in str(inspect.signature(DENCallback).parameters.get(name))
+        if isinstance(value, list) and not per_layer:
+            parser.error(f"{name} takes one number, got {label(value)}")
         if not all(isinstance(n, int) for n in numbers):
             return value
         given = value if isinstance(value, list) else [value]
@@ -136,25 +142,30 @@ def main(argv: list[str] | None = None) -> None:
     fixed = {}
     for item in args.fixed:
         name, _, text = item.partition("=")
+        if name == args.setting or name in fixed:
+            parser.error(f"--with {item}: {name} is already given")
         try:
             fixed[name] = typed(name, candidate(text))
         except argparse.ArgumentTypeError as error:
             parser.error(f"--with {item}: {error}")
+    values = {label(value): typed(args.setting, value) for value in args.values}  # all checked before any run
+    if len(values) < len(args.values):
+        parser.error(f"--values names a value twice: {[label(value) for value in args.values]}")
     name = f"den_{args.setting}" + "".join(f"_with_{key}_{label(value)}" for key, value in fixed.items())
     out = Path(args.out or f"benchmarks/results/{Path(args.config).stem}")
     models = ready_models(cli.model, cli.model.optimizer_factory)
     held_out = validation_stream(cli.datamodule, args.seeds[0])
     scores: dict[str, list[float]] = {}
     costs: dict[str, list[dict[str, Any]]] = {}
-    for value in args.values:
-        changes: dict[str, Any] = {**fixed, args.setting: typed(args.setting, value)}
+    for key, value in values.items():
+        changes: dict[str, Any] = {**fixed, args.setting: value}
         for seed in args.seeds:
-            folder = out / "tuning" / f"{name}_{label(value)}" / f"seed_{seed}"
+            folder = out / "tuning" / f"{name}_{key}" / f"seed_{seed}"
             build = (models["den"], functools.partial(den_variant, den, seed, **changes))
             score, cost = held_out_score(build, held_out, folder, seed)
-            scores.setdefault(label(value), []).append(score)
-            costs.setdefault(label(value), []).append(cost)
-            print(f"{args.setting}={label(value)} seed {seed}: {score:.4f}, {cost}", flush=True)
+            scores.setdefault(key, []).append(score)
+            costs.setdefault(key, []).append(cost)
+            print(f"{args.setting}={key} seed {seed}: {score:.4f}, {cost}", flush=True)
     reference: dict[str, Any] = {"scores": [], "costs": []}
     if args.reference:
         epochs = den.method.epochs.sparse  # as compare.py gives the other methods by default

@@ -247,6 +247,7 @@ def test_tune_holds_other_settings_fixed_takes_one_value_per_layer_and_scores_th
     run = json.loads((out / "tuning" / f"{name}_0.5" / "seed_0" / "continual_metrics.json").read_text())
     assert run["summary"]["average_auroc"] == pytest.approx(saved["scores"]["0.5"][0])
     assert {widths[0] for widths in run["widths"]} == {12}  # no unit added to the first layer: the fixed list held
+    assert run["widths"][-1][1] > 8  # and the second grew
     stl = json.loads((out / "tuning" / "stl" / "seed_0" / "continual_metrics.json").read_text())
     assert saved["reference"]["scores"] == [pytest.approx(stl["summary"]["average_auroc"])]
     assert saved["reference"]["costs"][0]["parameters"] == stl["parameters_after_task"][-1]
@@ -260,6 +261,12 @@ def test_tune_holds_other_settings_fixed_takes_one_value_per_layer_and_scores_th
         cwd=tmp_path,
     )
     assert refused.returncode != 0 and "a list of numbers such as [40,10]" in refused.stderr
+    for wrong, message in [
+        (["--values", "0.5", "[1,2]"], "drift_penalty takes one number, got 1-2"),  # checked before any run
+        (["--values", "0.5", "--with", "drift_penalty=1"], "drift_penalty is already given"),
+    ]:
+        refused = subprocess.run([*command[:3], "--setting", "drift_penalty", *wrong], capture_output=True, text=True)
+        assert refused.returncode != 0 and message in refused.stderr
 
 
 def test_a_den_variant_changes_a_phases_epochs_or_a_setting_on_a_copy_and_refuses_an_unknown_name():

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_den.core.den.conv import ExpandableCNN
 from lightning_den.core.den.entries import trainable_entries
-from lightning_den.core.den.layers import GATHERED_ENTRIES, ExpandableMLP
+from lightning_den.core.den.layers import GATHERED_ENTRIES, ExpandableLinear, ExpandableMLP
 from lightning_den.core.den.phases import DENPhase
 from lightning_den.core.den.selection import select_subnetwork
 from tests.core.helpers import (
@@ -168,3 +168,92 @@ def test_a_subnetwork_that_names_the_wrong_number_of_layers_is_refused():
     mlp = ExpandableMLP(4, [3, 2], head_classes=2)
     with pytest.raises(ValueError, match="the 2 hidden layers, got 2 lists"):
         mlp.gather_([[0], [1]])
+
+
+# --- the partial-gradient layers (selective retraining with the rest frozen, expansion) under other set-ups ---
+
+
+def partially_trained(layout: str) -> ExpandableLinear:
+    """A layer training part of its entries through Parameters of their own: gathered rows and columns, or the
+    entries outside a leading block (expansion)."""
+    torch.manual_seed(0)
+    layer = ExpandableLinear(12, 6)
+    if layout == "gathered":
+        layer.gather_(torch.tensor([0, 2, 5]), torch.tensor([1, 3, 4, 7]))
+    else:
+        layer.train_outside_(4, 8)
+    return layer
+
+
+def partial_forward(layer: ExpandableLinear, x: Tensor) -> Tensor:
+    return layer.forward_gathered(x, alone=False) if layer.gathering else layer(x)
+
+
+def reference_forward(layer: ExpandableLinear, x: Tensor) -> Tensor:
+    """The same output with gradients through the whole weight, assembled from the layer's Parameters."""
+    if not layer.gathering:
+        return layer.compute(x, *layer._assembled())
+    rows, units = layer._gathered
+    weight, bias = layer.gathered_parameters()
+    full = layer.weight.detach().index_put((rows[:, None], units), weight)
+    return layer.compute(x, full, layer.bias.detach().index_put((rows,), bias))
+
+
+@pytest.mark.parametrize("layout", ["gathered", "outside"])
+def test_partial_gradients_under_bf16_autocast_are_the_whole_weights_gradients_in_their_dtypes(layout):
+    grads = []
+    for forward in (partial_forward, reference_forward):
+        layer = partially_trained(layout)
+        x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(layer, x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        trained = {name: p.grad for name, p in layer.named_parameters() if p.requires_grad}
+        assert all(g.dtype == torch.float32 for g in trained.values()) and x.grad.dtype == torch.float32
+        grads.append({**trained, "input": x.grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:  # bf16 products, each formed on its own block: equal to bf16 rounding
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("layout", ["gathered", "outside"])
+def test_a_forward_reads_parameters_changed_in_place_since_the_last_write_back(layout):
+    layer = partially_trained(layout)
+    x = torch.randn(5, 12)
+    with torch.no_grad():  # as L-BFGS changes them between evaluations of its closure, inside one step
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    assert torch.equal(partial_forward(layer, x), reference_forward(layer, x))
+
+
+def lbfgs_losses(layout: str, forward) -> list[float]:
+    """The losses of three L-BFGS steps (each evaluates its closure up to five times) on a partial layer."""
+    layer = partially_trained(layout)
+    x, target = torch.randn(16, 12, generator=torch.Generator().manual_seed(2)), torch.zeros(16, 6)
+    optimizer = torch.optim.LBFGS([p for p in layer.parameters() if p.requires_grad], max_iter=5)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = (forward(layer, x) - target).square().mean()
+        loss.backward()
+        return loss
+
+    return [float(optimizer.step(closure).detach()) for _ in range(3)]
+
+
+@pytest.mark.parametrize("layout", ["gathered", "outside"])
+def test_lbfgs_trains_a_partial_layer_as_through_its_whole_weight(layout):
+    losses = lbfgs_losses(layout, partial_forward)
+    torch.testing.assert_close(losses, lbfgs_losses(layout, reference_forward))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("layout", ["gathered", "outside"])
+def test_a_second_order_gradient_through_a_partial_layer_is_refused(layout):
+    layer = partially_trained(layout)
+    x = torch.randn(5, 12, requires_grad=True)
+    (grad,) = torch.autograd.grad(partial_forward(layer, x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()

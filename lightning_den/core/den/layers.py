@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from lightning_den.core.init import draw_layer_, uniform_init
 from lightning_den.core.tasks import PerTaskHeads, activation_modules
@@ -87,6 +88,7 @@ class ExpandableLinear(nn.Module):
         self._frozen_block: tuple[int, int] | None = None  # (rows, columns) while train_outside_ holds
         self._gathered: tuple[Tensor, Tensor] | None = None  # (rows, input units) while gather_ holds
         self._gathered_columns: Tensor | None = None  # the input units' columns of a Linear weight (None: all)
+        self._synced_versions: tuple[int, ...] = ()  # the separate Parameters' versions ``weight`` holds
 
     @property
     def in_features(self) -> int:
@@ -214,6 +216,7 @@ class ExpandableLinear(nn.Module):
         for name, entries in self._trained_entries().items():
             if entries.numel():
                 self.register_parameter(name, nn.Parameter(entries.clone()))
+        self._synced_versions = self._separate_versions()
 
     @torch.no_grad()
     def sync_(self) -> None:
@@ -231,6 +234,7 @@ class ExpandableLinear(nn.Module):
             for name, entries in self._trained_entries().items():
                 if name in self._parameters:
                     entries.copy_(self._parameters[name])
+        self._synced_versions = self._separate_versions()
 
     def join_(self) -> None:
         """Back to one ``weight`` and ``bias`` Parameter, up to date and trainable (no-op if neither
@@ -272,6 +276,7 @@ class ExpandableLinear(nn.Module):
         for name, entries in zip(GATHERED_ENTRIES, self.gathered(self.weight, self.bias), strict=True):
             if entries.numel():
                 self.register_parameter(name, nn.Parameter(entries))
+        self._synced_versions = self._separate_versions()
 
     def gathered(self, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """Compact copies of the rows and input units :meth:`gather_` holds, of ``weight`` and ``bias`` (this
@@ -296,40 +301,54 @@ class ExpandableLinear(nn.Module):
         of the gathered entries are formed: the units outside the subnetwork take part, frozen."""
         if alone:
             return self.compute(x, *self.gathered_parameters())
+        self._sync_if_changed_()
         return _PartialGradients.apply(self, self.gathered_gradients, x, *self.gathered_parameters())
 
-    def gathered_gradients(self, x: Tensor, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+    def gathered_gradients(self, x: Tensor, grad: Tensor, input_needed: bool) -> tuple[Tensor | None, Tensor, Tensor]:
         """For the whole layer's output (a newest-task forward), from its input ``x`` and the gradient ``grad`` of
-        its output: the gradient of ``x`` (``None`` if ``x`` needs none) and of the gathered weight and bias."""
+        its output: the gradient of ``x`` (``None`` unless ``input_needed``) and of the gathered weight and bias."""
         rows, _ = self._gathered
         grad_bias = grad.sum(0).index_select(0, rows)  # summed as autograd sums a dense layer's, bit for bit
         columns = self._gathered_columns
         inputs = x if columns is None else x.index_select(1, columns)
-        return self._input_gradient(x, grad), grad.index_select(1, rows).T @ inputs, grad_bias
+        return self._input_gradient(grad, input_needed), grad.index_select(1, rows).T @ inputs, grad_bias
 
     def forward_outside(self, x: Tensor) -> Tensor:
         """The whole layer while :meth:`train_outside_` holds: its output from its current weights, with gradients
         for ``x`` and the Parameters of the trained entries only (:meth:`outside_gradients`); the frozen block's
         weight gradient is never formed."""
+        self._sync_if_changed_()
         trained = (self._parameters.get(name) for name in TRAINED_ENTRIES)
         return _PartialGradients.apply(self, self.outside_gradients, x, *trained)
 
-    def outside_gradients(self, x: Tensor, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def _separate_versions(self) -> tuple[int, ...]:
+        """The in-place versions of the Parameters of :meth:`train_outside_` or :meth:`gather_`."""
+        return tuple(p._version for name in SEPARATE_PARAMETERS if (p := self._parameters.get(name)) is not None)
+
+    def _sync_if_changed_(self) -> None:
+        """Bring ``weight`` and ``bias`` up to date if the separate Parameters changed since :meth:`sync_` (an
+        optimizer that evaluates its closure again inside ``step``, e.g. L-BFGS, changes them before any
+        post-step write-back); a version check per forward otherwise."""
+        if self._separate_versions() != self._synced_versions:
+            self.sync_()
+
+    def outside_gradients(self, x: Tensor, grad: Tensor, input_needed: bool) -> tuple[Tensor | None, ...]:
         """For the whole layer's output while :meth:`train_outside_` holds, from its input ``x`` and the gradient
-        ``grad`` of its output: the gradient of ``x`` and of each Parameter of ``TRAINED_ENTRIES`` (``None``
-        where there is none), each formed on its own block of the weight."""
+        ``grad`` of its output: the gradient of ``x`` (``None`` unless ``input_needed``) and of each Parameter of
+        ``TRAINED_ENTRIES`` (``None`` where there is none), each formed on its own block of the weight."""
         rows, columns = self._frozen_block
         trained = self._parameters
         return (
-            self._input_gradient(x, grad),
+            self._input_gradient(grad, input_needed),
             grad[:, rows:].T @ x if "new_unit_weight" in trained else None,
             grad.sum(0)[rows:] if "new_unit_bias" in trained else None,  # as autograd sums a dense layer's
             grad[:, :rows].T @ x[:, columns:] if "old_unit_new_inputs" in trained else None,
         )
 
-    def _input_gradient(self, x: Tensor, grad: Tensor) -> Tensor | None:
-        """The gradient of the whole layer's input ``x`` from that of its output (``None`` if ``x`` needs none)."""
-        return grad @ self.weight.detach() if x.requires_grad else None
+    def _input_gradient(self, grad: Tensor, needed: bool) -> Tensor | None:
+        """The gradient of the whole layer's input from that of its output (``None`` unless ``needed``), in the
+        gradient's precision (bf16 under autocast, as a dense layer's)."""
+        return grad @ self.weight.detach().to(grad.dtype) if needed else None
 
     def _trained_entries(self) -> dict[str, Tensor]:
         """Views of ``weight`` and ``bias`` where the Parameters of :meth:`train_outside_` belong."""
@@ -460,9 +479,12 @@ class _PartialGradients(torch.autograd.Function):
         return layer.compute(x, layer.weight.detach(), layer.bias.detach())
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        """The gradients in ``grad``'s precision (under autocast, the forward computed in bf16 or fp16: the input is
+        cast as autocast cast it; autograd casts each gradient to its Parameter's dtype)."""
         (x,) = ctx.saved_tensors
-        return None, None, *ctx.gradients(x, grad)
+        return None, None, *ctx.gradients(x.to(grad.dtype), grad, ctx.needs_input_grad[2])
 
 
 #: the Parameters :meth:`ExpandableLinear.train_outside_` registers
