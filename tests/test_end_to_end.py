@@ -28,3 +28,12 @@ def test_split_digits_accuracy_forgetting_size_and_report(tmp_path):
     assert 0.5 <= saved["summary"]["average_auroc"] <= 1.0  # every digit-pair task is binary
     for name in ("accuracy_matrix.png", "widths.png", "parameters.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_a_bf16_mixed_run_on_cpu_trains_every_den_phase_as_float32_does(tmp_path):
+    # selective retraining and expansion compute their partial gradients in the autocast precision
+    full = run_split_digits(num_tasks=3, verbose=False, output_dir=str(tmp_path / "fp32"))
+    mixed = run_split_digits(num_tasks=3, verbose=False, output_dir=str(tmp_path / "bf16"), precision="bf16-mixed")
+    assert len(mixed.accuracy) == 3 and mixed.widths[-1] != mixed.widths[0]  # it expanded
+    for full_row, mixed_row in zip(full.accuracy, mixed.accuracy, strict=True):
+        assert mixed_row == pytest.approx(full_row, abs=0.03)
