@@ -216,7 +216,6 @@ class ExpandableLinear(nn.Module):
         for name, entries in self._trained_entries().items():
             if entries.numel():
                 self.register_parameter(name, nn.Parameter(entries.clone()))
-        self._synced_versions = self._separate_versions()
 
     @torch.no_grad()
     def sync_(self) -> None:
@@ -276,7 +275,6 @@ class ExpandableLinear(nn.Module):
         for name, entries in zip(GATHERED_ENTRIES, self.gathered(self.weight, self.bias), strict=True):
             if entries.numel():
                 self.register_parameter(name, nn.Parameter(entries))
-        self._synced_versions = self._separate_versions()
 
     def gathered(self, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """Compact copies of the rows and input units :meth:`gather_` holds, of ``weight`` and ``bias`` (this
