@@ -56,6 +56,12 @@ class DENCallback(TaskSequenceCallback):
         expansion: add units when the loss stays above ``loss_threshold`` (Alg. 3); ``False`` never does.
         split: split drifted units and retrain (Alg. 4); ``False`` ends each task after selective
             retraining or expansion. Both ``False``: the paper's DNN-Selective ablation.
+        early_expansion: end selective retraining as soon as its mean training loss, falling at its latest
+            epoch's rate through the phase's epochs left, would still end above ``loss_threshold``: the network
+            then expands without those epochs. The projection is optimistic (loss curves flatten as they
+            fall), so a loss on its way below the threshold runs on. A deviation from the paper, which trains
+            each phase to convergence; ``False`` (default) runs selective retraining for its full epochs (or
+            until ``convergence_tol``).
         first_task_epochs: most epochs of the first task (sparse training, Eq. 2).
         head_fit_epochs: most epochs fitting a new task's head alone (Eq. 3).
         selective_epochs: most epochs of selective retraining (Eq. 4).
@@ -100,6 +106,7 @@ class DENCallback(TaskSequenceCallback):
         subnetwork_only: bool = False,
         expansion: bool = True,
         split: bool = True,
+        early_expansion: bool = False,
         first_task_epochs: int = 30,
         head_fit_epochs: int = 10,
         selective_epochs: int = 20,
@@ -122,6 +129,7 @@ class DENCallback(TaskSequenceCallback):
             subnetwork_only=subnetwork_only,
             expansion=expansion,
             split=split,
+            early_expansion=early_expansion,
             first_task_epochs=first_task_epochs,
             head_fit_epochs=head_fit_epochs,
             selective_epochs=selective_epochs,

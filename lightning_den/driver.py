@@ -380,7 +380,9 @@ class TaskSequenceCallback(Callback):
         progress = replace(self.progress, epochs=self.progress.epochs + 1)
         if trainer.loggers:  # a log call costs about a millisecond; without a logger nobody reads it
             pl_module.log("sequence/task", float(progress.task))
-        done = phase_is_done(progress, self.method.phase_epochs(progress.phase), mean_loss, self.convergence_tol)
+        done = phase_is_done(
+            progress, self.method.phase_epochs(progress.phase), mean_loss, self.convergence_tol
+        ) or self.method.ends_early(progress, mean_loss)
         self.progress = replace(progress, last_loss=mean_loss)
         if not done:
             return

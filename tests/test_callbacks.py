@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_den import DENCallback, DENLightningModule, ExpandableMLP, TaskBoundary
+from lightning_den import DENCallback, DENLightningModule, ExpandableMLP, TaskBoundary, TaskEvaluation
 from lightning_den.core.den.selection import dead_new_units
 from tests.helpers import (
     HIDDEN,
@@ -544,3 +544,26 @@ def test_the_split_is_reported_with_the_largest_drift_that_a_threshold_above_it_
     assert "split, per task: units duplicated in each hidden layer" in format_report(every.summary)
     above, _ = split_run(tmp_path, split_threshold=max(drift) * 1.01)  # the same run until the split
     assert above.splits[1] == {"split_units": [0] * len(HIDDEN), "largest_drift": drift}
+
+
+@pytest.mark.parametrize(
+    ("loss_threshold", "early_expansion", "selective_epochs", "expands"),
+    [
+        (0.0, True, 2, True),  # no loss reaches 0: decided after the second epoch, the first with a rate
+        (0.0, False, 5, True),  # the paper's schedule: every epoch, then the same decision
+        (100.0, True, 5, False),  # below the threshold from the start: runs its epochs, no expansion
+    ],
+)
+def test_early_expansion_ends_selective_retraining_once_the_threshold_is_out_of_reach(
+    tmp_path, loss_threshold, early_expansion, selective_epochs, expands
+):
+    den = DENCallback(
+        **short_phases(selective_epochs=5, loss_threshold=loss_threshold, early_expansion=early_expansion)
+    )
+    evaluation = TaskEvaluation(output_dir=str(tmp_path), plots=False, print_report=False)
+    lightning_defaults = dict(logger=True, enable_checkpointing=True, limit_val_batches=None, num_sanity_val_steps=2)
+    make_trainer(tmp_path, [den, evaluation], **lightning_defaults).fit(tiny_model(), datamodule=tiny_stream())
+    for task in (1, 2):
+        epochs = evaluation.phase_epochs[task]
+        assert epochs["selective"] == selective_epochs
+        assert ("expansion" in epochs) is expands

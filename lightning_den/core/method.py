@@ -174,6 +174,12 @@ class TaskMethod(ABC):
     def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
         """The phase after ``progress``'s (given its last epoch's mean loss), or ``None`` after the last task."""
 
+    def ends_early(self, progress: PhaseProgress, mean_loss: float) -> bool:
+        """True when the phase may end before its epochs are used because the phase that follows is already
+        decided (DEN: selective retraining whose loss cannot reach the expansion threshold); the default never
+        does. ``progress`` counts the epoch just ended, ``progress.last_loss`` is the epoch before's mean loss."""
+        return False
+
     def progress_after(self, learned: int, num_tasks: int) -> tuple[PhaseProgress, PhaseProgress]:
         """For a model that learnt tasks ``0..learned-1``: the last phase it ran and the one that follows
         (the first phase of task ``learned``), walking the phases as if every loss were high."""

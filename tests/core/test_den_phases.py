@@ -9,7 +9,8 @@ import torch
 
 from lightning_den.core.den.entries import trainable_entries
 from lightning_den.core.den.layers import ExpandableMLP
-from lightning_den.core.den.phases import DENPhase, PhaseEpochs, next_phase
+from lightning_den.core.den.method import DENMethod
+from lightning_den.core.den.phases import DENPhase, PhaseEpochs, next_phase, threshold_out_of_reach
 from lightning_den.core.den.surgery import add_units_, duplicate_units_
 from lightning_den.core.method import PhaseProgress, phase_is_done
 from tests.core.helpers import as_mask, random_mlp
@@ -86,6 +87,41 @@ def test_phase_is_done_when_its_epoch_budget_is_used(phase):
 def test_phase_is_done_when_the_loss_levels_off(last_loss, mean_loss, tolerance, done):
     progress = PhaseProgress(task=1, phase="selective", epochs=1, last_loss=last_loss)
     assert phase_is_done(progress, BUDGET.of(DENPhase(progress.phase)), mean_loss, tolerance) is done
+
+
+@pytest.mark.parametrize(
+    ("last_loss", "mean_loss", "epochs_left", "out_of_reach"),
+    [
+        (1.0, 0.9, 10, True),  # 0.9 * 0.9**10 = 0.314 > 0.3
+        (1.0, 0.9, 12, False),  # 0.9 * 0.9**12 = 0.254: reachable within the phase
+        (1.0, 1.2, 100, True),  # rising: projected to stay at 1.2
+        (0.2, 0.2, 100, False),  # level below the threshold
+        (0.5, 0.25, 0, False),  # no epochs left: the phase ends by its budget, not early
+        (math.inf, 0.9, 10, False),  # first epoch: no rate yet
+        (math.nan, 0.9, 10, False),  # after a resume from weights only: no rate yet
+    ],
+)
+def test_threshold_out_of_reach_projects_the_latest_rate_over_the_epochs_left(
+    last_loss, mean_loss, epochs_left, out_of_reach
+):
+    assert threshold_out_of_reach(last_loss, mean_loss, epochs_left, loss_threshold=0.3) is out_of_reach
+
+
+@pytest.mark.parametrize(
+    ("settings", "phase", "ends"),
+    [
+        ({"early_expansion": True}, "selective", True),
+        ({"early_expansion": True}, "expansion", False),  # only selective retraining decides on the threshold
+        ({"early_expansion": True}, "split", False),
+        ({}, "selective", False),  # off by default: the paper's schedule
+        ({"early_expansion": True, "expansion": False}, "selective", False),  # DNN-Selective: nothing to decide
+    ],
+)
+def test_only_selective_retraining_that_would_expand_ends_early(settings, phase, ends):
+    method = DENMethod(loss_threshold=0.1, selective_epochs=20, **settings)
+    progress = PhaseProgress(task=1, phase=DENPhase(phase), epochs=2, last_loss=1.60)
+    assert method.ends_early(progress, 1.56) is ends  # 1.56 * 0.975**18 = 0.99, far above 0.1
+    assert not method.ends_early(progress, 0.8)  # halving per epoch: 0.8 * 0.5**18 is below 0.1
 
 
 def test_phase_epochs_total():

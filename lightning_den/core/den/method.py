@@ -28,7 +28,7 @@ from lightning_den.core.den.entries import (
     trainable_entries,
 )
 from lightning_den.core.den.layers import ExpandableMLP
-from lightning_den.core.den.phases import DENPhase, PhaseEpochs, next_phase
+from lightning_den.core.den.phases import DENPhase, PhaseEpochs, next_phase, threshold_out_of_reach
 from lightning_den.core.den.prox import add_drift_penalty_grad_
 from lightning_den.core.den.selection import (
     dead_new_units,
@@ -78,6 +78,7 @@ class DENMethod(TaskMethod):
         subnetwork_only: bool = False,
         expansion: bool = True,
         split: bool = True,
+        early_expansion: bool = False,
         first_task_epochs: int = 30,
         head_fit_epochs: int = 10,
         selective_epochs: int = 20,
@@ -104,6 +105,7 @@ class DENMethod(TaskMethod):
         self.subnetwork_only = check_flag("subnetwork_only", subnetwork_only)
         self.expansion = check_flag("expansion", expansion)
         self.split = check_flag("split", split)
+        self.early_expansion = check_flag("early_expansion", early_expansion)
         given = dict(
             first_task_epochs=first_task_epochs,
             head_fit_epochs=head_fit_epochs,
@@ -132,6 +134,14 @@ class DENMethod(TaskMethod):
 
     def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
         return next_phase(progress, mean_loss, self.loss_threshold, num_tasks, self.expansion, self.split)
+
+    def ends_early(self, progress: PhaseProgress, mean_loss: float) -> bool:
+        """With ``early_expansion``: selective retraining ends once its loss cannot reach ``loss_threshold`` in
+        the phase's epochs left (:func:`~lightning_den.core.den.phases.threshold_out_of_reach`)."""
+        if not (self.early_expansion and self.expansion) or DENPhase(progress.phase) is not DENPhase.SELECTIVE:
+            return False
+        epochs_left = self.phase_epochs(DENPhase.SELECTIVE) - progress.epochs
+        return threshold_out_of_reach(progress.last_loss, mean_loss, epochs_left, self.loss_threshold)
 
     # ------------------------------------------------------------------ surgery
 

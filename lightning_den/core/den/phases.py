@@ -6,7 +6,9 @@ Per task ``t``: ``t == 0`` trains the whole network with L1 (Eq. 2). ``t >= 1`` 
    one step, bug B1), then BFS from all of the head's outputs (bug B2 fixed);
 2. ``SELECTIVE``: the selected subnetwork with L1 and the pull toward W^{t-1} (Eq. 4);
 3. ``EXPANSION`` if the mean training loss of the last selective epoch is above ``tau`` (the official
-   code used the last mini-batch, bug B8): ``k`` new units per hidden layer trained alone with L1 and
+   code used the last mini-batch, bug B8; with ``early_expansion`` the decision is taken as soon as the
+   loss, falling at its latest rate, could not reach ``tau`` in the phase's epochs left,
+   :func:`threshold_out_of_reach`): ``k`` new units per hidden layer trained alone with L1 and
    group lasso, then new units with all-zero incoming weights are pruned (Eq. 5, Alg. 3);
 4. ``SPLIT``: old units that drifted more than ``sigma`` are duplicated, most drifted first (bug B4),
    the copy keeping the drifted weights and the bias (bug B5), the original restored from a deep copy
@@ -26,6 +28,7 @@ and :class:`~lightning_den.core.den.method.DENMethod` puts the steps together.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
@@ -115,3 +118,22 @@ def next_phase(
     if phase in (DENPhase.SELECTIVE, DENPhase.EXPANSION) and split:
         return PhaseProgress(task=task, phase=DENPhase.SPLIT)
     return PhaseProgress(task=task + 1, phase=DENPhase.HEAD_FIT) if task + 1 < num_tasks else None
+
+
+def threshold_out_of_reach(last_loss: float, mean_loss: float, epochs_left: int, loss_threshold: float) -> bool:
+    """True when the loss, falling by its latest epoch's factor (``mean_loss / last_loss``) for each of the
+    ``epochs_left`` epochs, would still end above ``loss_threshold``.
+
+    A loss that rose or stayed level is projected to stay where it is. A loss curve flattens as it falls, so
+    the projection is optimistic: when even it misses the threshold, training on would not have reached it.
+
+    Example:
+        >>> threshold_out_of_reach(1.60, 1.56, epochs_left=18, loss_threshold=0.1)   # 1.56 * 0.975**18 = 0.99
+        True
+        >>> threshold_out_of_reach(0.30, 0.24, epochs_left=18, loss_threshold=0.1)   # 0.24 * 0.8**18 = 0.004
+        False
+    """
+    if epochs_left <= 0 or not math.isfinite(last_loss) or last_loss <= 0:
+        return False
+    factor = min(mean_loss / last_loss, 1.0)
+    return mean_loss * factor**epochs_left > loss_threshold
