@@ -3,14 +3,17 @@
 Each task's training data are cut into training and validation data (``compare.validation_stream``; the test
 data are never seen); DEN runs with each candidate value under each seed, and the final average score
 (AUROC when every task is binary, accuracy otherwise) and the parameters are written to
-``<out>/den_<setting>.json`` and ``.md`` (the runs' own files under ``<out>/tuning/``). A value is a number or
-one number per hidden layer (``[40,10]``); ``--with`` holds other settings fixed for every candidate, and
-``--reference`` also scores one network per task on the same split (the score DEN's own is judged against):
+``<out>/den_<setting>.json`` and ``.md`` (the runs' own files under ``<out>/tuning/``). A value is a number,
+one number per hidden layer (``[40,10]``) or, for an on/off setting, ``true``/``false``; ``--with`` holds other
+settings fixed for every candidate, and ``--reference`` also scores one network per task on the same split (the
+score DEN's own is judged against):
 
     .venv/bin/python benchmarks/tune.py examples/mnist_variation.yaml --root ../shared/data/mnist \\
         --setting drift_penalty --values 3 12 30 --seeds 0 1 2
     .venv/bin/python benchmarks/tune.py examples/permuted_mnist.yaml --root ../shared/data/mnist \\
         --setting units_per_expansion --values 30 [40,10] --with drift_penalty=0.25 --seeds 0 --reference
+    .venv/bin/python benchmarks/tune.py examples/permuted_mnist.yaml --root ../shared/data/mnist \\
+        --setting early_expansion --values false true --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -43,22 +46,29 @@ from lightning_den.cli import DENCLI
 REFERENCE = "one network per task"
 
 
-def candidate(text: str) -> float | list[float]:
-    """A value from the command line: a number, or a JSON list of numbers (one per hidden layer)."""
+def candidate(text: str) -> float | list[float] | bool:
+    """A value from the command line: a number, a JSON list of numbers (one per hidden layer), or ``true`` /
+    ``false`` for an on/off setting."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
         value = None
+    if isinstance(value, bool):
+        return value
     numbers = value if isinstance(value, list) else [value]
     if not numbers or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers):
-        raise argparse.ArgumentTypeError(f"expected a number or a list of numbers such as [40,10], got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a number, a list of numbers such as [40,10], or true/false, got {text!r}"
+        )
     if not all(math.isfinite(n) for n in numbers):
         raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
     return value
 
 
-def label(value: float | list[float]) -> str:
-    """A value as the tables and folders name it: ``0.25``, ``40-10`` for ``[40, 10]``."""
+def label(value: float | list[float] | bool) -> str:
+    """A value as the tables and folders name it: ``0.25``, ``40-10`` for ``[40, 10]``, ``true``."""
+    if isinstance(value, bool):
+        return str(value).lower()
     return "-".join(f"{n:g}" for n in value) if isinstance(value, list) else f"{value:g}"
 
 
@@ -96,7 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", help="a lightning-den fit configuration of DENMLP or DENCNN with a DENCallback")
     parser.add_argument("--setting", required=True, help="a DENCallback argument, e.g. drift_penalty")
     parser.add_argument(
-        "--values", nargs="+", type=candidate, required=True, help="the candidate values (a number or [40,10])"
+        "--values",
+        nargs="+",
+        type=candidate,
+        required=True,
+        help="the candidate values (a number, [40,10], true/false)",
     )
     parser.add_argument(
         "--with",
@@ -123,12 +137,18 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.config} needs a ready DEN model ({[m.__name__ for m in READY_FAMILIES]}) and a DENCallback"
         )
 
-    def typed(name: str, value: float | list[float]) -> Any:
-        """``value`` as the numeric setting ``name`` takes it (whole numbers where it holds them)."""
+    def typed(name: str, value: float | list[float] | bool) -> Any:
+        """``value`` as the setting ``name`` takes it (whole numbers where it holds them; true/false for an on/off
+        setting)."""
         current = den_setting(den, name)
+        if isinstance(current, bool) or isinstance(value, bool):
+            if not (isinstance(current, bool) and isinstance(value, bool)):
+                kind = "true or false" if isinstance(current, bool) else "numbers"
+                parser.error(f"{name} takes {kind}, got {label(value)}")
+            return value
         numbers = list(current) if isinstance(current, list | tuple) else [current]
-        if not numbers or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers):
-            parser.error(f"DENCallback has no numeric setting {name!r}")
+        if not numbers or not all(isinstance(n, int | float) for n in numbers):
+            parser.error(f"DENCallback has no numeric or on/off setting {name!r}")
         per_layer = "Sequence" in str(inspect.signature(DENCallback).parameters.get(name))
         if isinstance(value, list) and not per_layer:
             parser.error(f"{name} takes one number, got {label(value)}")

@@ -236,23 +236,28 @@ def test_tune_holds_other_settings_fixed_takes_one_value_per_layer_and_scores_th
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
     out = tmp_path / "tuning"
-    fixed = ["--with", "units_per_expansion=[0,2]", "--with", "split_threshold=1000"]
+    fixed = ["--with", "units_per_expansion=[0,2]", "--with", "split_threshold=1000", "--with", "early_expansion=true"]
+    fixed += ["--with", "selective_epochs=4"]
     arguments = ["--setting", "drift_penalty", "--values", "0.5", *fixed, "--seeds", "0", "--reference"]
     command = [sys.executable, str(ROOT / "benchmarks" / "tune.py"), str(config), *arguments, "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    name = "den_drift_penalty_with_units_per_expansion_0-2_with_split_threshold_1000"
+    name = "den_drift_penalty_with_units_per_expansion_0-2_with_split_threshold_1000_with_early_expansion_true"
+    name += "_with_selective_epochs_4"
     saved = json.loads((out / f"{name}.json").read_text())
-    assert saved["fixed"] == {"units_per_expansion": [0, 2], "split_threshold": 1000}
+    fixed = {"units_per_expansion": [0, 2], "split_threshold": 1000, "early_expansion": True, "selective_epochs": 4}
+    assert saved["fixed"] == fixed
     run = json.loads((out / "tuning" / f"{name}_0.5" / "seed_0" / "continual_metrics.json").read_text())
     assert run["summary"]["average_auroc"] == pytest.approx(saved["scores"]["0.5"][0])
     assert {widths[0] for widths in run["widths"]} == {12}  # no unit added to the first layer: the fixed list held
     assert run["widths"][-1][1] > 8  # and the second grew
+    # loss_threshold 0 is out of reach: early expansion ended each selective retraining after 2 of its 4 epochs
+    assert [epochs["selective"] for epochs in run["phase_epochs"][1:]] == [2, 2]
     stl = json.loads((out / "tuning" / "stl" / "seed_0" / "continual_metrics.json").read_text())
     assert saved["reference"]["scores"] == [pytest.approx(stl["summary"]["average_auroc"])]
     assert saved["reference"]["costs"][0]["parameters"] == stl["parameters_after_task"][-1]
     table = (out / f"{name}.md").read_text()
-    assert "(with units_per_expansion 0-2, split_threshold 1000)" in table
+    assert "(with units_per_expansion 0-2, split_threshold 1000, early_expansion true, selective_epochs 4)" in table
     assert f"| one network per task | {saved['reference']['scores'][0]:.4f} |" in table
     refused = subprocess.run(
         [*command[:3], "--setting", "drift_penalty", "--values", "[0.5,x]"],
@@ -264,6 +269,8 @@ def test_tune_holds_other_settings_fixed_takes_one_value_per_layer_and_scores_th
     for wrong, message in [
         (["--values", "0.5", "[1,2]"], "drift_penalty takes one number, got 1-2"),  # checked before any run
         (["--values", "0.5", "--with", "drift_penalty=1"], "drift_penalty is already given"),
+        (["--values", "true"], "drift_penalty takes numbers, got true"),
+        (["--values", "0.5", "--with", "early_expansion=1"], "early_expansion takes true or false, got 1"),
     ]:
         refused = subprocess.run([*command[:3], "--setting", "drift_penalty", *wrong], capture_output=True, text=True)
         assert refused.returncode != 0 and message in refused.stderr

@@ -23,12 +23,12 @@ class OutputsAtStart(Callback):
             self.outputs = {t: pl_module(PROBE, task=t).clone() for t in range(pl_module.mlp.num_tasks)}
 
 
-def run(folder, extra=(), ckpt_path=None):
+def run(folder, extra=(), ckpt_path=None, settings=SETTINGS):
     pl.seed_everything(0)
     model = tiny_model()
     evaluation = TaskEvaluation(print_report=False, plots=False, output_dir=str(folder))
     checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True)
-    callbacks = [*extra, DENCallback(**SETTINGS), evaluation, checkpoint]
+    callbacks = [*extra, DENCallback(**settings), evaluation, checkpoint]
     trainer = make_trainer(folder, callbacks, enable_checkpointing=True)
     trainer.fit(model, datamodule=tiny_stream(num_tasks=3), ckpt_path=ckpt_path)
     return model, evaluation
@@ -72,6 +72,22 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, 
         assert a == b if name.endswith("_extra_state") else torch.equal(a, b), name
     # the evaluation resumed too: the whole report equals the uninterrupted run's
     assert resumed_evaluation.summary == whole_evaluation.summary
+
+
+def test_early_expansion_decides_the_same_after_a_resume_within_selective_retraining(tmp_path):
+    """The decision reads the previous epoch's loss, which the checkpoint keeps: a run resumed after the first
+    selective epoch ends the phase after its second epoch, as the uninterrupted run does."""
+    settings = {**SETTINGS, "selective_epochs": 4, "early_expansion": True}
+    whole_model, whole_evaluation = run(tmp_path / "whole", settings=settings)
+    assert [whole_evaluation.phase_epochs[task]["selective"] for task in (1, 2)] == [2, 2]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, extra=[CrashAt(6)], settings=settings)
+    resumed_model, resumed_evaluation = run(
+        tmp_path, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"), settings=settings
+    )
+    assert resumed_evaluation.summary == whole_evaluation.summary
+    for (name, a), (_, b) in zip(whole_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
+        assert a == b if name.endswith("_extra_state") else torch.equal(a, b), name
 
 
 def test_a_checkpoint_written_before_several_blocks_were_possible_resumes_the_same(tmp_path, uninterrupted):
