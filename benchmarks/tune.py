@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         """``value`` as the setting ``name`` takes it (whole numbers where it holds them; true/false for an on/off
         setting)."""
         current = den_setting(den, name)
+        if current is None:
+            parser.error(f"DENCallback has no numeric or on/off setting {name!r}")
         if isinstance(current, bool) or isinstance(value, bool):
             if not (isinstance(current, bool) and isinstance(value, bool)):
                 kind = "true or false" if isinstance(current, bool) else "numbers"

@@ -58,10 +58,12 @@ class DENCallback(TaskSequenceCallback):
             retraining or expansion. Both ``False``: the paper's DNN-Selective ablation.
         early_expansion: end selective retraining as soon as its mean training loss, falling at its latest
             epoch's rate through the phase's epochs left, would still end above ``loss_threshold``: the network
-            then expands without those epochs. The projection is optimistic (loss curves flatten as they
-            fall), so a loss on its way below the threshold runs on. A deviation from the paper, which trains
-            each phase to convergence; ``False`` (default) runs selective retraining for its full epochs (or
-            until ``convergence_tol``).
+            then expands without those epochs. Loss curves flatten as they fall, so the projection is mostly
+            optimistic, but one epoch whose loss did not fall ends the phase; the earliest end is after the
+            second epoch (the first with a rate), so ``selective_epochs`` below 3 leave nothing to cut, and
+            ``loss_threshold=0`` always ends it there. Old units then drift less before the split. A deviation
+            from the paper, which trains each phase to convergence; ``False`` (default) runs selective
+            retraining for its full epochs (or until ``convergence_tol``).
         first_task_epochs: most epochs of the first task (sparse training, Eq. 2).
         head_fit_epochs: most epochs fitting a new task's head alone (Eq. 3).
         selective_epochs: most epochs of selective retraining (Eq. 4).

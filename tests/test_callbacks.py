@@ -213,6 +213,7 @@ def test_parameters_outside_the_block_learn_only_in_the_first_task(tmp_path):
         ({"split": 1}, "`split` must be True or False, got 1"),
         ({"expansion": "no"}, "`expansion` must be True or False"),
         ({"subnetwork_only": 0}, "`subnetwork_only` must be True or False, got 0"),
+        ({"early_expansion": "yes"}, "`early_expansion` must be True or False, got 'yes'"),
     ],
 )
 def test_bad_hyperparameters_are_refused_at_construction(kwargs, match):
@@ -547,7 +548,7 @@ def test_the_split_is_reported_with_the_largest_drift_that_a_threshold_above_it_
 
 
 @pytest.mark.parametrize(
-    ("loss_threshold", "early_expansion", "selective_epochs", "expands"),
+    ("loss_threshold", "early_expansion", "selective_run", "expands"),
     [
         (0.0, True, 2, True),  # no loss reaches 0: decided after the second epoch, the first with a rate
         (0.0, False, 5, True),  # the paper's schedule: every epoch, then the same decision
@@ -555,7 +556,7 @@ def test_the_split_is_reported_with_the_largest_drift_that_a_threshold_above_it_
     ],
 )
 def test_early_expansion_ends_selective_retraining_once_the_threshold_is_out_of_reach(
-    tmp_path, loss_threshold, early_expansion, selective_epochs, expands
+    tmp_path, loss_threshold, early_expansion, selective_run, expands
 ):
     den = DENCallback(
         **short_phases(selective_epochs=5, loss_threshold=loss_threshold, early_expansion=early_expansion)
@@ -565,5 +566,5 @@ def test_early_expansion_ends_selective_retraining_once_the_threshold_is_out_of_
     make_trainer(tmp_path, [den, evaluation], **lightning_defaults).fit(tiny_model(), datamodule=tiny_stream())
     for task in (1, 2):
         epochs = evaluation.phase_epochs[task]
-        assert epochs["selective"] == selective_epochs
+        assert epochs["selective"] == selective_run
         assert ("expansion" in epochs) is expands

@@ -45,6 +45,7 @@ def test_compare_writes_every_row_and_column(tmp_path):
         "DEN without split",
         "DNN-Selective (selection only)",
         "DEN, subnetwork only (the official code's selective step)",
+        "DEN, early expansion (selective retraining ends once the threshold is out of reach)",
         "Progressive Networks",
         "PackNet",
         "one network per task",
@@ -184,7 +185,7 @@ def test_compare_runs_every_method_on_a_users_own_model_class(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {row["method"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
-    assert len(rows) == 9 and "widths [12]" in (out / "comparison.md").read_text()
+    assert len(rows) == 10 and "widths [12]" in (out / "comparison.md").read_text()
     first, last = rows["one network per task"]["parameters_after_task"][::2]  # STL: one independent copy per task
     assert last == 3 * first and rows["Progressive Networks"]["parameters_after_task"][-1] > last
 
@@ -199,7 +200,7 @@ def test_compare_runs_every_method_on_a_convolutional_configuration_with_each_me
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {row["method"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
-    assert len(rows) == 9 and "widths [3, 4, 6]" in (out / "comparison.md").read_text()
+    assert len(rows) == 10 and "widths [3, 4, 6]" in (out / "comparison.md").read_text()
     shape = dict(in_shape=[1, 8, 8], channels=[3, 4], hidden_sizes=[6], num_classes=2, kernel_size=3, padding=1)
     one_cnn = ProgressiveCNNModel(**shape, lateral=False).columns.num_parameters()
     assert rows["one network per task"]["parameters_after_task"] == [one_cnn, 2 * one_cnn, 3 * one_cnn]
@@ -271,6 +272,7 @@ def test_tune_holds_other_settings_fixed_takes_one_value_per_layer_and_scores_th
         (["--values", "0.5", "--with", "drift_penalty=1"], "drift_penalty is already given"),
         (["--values", "true"], "drift_penalty takes numbers, got true"),
         (["--values", "0.5", "--with", "early_expansion=1"], "early_expansion takes true or false, got 1"),
+        (["--values", "0.5", "--with", "early_expanson=true"], "DENCallback has no numeric or on/off setting"),
     ]:
         refused = subprocess.run([*command[:3], "--setting", "drift_penalty", *wrong], capture_output=True, text=True)
         assert refused.returncode != 0 and message in refused.stderr

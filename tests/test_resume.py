@@ -85,6 +85,7 @@ def test_early_expansion_decides_the_same_after_a_resume_within_selective_retrai
     resumed_model, resumed_evaluation = run(
         tmp_path, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"), settings=settings
     )
+    assert [resumed_evaluation.phase_epochs[task]["selective"] for task in (1, 2)] == [2, 2]
     assert resumed_evaluation.summary == whole_evaluation.summary
     for (name, a), (_, b) in zip(whole_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
         assert a == b if name.endswith("_extra_state") else torch.equal(a, b), name

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lightning_den.core.den.entries import trainable_entries
 from lightning_den.core.den.layers import ExpandableMLP
@@ -99,6 +101,9 @@ def test_phase_is_done_when_the_loss_levels_off(last_loss, mean_loss, tolerance,
         (0.5, 0.25, 0, False),  # no epochs left: the phase ends by its budget, not early
         (math.inf, 0.9, 10, False),  # first epoch: no rate yet
         (math.nan, 0.9, 10, False),  # after a resume from weights only: no rate yet
+        (1.0, 0.3, 10, False),  # at the threshold: nothing to expand for
+        (1.0, -0.1, 3, False),  # a negative loss (a subclass's own) is below any threshold
+        (0.0, 0.5, 10, False),  # from a zero loss: no rate
     ],
 )
 def test_threshold_out_of_reach_projects_the_latest_rate_over_the_epochs_left(
@@ -227,3 +232,15 @@ def test_selective_trains_the_selected_subnetwork_only():
 def test_selective_needs_a_selection():
     with pytest.raises(ValueError, match="needs the BFS selection"):
         trainable_entries(two_task_network(), DENPhase.SELECTIVE)
+
+
+@given(
+    last_loss=st.floats(-10, 10, allow_nan=False),
+    mean_loss=st.floats(-10, 10, allow_nan=False),
+    epochs_left=st.integers(0, 30),
+    loss_threshold=st.floats(0, 2),
+)
+def test_ending_selective_retraining_early_always_leads_to_expansion(last_loss, mean_loss, epochs_left, loss_threshold):
+    progress = PhaseProgress(task=1, phase=DENPhase.SELECTIVE, epochs=3, last_loss=last_loss)
+    if threshold_out_of_reach(last_loss, mean_loss, epochs_left, loss_threshold):
+        assert next_phase(progress, mean_loss, loss_threshold, num_tasks=3).phase is DENPhase.EXPANSION

@@ -124,8 +124,9 @@ def threshold_out_of_reach(last_loss: float, mean_loss: float, epochs_left: int,
     """True when the loss, falling by its latest epoch's factor (``mean_loss / last_loss``) for each of the
     ``epochs_left`` epochs, would still end above ``loss_threshold``.
 
-    A loss that rose or stayed level is projected to stay where it is. A loss curve flattens as it falls, so
-    the projection is optimistic: when even it misses the threshold, training on would not have reached it.
+    A loss at or below the threshold (or not a number) never is. A loss that rose or stayed level is projected
+    to stay where it is. A loss curve flattens as it falls, so
+    the projection is optimistic: when even it misses the threshold, training on would most likely miss it too.
 
     Example:
         >>> threshold_out_of_reach(1.60, 1.56, epochs_left=18, loss_threshold=0.1)   # 1.56 * 0.975**18 = 0.99
@@ -133,7 +134,7 @@ def threshold_out_of_reach(last_loss: float, mean_loss: float, epochs_left: int,
         >>> threshold_out_of_reach(0.30, 0.24, epochs_left=18, loss_threshold=0.1)   # 0.24 * 0.8**18 = 0.004
         False
     """
-    if epochs_left <= 0 or not math.isfinite(last_loss) or last_loss <= 0:
+    if epochs_left <= 0 or not math.isfinite(last_loss) or last_loss <= 0 or not mean_loss > loss_threshold:
         return False
     factor = min(mean_loss / last_loss, 1.0)
     return mean_loss * factor**epochs_left > loss_threshold
