@@ -67,7 +67,7 @@ METHODS = {
     "den-nosplit": "DEN without split",
     "den-selective": "DNN-Selective (selection only)",
     "den-subnetwork": "DEN, subnetwork only (the official code's selective step)",
-    "den-early": "DEN, early expansion (selective retraining ends once the threshold is out of reach)",
+    "den-early": "DEN, early expansion",
     "pnn": "Progressive Networks",
     "packnet": "PackNet",
     "stl": "one network per task",

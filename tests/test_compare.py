@@ -45,7 +45,7 @@ def test_compare_writes_every_row_and_column(tmp_path):
         "DEN without split",
         "DNN-Selective (selection only)",
         "DEN, subnetwork only (the official code's selective step)",
-        "DEN, early expansion (selective retraining ends once the threshold is out of reach)",
+        "DEN, early expansion",
         "Progressive Networks",
         "PackNet",
         "one network per task",
