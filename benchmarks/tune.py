@@ -141,16 +141,14 @@ def main(argv: list[str] | None = None) -> None:
         """``value`` as the setting ``name`` takes it (whole numbers where it holds them; true/false for an on/off
         setting)."""
         current = den_setting(den, name)
-        if current is None:
+        numbers = list(current) if isinstance(current, list | tuple) else [current]
+        if not numbers or not all(isinstance(n, int | float) for n in numbers):  # bool is an int; None is neither
             parser.error(f"DENCallback has no numeric or on/off setting {name!r}")
         if isinstance(current, bool) or isinstance(value, bool):
             if not (isinstance(current, bool) and isinstance(value, bool)):
                 kind = "true or false" if isinstance(current, bool) else "numbers"
                 parser.error(f"{name} takes {kind}, got {label(value)}")
             return value
-        numbers = list(current) if isinstance(current, list | tuple) else [current]
-        if not numbers or not all(isinstance(n, int | float) for n in numbers):
-            parser.error(f"DENCallback has no numeric or on/off setting {name!r}")
         per_layer = "Sequence" in str(inspect.signature(DENCallback).parameters.get(name))
         if isinstance(value, list) and not per_layer:
             parser.error(f"{name} takes one number, got {label(value)}")

@@ -246,8 +246,8 @@ def test_tune_holds_other_settings_fixed_takes_one_value_per_layer_and_scores_th
     name = "den_drift_penalty_with_units_per_expansion_0-2_with_split_threshold_1000_with_early_expansion_true"
     name += "_with_selective_epochs_4"
     saved = json.loads((out / f"{name}.json").read_text())
-    fixed = {"units_per_expansion": [0, 2], "split_threshold": 1000, "early_expansion": True, "selective_epochs": 4}
-    assert saved["fixed"] == fixed
+    held = {"units_per_expansion": [0, 2], "split_threshold": 1000, "early_expansion": True, "selective_epochs": 4}
+    assert saved["fixed"] == held
     run = json.loads((out / "tuning" / f"{name}_0.5" / "seed_0" / "continual_metrics.json").read_text())
     assert run["summary"]["average_auroc"] == pytest.approx(saved["scores"]["0.5"][0])
     assert {widths[0] for widths in run["widths"]} == {12}  # no unit added to the first layer: the fixed list held
