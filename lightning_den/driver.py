@@ -517,7 +517,12 @@ class TaskSequenceCallback(Callback):
             epochs=previous.epochs if math.isfinite(previous.last_loss) else 0,  # 0: learnt in an earlier run
         )
         step = "end of stream" if target is None else f"task {target.task}, phase {target.phase}"
-        loss = f" (loss {previous.last_loss:.4f})" if math.isfinite(previous.last_loss) else " (learnt earlier)"
+        budget = self.method.phase_epochs(previous.phase)
+        loss = (
+            f" (loss {previous.last_loss:.4f}, epoch {previous.epochs} of {budget})"
+            if math.isfinite(previous.last_loss)
+            else " (learnt earlier)"
+        )
         rank_zero_info(
             f"{self.method.name}: task {previous.task} {previous.phase}{loss} -> {step}; widths {self._widths_text()}"
         )

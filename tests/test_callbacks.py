@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import logging
 import math
 
 import pytest
@@ -556,15 +557,19 @@ def test_the_split_is_reported_with_the_largest_drift_that_a_threshold_above_it_
     ],
 )
 def test_early_expansion_ends_selective_retraining_once_the_threshold_is_out_of_reach(
-    tmp_path, loss_threshold, early_expansion, selective_run, expands
+    tmp_path, caplog, loss_threshold, early_expansion, selective_run, expands
 ):
     den = DENCallback(
         **short_phases(selective_epochs=5, loss_threshold=loss_threshold, early_expansion=early_expansion)
     )
     evaluation = TaskEvaluation(output_dir=str(tmp_path), plots=False, print_report=False)
     lightning_defaults = dict(logger=True, enable_checkpointing=True, limit_val_batches=None, num_sanity_val_steps=2)
-    make_trainer(tmp_path, [den, evaluation], **lightning_defaults).fit(tiny_model(), datamodule=tiny_stream())
+    with caplog.at_level(logging.INFO):
+        make_trainer(tmp_path, [den, evaluation], **lightning_defaults).fit(tiny_model(), datamodule=tiny_stream())
     for task in (1, 2):
         epochs = evaluation.phase_epochs[task]
         assert epochs["selective"] == selective_run
         assert ("expansion" in epochs) is expands
+        # the log line of the boundary says how many of the phase's epochs ran
+        (line,) = [line for line in caplog.messages if line.startswith(f"DEN: task {task} selective (loss ")]
+        assert f", epoch {selective_run} of 5) -> task {task}, phase {'expansion' if expands else 'split'}" in line
