@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     spread = f"; mean over seeds {seeds} (± sample standard deviation)" if len(seeds) > 1 else f"; seed {seeds[0]}"
     spread += f"; {args.threads} torch thread{'s' if args.threads > 1 else ''}"
     if rerun:
-        spread += f"; re-run alone later: {', '.join(METHODS[m] for m in rerun)}"
+        spread += f"; re-run later with --update: {' | '.join(METHODS[m] for m in rerun)}"
     if "ewc" in methods:
         how = "chosen on a validation split of the training data" if tuning else "not tuned"
         strength = EWCCallback().method.ewc_lambda if ewc_lambda is None else ewc_lambda

@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     fixed = {}
     for item in args.fixed:
         name, _, text = item.partition("=")
-        if name == args.setting or name in fixed:
+        if name == args.setting:
+            parser.error(f"--with {item}: {name} is the --setting being tuned")
+        if name in fixed:
             parser.error(f"--with {item}: {name} is already given")
         try:
             fixed[name] = typed(name, candidate(text))

@@ -115,7 +115,8 @@ def test_update_reruns_only_the_named_rows_and_keeps_the_others(tmp_path):
         key: first["rows"][0][key] for key in ("accuracy", "forward_transfer")
     }
     assert updated["rows"][1]["forward_transfer"] is not None  # against the kept STL row's scores
-    assert "; re-run alone later: DNN-Selective (selection only), DEN" in (out / "comparison.md").read_text()
+    title = (out / "comparison.md").read_text().splitlines()[0]
+    assert title.endswith("; re-run later with --update: DNN-Selective (selection only) | DEN")
     result = subprocess.run([*compare, "--update", "--seeds", "3"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "--update re-runs rows of the comparison in --out" in result.stderr
 
@@ -269,7 +270,8 @@ def test_tune_holds_other_settings_fixed_takes_one_value_per_layer_and_scores_th
     assert refused.returncode != 0 and "a list of numbers such as [40,10]" in refused.stderr
     for wrong, message in [
         (["--values", "0.5", "[1,2]"], "drift_penalty takes one number, got 1-2"),  # checked before any run
-        (["--values", "0.5", "--with", "drift_penalty=1"], "drift_penalty is already given"),
+        (["--values", "0.5", "--with", "drift_penalty=1"], "drift_penalty is the --setting being tuned"),
+        (["--values", "0.5", "--with", "split_threshold=1", "--with", "split_threshold=2"], "is already given"),
         (["--values", "true"], "drift_penalty takes numbers, got true"),
         (["--values", "0.5", "--with", "early_expansion=1"], "early_expansion takes true or false, got 1"),
         (["--values", "0.5", "--with", "early_expanson=true"], "DENCallback has no numeric or on/off setting"),
