@@ -517,9 +517,8 @@ class TaskSequenceCallback(Callback):
             epochs=previous.epochs if math.isfinite(previous.last_loss) else 0,  # 0: learnt in an earlier run
         )
         step = "end of stream" if target is None else f"task {target.task}, phase {target.phase}"
-        budget = self.method.phase_epochs(previous.phase)
         loss = (
-            f" (loss {previous.last_loss:.4f}, epoch {previous.epochs} of {budget})"
+            f" (loss {previous.last_loss:.4f}, epoch {previous.epochs} of {self.method.phase_epochs(previous.phase)})"
             if math.isfinite(previous.last_loss)
             else " (learnt earlier)"
         )

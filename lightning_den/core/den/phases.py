@@ -125,8 +125,8 @@ def threshold_out_of_reach(last_loss: float, mean_loss: float, epochs_left: int,
     ``epochs_left`` epochs, would still end above ``loss_threshold``.
 
     A loss at or below the threshold (or not a number) never is. A loss that rose or stayed level is projected
-    to stay where it is. A loss curve flattens as it falls, so
-    the projection is optimistic: when even it misses the threshold, training on would most likely miss it too.
+    to stay where it is. A loss curve flattens as it falls, so the projection is optimistic: when even it misses
+    the threshold, training on would most likely miss it too.
 
     Example:
         >>> threshold_out_of_reach(1.60, 1.56, epochs_left=18, loss_threshold=0.1)   # 1.56 * 0.975**18 = 0.99
