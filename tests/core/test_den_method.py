@@ -316,9 +316,10 @@ def masked_dense_reference(block: ExpandableMLP, phase: DENPhase, selection, met
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("phase", [DENPhase.SELECTIVE, DENPhase.EXPANSION])
-def test_a_phase_on_its_own_parameters_is_the_masked_dense_step_bit_for_bit(phase, fused):
+def test_a_phase_on_its_own_parameters_is_the_masked_dense_step(phase, fused):
     """Selective retraining on the gathered subnetwork (cut short by a budget, so the rest takes part frozen) and
-    expansion on the new units' Parameters step exactly as the masked dense phases did, regularisers included."""
+    expansion on the new units' Parameters step as the masked dense phases did, regularisers included: every
+    frozen entry bit for bit, the trained ones to float rounding."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     mlp = ExpandableMLP(IN_FEATURES, [7, 5], head_classes=3)
@@ -354,11 +355,14 @@ def test_a_phase_on_its_own_parameters_is_the_masked_dense_step_bit_for_bit(phas
         reference_step()
     gathered, plain = mlp.state_dict(), reference.state_dict()
     assert gathered.keys() == plain.keys()
+    entries = trainable_entries(reference, phase, plan.get("selection"))
     for name in plain:
         if not isinstance(plain[name], Tensor):
             continue
-        if fused:  # torch's fused CPU kernel rounds an entry's update by where it lies in its tensor (1 ulp)
-            torch.testing.assert_close(gathered[name], plain[name], rtol=1e-6, atol=1e-8)
-        else:
-            assert torch.equal(gathered[name], plain[name]), name
+        frozen = ~as_mask(entries.get(name, False), plain[name].shape)
+        assert torch.equal(gathered[name][frozen], before[name][frozen]), f"a frozen entry of {name} changed"
+        # the trained entries to float rounding: a gradient formed on its own block is a GEMM of another shape,
+        # which some CPUs sum in another order (seen: 1 ulp on an AVX-512 AMD EPYC), and torch's fused CPU Adam
+        # rounds an entry's update by where it lies in its tensor
+        torch.testing.assert_close(gathered[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
     assert not torch.equal(plain["hidden.0.weight"], before["hidden.0.weight"])  # and the phase did train
