@@ -144,10 +144,10 @@ def main(argv: list[str] | None = None) -> None:
         numbers = list(current) if isinstance(current, list | tuple) else [current]
         if not numbers or not all(isinstance(n, int | float) for n in numbers):  # bool is an int; None is neither
             parser.error(f"DENCallback has no numeric or on/off setting {name!r}")
-        if isinstance(current, bool) or isinstance(value, bool):
-            if not (isinstance(current, bool) and isinstance(value, bool)):
-                kind = "true or false" if isinstance(current, bool) else "numbers"
-                parser.error(f"{name} takes {kind}, got {label(value)}")
+        on_off = isinstance(current, bool)
+        if on_off != isinstance(value, bool):
+            parser.error(f"{name} takes {'true or false' if on_off else 'numbers'}, got {label(value)}")
+        if on_off:
             return value
         per_layer = "Sequence" in str(inspect.signature(DENCallback).parameters.get(name))
         if isinstance(value, list) and not per_layer:
