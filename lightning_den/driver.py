@@ -42,7 +42,7 @@ from lightning_den.boundary import (
 from lightning_den.core.checks import check_number
 from lightning_den.core.convert import attach_blocks, saved_blocks
 from lightning_den.core.freezing import FrozenEntries
-from lightning_den.core.method import PhaseProgress, TaskMethod, Trainable, phase_is_done
+from lightning_den.core.method import PhaseProgress, TaskMethod, Trainable
 from lightning_den.core.routing import set_active_task, task_blocks
 from lightning_den.module import EPOCH_END, refuse_resuming_within_an_epoch
 from lightning_den.progress import show_task_and_phase
@@ -380,9 +380,7 @@ class TaskSequenceCallback(Callback):
         progress = replace(self.progress, epochs=self.progress.epochs + 1)
         if trainer.loggers:  # a log call costs about a millisecond; without a logger nobody reads it
             pl_module.log("sequence/task", float(progress.task))
-        done = phase_is_done(
-            progress, self.method.phase_epochs(progress.phase), mean_loss, self.convergence_tol
-        ) or self.method.ends_early(progress, mean_loss)
+        done = self.method.phase_done(progress, mean_loss, self.convergence_tol)
         self.progress = replace(progress, last_loss=mean_loss)
         if not done:
             return

@@ -174,11 +174,12 @@ class TaskMethod(ABC):
     def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
         """The phase after ``progress``'s (given its last epoch's mean loss), or ``None`` after the last task."""
 
-    def ends_early(self, progress: PhaseProgress, mean_loss: float) -> bool:
-        """True when the phase may end before its epochs are used because the phase that follows is already
-        decided (DEN: selective retraining whose loss cannot reach the expansion threshold); the default never
-        does. ``progress`` counts the epoch just ended, ``progress.last_loss`` is the epoch before's mean loss."""
-        return False
+    def phase_done(self, progress: PhaseProgress, mean_loss: float, tolerance: float) -> bool:
+        """True when the phase ends with the epoch just ended: by default when it has used its epochs or its
+        mean loss levelled off (:func:`phase_is_done`). ``progress`` counts that epoch, ``progress.last_loss``
+        is the epoch before's mean loss. A method overrides it for a phase whose end its loss does not tell
+        (DEN: expansion, whose group lasso prunes on after the loss levels off)."""
+        return phase_is_done(progress, self.phase_epochs(progress.phase), mean_loss, tolerance)
 
     def progress_after(self, learned: int, num_tasks: int) -> tuple[PhaseProgress, PhaseProgress]:
         """For a model that learnt tasks ``0..learned-1``: the last phase it ran and the one that follows

@@ -123,10 +123,20 @@ def test_threshold_out_of_reach_projects_the_latest_rate_over_the_epochs_left(
     ],
 )
 def test_only_selective_retraining_that_would_expand_ends_early(settings, phase, ends):
-    method = DENMethod(loss_threshold=0.1, selective_epochs=20, **settings)
+    method = DENMethod(loss_threshold=0.1, selective_epochs=20, expansion_epochs=20, split_epochs=20, **settings)
     progress = PhaseProgress(task=1, phase=DENPhase(phase), epochs=2, last_loss=1.60)
-    assert method.ends_early(progress, 1.56) is ends  # 1.56 * 0.975**18 = 0.99, far above 0.1
-    assert not method.ends_early(progress, 0.8)  # halving per epoch: 0.8 * 0.5**18 is below 0.1
+    assert method.phase_done(progress, 1.56, 0.0) is ends  # 1.56 * 0.975**18 = 0.99, far above 0.1
+    assert not method.phase_done(progress, 0.8, 0.0)  # halving per epoch: 0.8 * 0.5**18 is below 0.1
+
+
+@pytest.mark.parametrize("phase", list(DENPhase))
+def test_every_phase_but_expansion_ends_once_its_loss_levels_off(phase):
+    """The group lasso prunes on while expansion's loss stays level: only its epoch budget ends it."""
+    method = DENMethod(**dict.fromkeys(PhaseEpochs.ARGUMENTS, 10))
+    level = PhaseProgress(task=1, phase=phase, epochs=3, last_loss=0.5)
+    assert method.phase_done(level, 0.5004, 1e-3) is (phase is not DENPhase.EXPANSION)
+    assert not method.phase_done(level, 0.4, 1e-3)  # still falling: no phase ends
+    assert method.phase_done(PhaseProgress(task=1, phase=phase, epochs=10, last_loss=0.5), 0.4, 1e-3)
 
 
 def test_phase_epochs_total():

@@ -135,10 +135,18 @@ class DENMethod(TaskMethod):
     def following_phase(self, progress: PhaseProgress, mean_loss: float, num_tasks: int) -> PhaseProgress | None:
         return next_phase(progress, mean_loss, self.loss_threshold, num_tasks, self.expansion, self.split)
 
-    def ends_early(self, progress: PhaseProgress, mean_loss: float) -> bool:
-        """With ``early_expansion``: selective retraining ends once its loss cannot reach ``loss_threshold`` in
-        the phase's epochs left (:func:`~lightning_den.core.den.phases.threshold_out_of_reach`)."""
-        if not (self.early_expansion and self.expansion) or DENPhase(progress.phase) is not DENPhase.SELECTIVE:
+    def phase_done(self, progress: PhaseProgress, mean_loss: float, tolerance: float) -> bool:
+        """The phase's epochs are used or its loss levelled off, except that expansion always runs its epochs (the
+        group lasso prunes on while the loss stays level, so an end on a level loss leaves the units a chance
+        moment kept); with ``early_expansion`` selective retraining also ends once its loss cannot reach
+        ``loss_threshold`` in the phase's epochs left (:func:`~lightning_den.core.den.phases.threshold_out_of_reach`).
+        """
+        phase = DENPhase(progress.phase)
+        if phase is DENPhase.EXPANSION:
+            tolerance = 0.0
+        if super().phase_done(progress, mean_loss, tolerance):
+            return True
+        if not (self.early_expansion and self.expansion) or phase is not DENPhase.SELECTIVE:
             return False
         epochs_left = self.phase_epochs(DENPhase.SELECTIVE) - progress.epochs
         return threshold_out_of_reach(progress.last_loss, mean_loss, epochs_left, self.loss_threshold)
