@@ -70,7 +70,8 @@ class DENCallback(TaskSequenceCallback):
         expansion_epochs: most epochs training new units (Eq. 5).
         split_epochs: most epochs of retraining after the split (Eq. 6).
         convergence_tol: a phase ends early once its mean training loss changes by less than this
-            fraction from one epoch to the next; ``0`` runs every phase for its full epochs.
+            fraction from one epoch to the next; ``0`` runs every phase for its full epochs. Expansion
+            always runs its full epochs: its group lasso prunes on while the loss stays level.
         seed: seed of new units' initial weights (the same on every rank).
 
     The default strengths are the official code's at its Adam learning rate of 1e-3 (its thresholds

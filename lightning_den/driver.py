@@ -71,7 +71,9 @@ class TaskSequenceCallback(Callback):
             into it (found automatically when there is exactly one block of the method's type, or else exactly
             one such chain), or a list of such names.
         convergence_tol: a phase ends early once its mean training loss changes by less than this
-            fraction from one epoch to the next; ``0`` runs every phase for its full epochs.
+            fraction from one epoch to the next (where the method lets it:
+            :meth:`~lightning_den.core.method.TaskMethod.phase_done`);
+            ``0`` runs every phase for its full epochs.
 
     Example::
 

@@ -53,7 +53,7 @@ class DENPhase(StrEnum):
 
 @dataclass(frozen=True)
 class PhaseEpochs:
-    """Most epochs each phase may run (a phase also ends early once its loss stops improving).
+    """Most epochs each phase may run (a phase but expansion also ends early once its loss levels off).
 
     Example:
         >>> epochs = PhaseEpochs(sparse=20, head_fit=5, selective=20, expansion=20, split=5)
