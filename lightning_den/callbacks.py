@@ -67,7 +67,7 @@ class DENCallback(TaskSequenceCallback):
         first_task_epochs: most epochs of the first task (sparse training, Eq. 2).
         head_fit_epochs: most epochs fitting a new task's head alone (Eq. 3).
         selective_epochs: most epochs of selective retraining (Eq. 4).
-        expansion_epochs: most epochs training new units (Eq. 5).
+        expansion_epochs: epochs training new units (Eq. 5); expansion always runs all of them.
         split_epochs: most epochs of retraining after the split (Eq. 6).
         convergence_tol: a phase ends early once its mean training loss changes by less than this
             fraction from one epoch to the next; ``0`` runs every phase for its full epochs. Expansion

@@ -236,7 +236,12 @@ class CountEpochs(Callback):
 
 def test_the_epochs_of_every_phase_are_reported_per_task(tmp_path, caplog):
     den = DENCallback(
-        first_task_epochs=3, head_fit_epochs=2, selective_epochs=4, loss_threshold=0.0, convergence_tol=0.05
+        first_task_epochs=3,
+        head_fit_epochs=2,
+        selective_epochs=4,
+        expansion_epochs=6,
+        loss_threshold=0.0,
+        convergence_tol=0.05,
     )
     counter, evaluation = CountEpochs(den), quiet_evaluation(tmp_path, print_report=True)
     trainer = sequence_trainer([counter, den, evaluation])
@@ -246,6 +251,7 @@ def test_the_epochs_of_every_phase_are_reported_per_task(tmp_path, caplog):
     expected = [{phase: n for (t, phase), n in counter.counts.items() if t == task} for task in range(3)]
     assert saved["phase_epochs"] == expected == [evaluation.phase_epochs[t] for t in range(3)]
     assert list(expected[1]) == ["head_fit", "selective", "expansion", "split"]
+    assert [epochs["expansion"] for epochs in expected[1:]] == [6, 6]  # a level loss never ends expansion
     assert sum(sum(epochs.values()) for epochs in expected) == trainer.current_epoch  # every epoch, once
     (line,) = [line for line in caplog.text.splitlines() if line.startswith("epochs per task: ")]
     task_1 = expected[1]

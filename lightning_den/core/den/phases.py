@@ -53,7 +53,8 @@ class DENPhase(StrEnum):
 
 @dataclass(frozen=True)
 class PhaseEpochs:
-    """Most epochs each phase may run (a phase but expansion also ends early once its loss levels off).
+    """Most epochs each phase may run (every phase but expansion also ends early once its loss levels off, and
+    selective retraining with ``early_expansion`` once ``loss_threshold`` is out of reach).
 
     Example:
         >>> epochs = PhaseEpochs(sparse=20, head_fit=5, selective=20, expansion=20, split=5)
