@@ -20,6 +20,7 @@ from lightning_den.driver import sequence_trainer
 from lightning_den.evaluation import task_scores
 from lightning_den.metrics import mlp_parameters
 from lightning_den.report import format_report
+from tests.helpers import short_phases
 
 
 def one_epoch_phases() -> DENCallback:
@@ -235,14 +236,7 @@ class CountEpochs(Callback):
 
 
 def test_the_epochs_of_every_phase_are_reported_per_task(tmp_path, caplog):
-    den = DENCallback(
-        first_task_epochs=3,
-        head_fit_epochs=2,
-        selective_epochs=4,
-        expansion_epochs=6,
-        loss_threshold=0.0,
-        convergence_tol=0.05,
-    )
+    den = DENCallback(**short_phases(selective_epochs=4, expansion_epochs=6, loss_threshold=0.0, convergence_tol=0.05))
     counter, evaluation = CountEpochs(den), quiet_evaluation(tmp_path, print_report=True)
     trainer = sequence_trainer([counter, den, evaluation])
     with caplog.at_level(logging.INFO):
