@@ -448,7 +448,7 @@ def selective_vs_whole(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     """The results as the Markdown table the README shows."""
     rows = []
-    for optimizer, step in results["training_step"].items():
+    for optimizer, step in results.get("training_step", {}).items():
         ratios = ", ".join(f"{phase} {row['den_vs_lightning']:.2f}x" for phase, row in step["phases"].items())
         selective = SELECTION_BUDGET + TARGETS["selective_over_selection"]
         target = (
@@ -476,30 +476,32 @@ def markdown(results: dict[str, Any]) -> str:
         )
         floor = f"{step['lightning_vs_pytorch']:.2f}x"
         rows.append((f"plain Lightning vs a plain PyTorch loop ({optimizer})", floor, "-"))
-    boundaries = results["boundaries"]
-    shares = boundaries["boundary_share"]
-    rows.append(
-        (
-            f"boundary work (decisions, BFS, surgery, optimizer rebuild) per task, {boundaries['tasks']} tasks",
-            f"max {max(shares):.2%}, mean {statistics.mean(shares):.2%} of the task's time",
-            f"< {TARGETS['boundary_share']:.0%}",
+    if "boundaries" in results:
+        boundaries = results["boundaries"]
+        shares = boundaries["boundary_share"]
+        rows.append(
+            (
+                f"boundary work (decisions, BFS, surgery, optimizer rebuild) per task, {boundaries['tasks']} tasks",
+                f"max {max(shares):.2%}, mean {statistics.mean(shares):.2%} of the task's time",
+                f"< {TARGETS['boundary_share']:.0%}",
+            )
         )
-    )
-    inference = results["inference"]
-    rows.append(
-        (
-            f"task 0 after 10 tasks (widths {inference['widths_task0']}) vs a dense network of those widths",
-            f"{inference['task0_vs_dense_task0_width']:.2f}x",
-            f"≤ {TARGETS['task0_inference']:.2f}x",
+    if "inference" in results:
+        inference = results["inference"]
+        rows.append(
+            (
+                f"task 0 after 10 tasks (widths {inference['widths_task0']}) vs a dense network of those widths",
+                f"{inference['task0_vs_dense_task0_width']:.2f}x",
+                f"≤ {TARGETS['task0_inference']:.2f}x",
+            )
         )
-    )
-    rows.append(
-        (
-            f"newest task (widths {inference['widths_newest']}) vs a dense network of those widths",
-            f"{inference['newest_vs_dense_full_width']:.2f}x",
-            "-",
+        rows.append(
+            (
+                f"newest task (widths {inference['widths_newest']}) vs a dense network of those widths",
+                f"{inference['newest_vs_dense_full_width']:.2f}x",
+                "-",
+            )
         )
-    )
     if "scaling" in results:
         scaled = results["scaling"]
         counts = " / ".join(str(row["tasks"]) for row in scaled)
@@ -626,21 +628,27 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "machine": machine(args.accelerator),
         "config": {k: v for k, v in vars(args).items() if k not in ("only_sequence", "out")},
-        "training_step": training_steps(args),
-        "boundaries": den_sequence(args, args.tasks),
-        "inference": timestamped_inference(args),
     }
+    sections: list[tuple[str, Callable[[argparse.Namespace], Any]]] = [
+        ("training_step", training_steps),
+        ("boundaries", lambda args: den_sequence(args, args.tasks)),
+        ("inference", timestamped_inference),
+    ]
     if not args.skip_scaling:
-        results["scaling"] = scaling(args)
-        results["growth"] = growth(results["scaling"][-1])
+        sections.append(("scaling", scaling))
     if not args.skip_alternatives:
-        results["alternatives"] = alternatives(args)
-    results["selective_vs_whole"] = selective_vs_whole(args)
-    table = markdown(results)
+        sections.append(("alternatives", alternatives))
+    sections.append(("selective_vs_whole", selective_vs_whole))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(table)
+    for name, measure in sections:
+        results[name] = measure(args)
+        if name == "scaling":
+            results["growth"] = growth(results["scaling"][-1])
+        # written after every section, so that a run stopped by a time limit keeps what it measured
+        table = markdown(results)
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        out.with_suffix(".md").write_text(table)
     print(table)
 
 

@@ -169,6 +169,19 @@ def test_asked_to_run_alone_the_subnetwork_leaves_the_units_outside_it_out(kind)
         assert torch.equal(whole, mlp(x, task=1)) and not torch.allclose(whole, expected)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_a_gathered_network_moves_between_devices_whole_and_joins_there(kind):
+    # Lightning moves the module to the CPU at teardown, before the callback joins the layout: the subnetwork's
+    # indices must travel with its weights ("meta" stands in for the other device on a machine with no GPU)
+    mlp, _, selection = network(kind)
+    mlp.gather_(selection)
+    mlp.to("meta")
+    assert {t.device.type for t in [*mlp.parameters(), *mlp.buffers()]} == {"meta"}
+    mlp.join_()
+    assert not any(layer.separated for layer in [*mlp.hidden, *mlp.heads.values()])
+    assert not [name for name, _ in mlp.named_parameters() if name.endswith(GATHERED_ENTRIES)]
+
+
 def test_a_subnetwork_that_names_the_wrong_number_of_layers_is_refused():
     mlp = ExpandableMLP(4, [3, 2], head_classes=2)
     with pytest.raises(ValueError, match="the 2 hidden layers, got 2 lists"):

@@ -86,8 +86,10 @@ class ExpandableLinear(nn.Module):
         self.bias = reference.bias
         self.register_buffer("birth", torch.full((self.weight.shape[0],), birth_task, dtype=torch.long))
         self._frozen_block: tuple[int, int] | None = None  # (rows, columns) while train_outside_ holds
-        self._gathered: tuple[Tensor, Tensor] | None = None  # (rows, input units) while gather_ holds
-        self._gathered_columns: Tensor | None = None  # the input units' columns of a Linear weight (None: all)
+        # while gather_ holds: its rows, input units and those units' columns of a Linear weight (None: all).
+        # Buffers, so that they follow the module to a device (Lightning moves it to the CPU at teardown)
+        for name in GATHER_INDICES:
+            self.register_buffer(name, None, persistent=False)
         self._synced_versions: tuple[int, ...] = ()  # the separate Parameters' versions ``weight`` holds
 
     @property
@@ -179,13 +181,18 @@ class ExpandableLinear(nn.Module):
     @property
     def gathering(self) -> bool:
         """Whether :meth:`gather_` holds (a subnetwork trains through compact Parameters)."""
-        return self._gathered is not None
+        return self._gathered_rows is not None
+
+    @property
+    def _gathered(self) -> tuple[Tensor, Tensor] | None:
+        """The rows and input units :meth:`gather_` holds (``None`` when it does not)."""
+        return None if self._gathered_rows is None else (self._gathered_rows, self._gathered_units)
 
     @property
     def separated(self) -> bool:
         """Whether :meth:`train_outside_` or :meth:`gather_` holds (the trained entries are Parameters of their
         own)."""
-        return self._frozen_block is not None or self._gathered is not None
+        return self._frozen_block is not None or self.gathering
 
     @torch.no_grad()
     def train_outside_(self, rows: int, columns: int) -> None:
@@ -221,7 +228,7 @@ class ExpandableLinear(nn.Module):
     def sync_(self) -> None:
         """Write the trained Parameters of :meth:`train_outside_` or :meth:`gather_` into ``weight`` and
         ``bias`` (no-op otherwise)."""
-        if self._gathered is not None:
+        if self.gathering:
             rows, units = self._gathered
             weight, bias = (tensor.detach() for tensor in self.gathered_parameters())
             by_unit, gathered = self.by_input_unit(self.weight.detach()), self.by_input_unit(weight)
@@ -243,7 +250,7 @@ class ExpandableLinear(nn.Module):
         self.sync_()
         for name in SEPARATE_PARAMETERS:
             self._parameters.pop(name, None)
-        self._frozen_block = self._gathered = self._gathered_columns = None
+        self._frozen_block = self._gathered_rows = self._gathered_units = self._gathered_columns = None
         self.weight.requires_grad_(True)
         self.bias.requires_grad_(True)
 
@@ -266,7 +273,7 @@ class ExpandableLinear(nn.Module):
             torch.Size([5, 2])
         """
         self.join_()
-        self._gathered = (rows, units)
+        self._gathered_rows, self._gathered_units = rows, units
         group = torch.arange(self.entries_per_unit, device=units.device)
         columns = (units[:, None] * self.entries_per_unit + group).flatten()
         self._gathered_columns = None if columns.numel() == self.in_features else columns
@@ -491,6 +498,8 @@ TRAINED_ENTRIES = ("new_unit_weight", "new_unit_bias", "old_unit_new_inputs")
 GATHERED_ENTRIES = ("gathered_weight", "gathered_bias")
 #: every Parameter a layer may hold beside ``weight`` and ``bias``
 SEPARATE_PARAMETERS = (*TRAINED_ENTRIES, *GATHERED_ENTRIES)
+#: the index buffers (not saved) of :meth:`ExpandableLinear.gather_`
+GATHER_INDICES = ("_gathered_rows", "_gathered_units", "_gathered_columns")
 
 
 class ExpandableMLP(PerTaskHeads, nn.Module):
@@ -534,7 +543,8 @@ class ExpandableMLP(PerTaskHeads, nn.Module):
         self.hidden = nn.ModuleList(layers)
         self.heads = nn.ModuleDict({"0": ExpandableLinear(layers[-1].out_features, self.classes_of(0))})
         self._width_cache: dict[int, tuple[int, ...]] = {}
-        self._gathered_inputs: Tensor | None = None  # input units of the subnetwork gather_ holds (None: all)
+        # input units of the subnetwork gather_ holds (None: all); a buffer, to follow the module to a device
+        self.register_buffer("_gathered_inputs", None, persistent=False)
         self._gathered_alone = False  # whether nothing outside that subnetwork reaches it
         self.register_load_state_dict_post_hook(_forget_widths)
 
