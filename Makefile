@@ -3,7 +3,9 @@
 # constraints.txt (pyproject.toml holds the package's own, wider ranges). `make test` is the fast lane
 # (lint and every test not marked `slow`); `make test-slow` runs the end-to-end runs marked `slow` (DDP,
 # CLI, examples in subprocesses); CI runs both. `make bench` runs the performance suite (a few minutes;
-# writes benchmarks/results/perf.json and perf.md).
+# writes benchmarks/results/perf.json and perf.md). `make bench-gpu` runs the CUDA tests and the suite on a GPU,
+# sized to finish in about six minutes on an H200 (writes $(GPU_RESULTS)/perf_cuda*.{json,md}); on a machine whose
+# python already holds CUDA torch and the dependencies, skip the venv: `make bench-gpu BIN=/path/to/bin STAMP=`.
 #
 # .venv is made by $(PYTHON) if given (`make PYTHON=/path/to/python3.12 test`), otherwise by the first of
 # $(PYTHON_CANDIDATES) that runs and is Python >= 3.11 with the venv module.
@@ -17,8 +19,9 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 LINT_PATHS := lightning_den tests examples benchmarks
 PYTEST_ARGS ?=
+GPU_RESULTS ?= benchmarks/results
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-slow bench bench-gpu lint clean
 
 $(BIN)/python:
 	@py="$(PYTHON)"; \
@@ -58,6 +61,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/perf.py
+
+bench-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+	$(BIN)/python benchmarks/perf.py --accelerator cuda --rounds 3 --skip-scaling --out $(GPU_RESULTS)/perf_cuda
+	$(BIN)/python benchmarks/perf.py --accelerator cuda --width-in 4096 --hidden 4096 4096 --batch 1024 \
+	  --examples 16384 --rounds 3 --skip-scaling --skip-alternatives --out $(GPU_RESULTS)/perf_cuda_wide
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check $(LINT_PATHS)
