@@ -4,7 +4,7 @@
 # (lint and every test not marked `slow`); `make test-slow` runs the end-to-end runs marked `slow` (DDP,
 # CLI, examples in subprocesses); CI runs both. `make bench` runs the performance suite (a few minutes;
 # writes benchmarks/results/perf.json and perf.md). `make bench-gpu` runs the CUDA tests and the suite on a GPU,
-# sized to finish in about six minutes on an H200 (writes $(GPU_RESULTS)/perf_cuda*.{json,md}); on a machine whose
+# three rounds and no scaling rows, to fit a short GPU lease (writes $(GPU_RESULTS)/perf_cuda*.{json,md}); on a machine whose
 # python already holds CUDA torch and the dependencies, skip the venv: `make bench-gpu BIN=/path/to/bin STAMP=`.
 #
 # .venv is made by $(PYTHON) if given (`make PYTHON=/path/to/python3.12 test`), otherwise by the first of
