@@ -3,9 +3,9 @@
 # constraints.txt (pyproject.toml holds the package's own, wider ranges). `make test` is the fast lane
 # (lint and every test not marked `slow`); `make test-slow` runs the end-to-end runs marked `slow` (DDP,
 # CLI, examples in subprocesses); CI runs both. `make bench` runs the performance suite (a few minutes;
-# writes benchmarks/results/perf.json and perf.md). `make bench-gpu` runs the CUDA tests and the suite on a GPU,
-# three rounds and no scaling rows, to fit a short GPU lease (writes $(GPU_RESULTS)/perf_cuda*.{json,md}); on a machine whose
-# python already holds CUDA torch and the dependencies, skip the venv: `make bench-gpu BIN=/path/to/bin STAMP=`.
+# writes benchmarks/results/perf.json and perf.md). `make bench-gpu` runs the CUDA tests and the suite on a
+# GPU, three rounds and no scaling rows, to fit a short GPU lease (writes $(GPU_RESULTS)/perf_cuda*.{json,md});
+# where a python already holds CUDA torch and the dependencies, skip the venv: `make bench-gpu BIN=/its/bin STAMP=`.
 #
 # .venv is made by $(PYTHON) if given (`make PYTHON=/path/to/python3.12 test`), otherwise by the first of
 # $(PYTHON_CANDIDATES) that runs and is Python >= 3.11 with the venv module.
