@@ -31,7 +31,7 @@ class GatheredAtTrainEnd(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.layers = [
-            (layer, *(t.detach().cpu().clone() for t in (*layer._gathered, layer.gathered_weight)))
+            (layer, *(t.detach().cpu().clone() for t in (*layer._gathered, layer.gathered_parameters()[0])))
             for layer in pl_module.mlp.hidden
         ]
 

@@ -169,6 +169,15 @@ def test_asked_to_run_alone_the_subnetwork_leaves_the_units_outside_it_out(kind)
         assert torch.equal(whole, mlp(x, task=1)) and not torch.allclose(whole, expected)
 
 
+def held_tensors(module: torch.nn.Module) -> list[Tensor]:
+    """Every tensor ``module`` holds: Parameters, buffers and plain attributes of its modules (alone or in a tuple)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    for each in module.modules():
+        for value in vars(each).values():
+            tensors += [t for t in (value if isinstance(value, tuple | list) else [value]) if isinstance(t, Tensor)]
+    return tensors
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_a_gathered_network_moves_between_devices_whole_and_joins_there(kind):
     # Lightning moves the module to the CPU at teardown, before the callback joins the layout: the subnetwork's
@@ -176,7 +185,7 @@ def test_a_gathered_network_moves_between_devices_whole_and_joins_there(kind):
     mlp, _, selection = network(kind)
     mlp.gather_(selection)
     mlp.to("meta")
-    assert {t.device.type for t in [*mlp.parameters(), *mlp.buffers()]} == {"meta"}
+    assert {t.device.type for t in held_tensors(mlp)} == {"meta"}
     mlp.join_()
     assert not any(layer.separated for layer in [*mlp.hidden, *mlp.heads.values()])
     assert not [name for name, _ in mlp.named_parameters() if name.endswith(GATHERED_ENTRIES)]

@@ -71,6 +71,9 @@ class ExpandableLinear(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter
     birth: Tensor
+    _gathered_rows: Tensor | None
+    _gathered_units: Tensor | None
+    _gathered_columns: Tensor | None
 
     def __init__(self, in_features: int, out_features: int, birth_task: int = 0, input_group: int = 1) -> None:
         super().__init__()
@@ -250,7 +253,9 @@ class ExpandableLinear(nn.Module):
         self.sync_()
         for name in SEPARATE_PARAMETERS:
             self._parameters.pop(name, None)
-        self._frozen_block = self._gathered_rows = self._gathered_units = self._gathered_columns = None
+        self._frozen_block = None
+        for name in GATHER_INDICES:
+            setattr(self, name, None)
         self.weight.requires_grad_(True)
         self.bias.requires_grad_(True)
 
