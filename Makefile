@@ -4,8 +4,9 @@
 # (lint and every test not marked `slow`); `make test-slow` runs the end-to-end runs marked `slow` (DDP,
 # CLI, examples in subprocesses); CI runs both. `make bench` runs the performance suite (a few minutes;
 # writes benchmarks/results/perf.json and perf.md). `make bench-gpu` runs the CUDA tests and the suite on a
-# GPU, three rounds and no scaling rows, to fit a short GPU lease (writes $(GPU_RESULTS)/perf_cuda*.{json,md});
-# where a python already holds CUDA torch and the dependencies, skip the venv: `make bench-gpu BIN=/its/bin STAMP=`.
+# GPU, three rounds, no scaling or alternatives rows, to fit a short GPU lease (writes
+# $(GPU_RESULTS)/perf_cuda*.{json,md}); where a python already holds CUDA torch and the dependencies, skip the
+# venv: `make bench-gpu BIN=/its/bin STAMP=`.
 #
 # .venv is made by $(PYTHON) if given (`make PYTHON=/path/to/python3.12 test`), otherwise by the first of
 # $(PYTHON_CANDIDATES) that runs and is Python >= 3.11 with the venv module.
@@ -64,7 +65,8 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
-	$(BIN)/python benchmarks/perf.py --accelerator cuda --rounds 3 --skip-scaling --out $(GPU_RESULTS)/perf_cuda
+	$(BIN)/python benchmarks/perf.py --accelerator cuda --rounds 3 --skip-scaling --skip-alternatives \
+	  --out $(GPU_RESULTS)/perf_cuda
 	$(BIN)/python benchmarks/perf.py --accelerator cuda --width-in 4096 --hidden 4096 4096 --batch 1024 \
 	  --examples 16384 --rounds 3 --skip-scaling --skip-alternatives --out $(GPU_RESULTS)/perf_cuda_wide
 
