@@ -517,6 +517,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "-",
             )
         )
+    if "growth" in results:
         growth = results["growth"]
         rows.append(
             (
@@ -635,7 +636,7 @@ def main(argv: list[str] | None = None) -> None:
         ("inference", timestamped_inference),
     ]
     if not args.skip_scaling:
-        sections.append(("scaling", scaling))
+        sections += [("scaling", scaling), ("growth", lambda args: growth(results["scaling"][-1]))]
     if not args.skip_alternatives:
         sections.append(("alternatives", alternatives))
     sections.append(("selective_vs_whole", selective_vs_whole))
@@ -643,8 +644,6 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for name, measure in sections:
         results[name] = measure(args)
-        if name == "scaling":
-            results["growth"] = growth(results["scaling"][-1])
         # written after every section, so that a run stopped by a time limit keeps what it measured
         table = markdown(results)
         out.with_suffix(".json").write_text(json.dumps(results, indent=2))
