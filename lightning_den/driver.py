@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from enum import StrEnum
 from typing import Any
@@ -46,14 +46,13 @@ from lightning_den.core.method import PhaseProgress, TaskMethod, Trainable
 from lightning_den.core.routing import set_active_task, task_blocks
 from lightning_den.module import EPOCH_END, refuse_resuming_within_an_epoch
 from lightning_den.progress import show_task_and_phase
+from lightning_den.routed_evaluation import TASK_STREAM_API, RoutedEvaluation
 
-#: what the driver (and TaskEvaluation) use of a datamodule; TaskSequenceDataModule has all of it
-_TASK_STREAM_API = ("num_tasks", "current_task", "set_task", "num_classes", "task_dataloader")
 #: what Lightning sets `max_epochs` to when neither it nor `max_steps`/`max_time` is given
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 
 
-class TaskSequenceCallback(Callback):
+class TaskSequenceCallback(RoutedEvaluation):
     """Runs a task method on a LightningModule over a whole task stream in one fit.
 
     The module is a :class:`~lightning_den.DENLightningModule`, or any LightningModule whose MLP part is an
@@ -104,6 +103,9 @@ class TaskSequenceCallback(Callback):
         self._in_epoch = False
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
+        self._batches = 0  # of the epoch so far
+        self._cut_short: tuple[int, int] | None = None  # batches run and due in an epoch the Trainer stopped
+        self._sanity_steps: float | None = None  # the Trainer's, while a fit skips its sanity check
 
     # ------------------------------------------------------------------ what the driver shows
 
@@ -180,7 +182,7 @@ class TaskSequenceCallback(Callback):
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A fit without a checkpoint: task 0 of a fresh model, or the first task a loaded model has not learnt."""
         name, datamodule = type(self).__name__, trainer.datamodule
-        if not self._finished and (self.progress.task > 0 or self.progress.epochs > 0):
+        if not self._finished and (self.progress.task > 0 or self.progress.epochs > 0 or self._cut_short):
             raise MisconfigurationException(
                 f"this {name} stopped in the middle of task {self.progress.task} of an earlier fit; to finish that "
                 "sequence resume it from its last checkpoint with `trainer.fit(model, datamodule=dm, "
@@ -206,7 +208,7 @@ class TaskSequenceCallback(Callback):
                     f"model has learnt none: {name} starts from a freshly built model or continues one that "
                     "finished its tasks"
                 )
-        self._check_labels(datamodule, 0)
+        self._check_labels(datamodule, range(datamodule.num_tasks))  # before any task trains
         datamodule.set_task(0)
         set_active_task(pl_module, 0)
 
@@ -229,7 +231,7 @@ class TaskSequenceCallback(Callback):
                 )
         # the phase that ended task learned - 1 (walking the phases, expanding wherever it may)
         self.progress, target = self.method.progress_after(learned, tasks)
-        self._check_labels(trainer.datamodule, target.task)
+        self._check_labels(trainer.datamodule, range(target.task, tasks))
         plan = trainer.strategy.broadcast(self._plan(trainer, target), src=0)
         trainer.datamodule.set_task(target.task)
         self._continued = self._cross(pl_module, target, plan)
@@ -273,6 +275,7 @@ class TaskSequenceCallback(Callback):
                 self._decide_after_last_task(trainer, pl_module)
         else:
             self._start(trainer, pl_module)
+        self._cut_short = None
         self._enter_phase(pl_module)  # masks and references on the device the model has now
         rebuild_training_objects(trainer)
         if self._continued is not None:
@@ -280,9 +283,26 @@ class TaskSequenceCallback(Callback):
             self._continued = None
         check_optimizers_cover(trainer, pl_module)
         self._hook_optimizers(trainer)
+        self._skip_sanity_check_of_a_task_to_come(trainer)
         rank_zero_info(
             f"{self.method.name}: task {self.progress.task}, phase {self.progress.phase}, widths {self._widths_text()}"
         )
+
+    def _skip_sanity_check_of_a_task_to_come(self, trainer: pl.Trainer) -> None:
+        """A fit resumed or continued at a task boundary validates a task whose head comes when its first epoch
+        starts: Lightning's sanity check, which runs before that, is skipped for this fit (as Lightning skips it
+        when resuming in the middle of an evaluation)."""
+        task = trainer.datamodule.current_task
+        if not trainer.num_sanity_val_steps or all(task < block.num_tasks for block in self._blocks.values()):
+            return
+        self._sanity_steps, trainer.num_sanity_val_steps = trainer.num_sanity_val_steps, 0
+        rank_zero_info(f"{self.method.name}: no sanity check, task {task} starts with the first epoch")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give the Trainer back the sanity check steps this fit skipped."""
+        if self._sanity_steps is not None:
+            trainer.num_sanity_val_steps, self._sanity_steps = self._sanity_steps, None
 
     def _decide_after_last_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resumed from the end of a sequence: go on with the next task if the stream has more, else stop."""
@@ -306,17 +326,24 @@ class TaskSequenceCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Name where an interrupted sequence stopped and how to go on; give the blocks their plain layout
-        (Lightning skips ``teardown`` after an exception)."""
+        (Lightning skips ``teardown`` after an exception) and the task they routed to before an evaluation."""
+        super().on_exception(trainer, pl_module, exception)
         self._plain_layout()
         if isinstance(exception, KeyboardInterrupt) and not self._finished:
             self._warn_incomplete(trainer, "it was interrupted")
 
     def _warn_incomplete(self, trainer: pl.Trainer, reason: str) -> None:
+        cut_short = (
+            f" and {self._cut_short[0]} of the {self._cut_short[1]} batches of the next, which is not counted (a "
+            "resumed fit trains that epoch again, whole, so it will not match an uninterrupted run bit for bit)"
+            if self._cut_short is not None
+            else ""
+        )
         message = (
             f"{self.method.name} stopped at task {self.progress.task} (tasks 0..{trainer.datamodule.num_tasks - 1}), "
-            f"phase '{self.progress.phase}' after {self.progress.epochs} epoch(s) of it, because {reason}: the "
-            "sequence is incomplete. To go on, remove what stopped it and resume from the last checkpoint written "
-            "at an epoch end: `trainer.fit(model, datamodule=dm, ckpt_path=...)` (e.g. with "
+            f"phase '{self.progress.phase}' after {self.progress.epochs} epoch(s) of it{cut_short}, because {reason}: "
+            "the sequence is incomplete. To go on, remove what stopped it and resume from the last checkpoint "
+            "written at an epoch end: `trainer.fit(model, datamodule=dm, ckpt_path=...)` (e.g. with "
             "`ModelCheckpoint(save_last=True)`, `ckpt_path='last'`)."
         )
         if trainer.fast_dev_run:
@@ -344,7 +371,7 @@ class TaskSequenceCallback(Callback):
             cross_boundary(trainer, pl_module, lambda: self._cross(pl_module, target, plan))
             self._hook_optimizers(trainer)
         self._loss_sum = torch.zeros((), device=pl_module.device)
-        self._loss_count = 0
+        self._loss_count, self._batches = 0, 0
         self._in_epoch = True
 
     @override
@@ -365,6 +392,7 @@ class TaskSequenceCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._batches = batch_idx + 1
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor) and self._loss_sum is not None:
             # Lightning hands over the loss divided by `accumulate_grad_batches`; undo that. The sum stays
@@ -374,7 +402,16 @@ class TaskSequenceCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Decide, on the epoch's mean loss (reduced over ranks), whether the phase ends and what follows."""
+        """Decide, on the epoch's mean loss (reduced over ranks), whether the phase ends and what follows.
+
+        An epoch the Trainer stopped before its last batch (``max_steps``, ``max_time``, ``should_stop``) decides
+        nothing and is not counted: a fit resumed from its end trains the phase's epoch again, whole.
+        """
+        due = trainer.num_training_batches
+        if math.isfinite(due) and self._batches < due:
+            self._in_epoch = False
+            self._cut_short = (self._batches, int(due)) if self._batches else None
+            return
         mean_loss = self._epoch_mean_loss(trainer, pl_module)
         self._in_epoch = False
         if mean_loss is None:
@@ -400,7 +437,7 @@ class TaskSequenceCallback(Callback):
     def _schedule(self, trainer: pl.Trainer, target: PhaseProgress) -> None:
         """Decide the surgery for entering ``target`` (rank 0's plan, broadcast); it is applied next epoch."""
         if target.task != self.progress.task:
-            self._check_labels(trainer.datamodule, target.task)  # before anything changes
+            self._check_labels(trainer.datamodule, [target.task])  # before anything changes
         plan = trainer.strategy.broadcast(self._plan(trainer, target), src=0)
         if target.task != self.progress.task:
             trainer.datamodule.set_task(target.task)
@@ -467,16 +504,17 @@ class TaskSequenceCallback(Callback):
             handle.remove()
         self._step_hooks = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
 
-    def _check_labels(self, datamodule: Any, task: int) -> None:
-        """Raise if ``task``'s labels do not fit the head the block will give it (with several blocks: the
-        largest head, as any of them may produce the logits)."""
-        labels = datamodule.num_classes(task)
-        outputs = max(block.classes_of(task) for block in self._blocks.values())
-        if labels > outputs:
-            raise ValueError(
-                f"task {task} has labels up to {labels - 1} but its head will have {outputs} outputs: build the "
-                f"model with at least {labels} classes for task {task} (e.g. `num_classes={labels}`)"
-            )
+    def _check_labels(self, datamodule: Any, tasks: Iterable[int]) -> None:
+        """Raise if the labels of one of ``tasks`` do not fit the head the block will give it (with several
+        blocks: the largest head, as any of them may produce the logits)."""
+        for task in tasks:
+            labels = datamodule.num_classes(task)
+            outputs = max(block.classes_of(task) for block in self._blocks.values())
+            if labels > outputs:
+                raise ValueError(
+                    f"task {task} has labels up to {labels - 1} but its head will have {outputs} outputs: build the "
+                    f"model with at least {labels} classes for task {task} (e.g. `num_classes={labels}`)"
+                )
 
     def _epoch_mean_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         count = torch.tensor(float(self._loss_count), device=pl_module.device)
@@ -679,7 +717,7 @@ def _check_trainer(trainer: pl.Trainer, name: str) -> None:
 def _check_datamodule(trainer: pl.Trainer, name: str) -> None:
     """Refuse a datamodule that is not a task stream."""
     datamodule = trainer.datamodule
-    missing = [attr for attr in _TASK_STREAM_API if not hasattr(datamodule, attr)]
+    missing = [attr for attr in TASK_STREAM_API if not hasattr(datamodule, attr)]
     if datamodule is None or missing:
         raise MisconfigurationException(
             f"{name} needs a task-sequence datamodule with `num_tasks`, `current_task`, `set_task(task)`, "

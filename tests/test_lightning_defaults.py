@@ -271,6 +271,30 @@ def test_a_fit_stopped_by_max_steps_resumes_with_the_same_objects(tmp_path):
     assert model.tasks_learned == 3
 
 
+def test_an_epoch_cut_short_by_max_steps_decides_nothing_and_is_trained_again_on_resuming(tmp_path):
+    den, model = quick_den(first_task_epochs=3), tiny_model()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    # three batches an epoch: step 4 is the first batch of task 0's second epoch
+    with pytest.warns(UserWarning, match="after 1 epoch\\(s\\) of it and 1 of the 3 batches of the next, which is not"):
+        default_trainer(tmp_path, [den, checkpoint], max_steps=4).fit(model, datamodule=tiny_stream(2))
+    assert (den.progress.task, den.progress.phase, den.progress.epochs) == (0, "sparse", 1)
+    epochs = []
+    resumed = default_trainer(tmp_path, [den, EpochsOfPhases(epochs)])
+    resumed.fit(model, datamodule=tiny_stream(2), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert epochs.count((0, "sparse")) == 2 and model.tasks_learned == 2  # the cut epoch again, then the third
+
+
+class EpochsOfPhases(Callback):
+    """The task and phase of every training epoch a fit runs."""
+
+    def __init__(self, epochs: list) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        den = next(cb for cb in trainer.callbacks if isinstance(cb, DENCallback))
+        self.epochs.append((den.progress.task, str(den.progress.phase)))
+
+
 def test_a_model_that_learnt_the_whole_stream_has_nothing_to_continue(finished_run):
     folder, _, _, _ = finished_run
     restored = DENMLP.load_from_checkpoint(folder / "ckpt" / "last.ckpt", weights_only=True)

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_den
 from lightning_den import DENCallback, PackNetCallback, ProgressiveCallback, TaskEvaluation
@@ -69,6 +70,63 @@ def test_a_users_module_trains_the_whole_sequence_as_written(tmp_path, method):
     assert summary["complete"] and len(summary["accuracy"]) == 5 and len(watch.outputs) == 5
     if method in ("pnn", "packnet"):  # zero forgetting, bit for bit, through the user's forward(x)
         assert all(torch.equal(outputs, watch.outputs[0]) for outputs in watch.outputs)
+
+
+class EvaluatedUserModule(UserModule):
+    """Validation, test and predict written as for any Lightning module: ``self(x)``, no task argument."""
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean())
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(-1) == y).float().mean())
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        return self(batch[0])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_users_evaluation_scores_each_task_of_the_stream_through_its_own_network(tmp_path, method):
+    torch.manual_seed(0)
+    model, stream = EvaluatedUserModule(), tiny_stream(3)
+    run = trainer(tmp_path, [METHODS[method]()])  # validation and its sanity check on, as Lightning's defaults
+    run.fit(model, datamodule=stream)
+    assert {f"val_acc/dataloader_idx_{task}" for task in range(3)} <= set(run.callback_metrics)
+    predicted = run.predict(model, datamodule=stream)
+    scores = run.test(model, datamodule=stream, verbose=False)
+    model.eval()
+    for task in range(3):
+        with torch.no_grad(), lightning_den.task(model, task):
+            batches = [(model(x), y) for x, y in stream.task_dataloader(task, "test")]
+        assert all(torch.equal(got, want) for got, (want, _) in zip(predicted[task], batches, strict=True))
+        correct = sum(int((logits.argmax(-1) == y).sum()) for logits, y in batches)
+        accuracy = correct / sum(len(y) for _, y in batches)
+        assert scores[task][f"test_acc/dataloader_idx_{task}"] == pytest.approx(accuracy)
+    assert model.net.active_task == 2  # forward(x) is routed to the newest task again
+
+    x = torch.randn(7, IN_FEATURES)  # loaders of the user's own are not a task stream: left alone
+    (own,) = run.predict(model, dataloaders=DataLoader(TensorDataset(x), batch_size=7))
+    assert torch.equal(own, model(x))
+
+    ahead = tiny_stream(3)
+    ahead.set_task(2)
+    shorter = EvaluatedUserModule()
+    trainer(tmp_path, [METHODS[method]()]).fit(shorter, datamodule=tiny_stream(2))
+    with pytest.raises(ValueError, match="task 2 was never trained"):
+        trainer(tmp_path, [METHODS[method]()]).validate(shorter, datamodule=ahead)
+    assert shorter.net.active_task == 1
+
+
+def test_a_run_resumed_at_a_task_boundary_skips_only_the_sanity_check_of_the_task_to_come(tmp_path):
+    torch.manual_seed(0)
+    latest = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, [DENCallback(**short_phases()), latest]).fit(EvaluatedUserModule(), datamodule=tiny_stream(2))
+    resumed, run = EvaluatedUserModule(), trainer(tmp_path, [DENCallback(**short_phases())])
+    run.fit(resumed, datamodule=tiny_stream(3), ckpt_path=tmp_path / "ckpt" / "last.ckpt")  # task 2 comes next
+    assert resumed.net.tasks_learned == 3 and run.num_sanity_val_steps == 2
+    assert {f"val_acc/dataloader_idx_{task}" for task in range(3)} <= set(run.callback_metrics)
 
 
 def test_a_converted_module_resumes_from_its_checkpoint_and_loads_into_a_fresh_instance(tmp_path):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_den.core.checks import check_count, check_sizes
 from lightning_den.core.init import conv_settings
-from lightning_den.core.tasks import ELEMENTWISE, activation_modules
+from lightning_den.core.tasks import ELEMENTWISE, activation_modules, require_tensor
 
 #: parameter-free modules that act on each channel alone, so they can sit between convolutions whose filters
 #: are added, removed or owned by tasks
@@ -245,9 +245,11 @@ class ConvolutionalBlock:
             (5, 1, 8, 8)
 
         Raises:
+            TypeError: ``x`` is not a tensor (e.g. a whole ``(inputs, labels)`` batch).
             ValueError: naming the expected shape, unless ``x`` is a batch of images of this block's channels
                 (and shape, when known) or their rows.
         """
+        require_tensor(x)
         if self.in_shape is None:
             if x.ndim != 4 or x.shape[1] != self.in_features:
                 raise ValueError(

@@ -75,6 +75,24 @@ def parse_head_classes(head_classes: int | Sequence[int]) -> int | tuple[int, ..
     return int(head_classes) if isinstance(head_classes, int) else tuple(int(c) for c in classes)
 
 
+def require_tensor(x: Any) -> None:
+    """Raise a ``TypeError`` naming the fix unless the inputs ``x`` given to a block are a tensor.
+
+    Example:
+        >>> import torch
+        >>> try:
+        ...     require_tensor([torch.zeros(2, 3), torch.zeros(2)])
+        ... except TypeError as error:
+        ...     print(str(error).split(":")[0])
+        a block takes a tensor of inputs, got list
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"a block takes a tensor of inputs, got {type(x).__name__}: for a batch of (inputs, labels), pass its "
+            "inputs (`model(batch[0])`, e.g. in `predict_step`)"
+        )
+
+
 class PerTaskHeads:
     """Mixin of the blocks (``ExpandableMLP``, ``ProgressiveMLP``, ``PackNetMLP``): a subclass defines
     ``num_tasks`` and sets ``head_classes`` (see :func:`parse_head_classes`)."""
@@ -105,8 +123,10 @@ class PerTaskHeads:
         :class:`~lightning_den.core.convolutional.ConvolutionalBlock`).
 
         Raises:
+            TypeError: ``x`` is not a tensor (e.g. a whole ``(inputs, labels)`` batch).
             ValueError: naming the expected shape.
         """
+        require_tensor(x)
         if x.ndim != 2 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected inputs of shape [batch, {self.in_features}], got {tuple(x.shape)}; "
