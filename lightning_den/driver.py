@@ -160,6 +160,7 @@ class TaskSequenceCallback(RoutedEvaluation):
             return
         self._check_epoch_limit(trainer, trainer.datamodule.num_tasks)
         _warn_of_checkpoints_within_epochs(trainer)
+        _warn_of_last_checkpoints_that_follow_a_monitor(trainer)
         show_task_and_phase(trainer.progress_bar_callback)
 
     def _refuse_other_blocks(self, pl_module: pl.LightningModule) -> None:
@@ -737,6 +738,19 @@ def _warn_of_checkpoints_within_epochs(trainer: pl.Trainer) -> None:
                 f"{type(checkpoint).__name__}(dirpath={checkpoint.dirpath!r}) saves after validation, before the "
                 "end of the training epoch where the task sequence decides its phases: its checkpoints keep the "
                 "weights but cannot resume the sequence. Pass `save_on_train_epoch_end=True` to it."
+            )
+
+
+def _warn_of_last_checkpoints_that_follow_a_monitor(trainer: pl.Trainer) -> None:
+    """Warn of ``ModelCheckpoint(monitor=..., save_last=True)``: Lightning refreshes its ``last.ckpt`` only when it
+    saves a best checkpoint, and a score over the tasks seen so far seldom improves once harder tasks join it."""
+    for checkpoint in trainer.checkpoint_callbacks:
+        if getattr(checkpoint, "monitor", None) is not None and getattr(checkpoint, "save_last", None) is True:
+            rank_zero_warn(
+                f"{type(checkpoint).__name__}(monitor={checkpoint.monitor!r}, save_last=True) writes its last.ckpt "
+                f"only when {checkpoint.monitor!r} improves, which a score over the tasks seen so far seldom does once "
+                "more tasks join it: that file may hold an early task, not the end of the sequence. To resume a "
+                "sequence, add a `ModelCheckpoint(save_last=True)` without `monitor`."
             )
 
 

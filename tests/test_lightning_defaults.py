@@ -295,6 +295,15 @@ class EpochsOfPhases(Callback):
         self.epochs.append((den.progress.task, str(den.progress.phase)))
 
 
+def test_a_monitored_checkpoint_whose_last_file_would_stay_behind_is_named_at_setup(tmp_path):
+    monitored = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val/loss/avg", save_last=True)
+    with pytest.warns(UserWarning, match="save_last=True\\) writes its last.ckpt only when 'val/loss/avg' improves"):
+        default_trainer(tmp_path, [quick_den(), monitored]).fit(tiny_model(), datamodule=tiny_stream(2))
+    # Lightning refreshed last.ckpt only at the best epoch: the monitored file did not follow the sequence's end
+    last = torch.load(tmp_path / "best" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == torch.load(monitored.best_model_path, weights_only=True)["global_step"]
+
+
 def test_a_model_that_learnt_the_whole_stream_has_nothing_to_continue(finished_run):
     folder, _, _, _ = finished_run
     restored = DENMLP.load_from_checkpoint(folder / "ckpt" / "last.ckpt", weights_only=True)
