@@ -110,6 +110,15 @@ def test_mnist_in_torchvision_layout_with_the_full_set_uses_the_official_split(t
     assert len(dm.train_tasks[0][1]) == 500 and len(dm.test_tasks[0][1]) == 10_000
 
 
+@pytest.mark.parametrize(
+    ("stream", "num_tasks", "message"),
+    [("permuted", 0, "must be at least 1, got 0"), ("split", 6, "must be 1..5, got 6")],
+)
+def test_a_task_count_a_stream_cannot_have_is_refused_with_its_range(stream, num_tasks, message):
+    with pytest.raises(ValueError, match=f"`num_tasks` for the '{stream}' stream {message}"):
+        MNISTStream("unused", stream=stream, num_tasks=num_tasks)  # refused before any file is read
+
+
 def test_missing_mnist_files_name_where_they_were_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
         MNISTStream(str(tmp_path))
@@ -140,6 +149,14 @@ def test_tensor_file_without_test_tasks_is_refused(tmp_path):
     path = tmp_path / "stream.pt"
     torch.save({"train": SplitDigits(num_tasks=1).train_tasks}, path)
     with pytest.raises(ValueError, match="no 'test' tasks"):
+        TensorFileStream(str(path))
+
+
+@pytest.mark.parametrize("content", [b"hello", bytes(range(256)) * 2], ids=["text", "bytes"])
+def test_a_file_that_is_not_a_saved_stream_is_refused_with_what_it_must_hold(tmp_path, content):
+    path = tmp_path / "stream.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"is not a file of `torch.save\(\{'train'"):
         TensorFileStream(str(path))
 
 

@@ -12,6 +12,7 @@ checks of :class:`~lightning_den.data.module.TaskSequenceDataModule`.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,13 @@ def _from_npz(path: Path) -> dict[str, list[TaskTensors]]:
 
 
 def _from_pt(path: Path) -> dict[str, list[TaskTensors]]:
-    content = torch.load(path, weights_only=True)
+    try:
+        content = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:  # what torch.load raises on other bytes
+        raise ValueError(
+            f"{path} is not a file of `torch.save({{'train': [(x, y), ...], 'test': [...]}}, path)` that loads with "
+            f"`weights_only=True` (torch.load: {type(error).__name__}: {error})"
+        ) from error
     if not isinstance(content, dict):
         raise ValueError(f"{path} must hold a dict with 'train' and 'test' lists, got {type(content).__name__}")
     return {split: [tuple(pair) for pair in content[split]] for split in ("train", "val", "test") if split in content}

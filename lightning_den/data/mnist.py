@@ -113,7 +113,8 @@ class MNISTStream(TaskSequenceDataModule):
         if stream not in ("split", "permuted", "rotated", "one_vs_rest", "variation"):
             raise ValueError(f"`stream` must be split, permuted, rotated, one_vs_rest or variation, got {stream!r}")
         if num_tasks < 1 or num_tasks > limits.get(stream, num_tasks):
-            raise ValueError(f"`num_tasks` for the {stream!r} stream must be 1..{limits.get(stream)}, got {num_tasks}")
+            most = f"1..{limits[stream]}" if stream in limits else "at least 1"
+            raise ValueError(f"`num_tasks` for the {stream!r} stream must be {most}, got {num_tasks}")
         splits = load_mnist(root)
         if "train" in splits:
             train, test = splits["train"], splits["test"]
