@@ -379,9 +379,10 @@ class TaskSequenceCallback(RoutedEvaluation):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """Add the method's penalty gradients, then zero the gradients of the entries the phase does not train."""
+        """Add the method's penalty gradients to what ``optimizer`` steps, then zero the gradients of the entries
+        the phase does not train."""
         for _, block, method in self._each():
-            method.before_step(pl_module, block)
+            method.before_step(pl_module, block, optimizer)
         self._frozen.mask_gradients_()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:

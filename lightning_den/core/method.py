@@ -37,6 +37,17 @@ from lightning_den.core.checks import check_count
 Trainable = bool | Tensor
 
 
+def stepped_by(optimizer: torch.optim.Optimizer) -> set[Tensor]:
+    """The parameters ``optimizer`` steps (a penalty gradient goes to those of the optimizer about to step).
+
+    Example:
+        >>> weight, bias = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+        >>> stepped_by(torch.optim.SGD([weight], lr=0.1)) == {weight}
+        True
+    """
+    return {p for group in optimizer.param_groups for p in group["params"]}
+
+
 @runtime_checkable
 class TaskBlock(Protocol):
     """What grows with the task sequence: one output head (or column) per task, widths per task, and its
@@ -241,8 +252,9 @@ class TaskMethod(ABC):
         freezes in the phase (:meth:`trainable`'s entries for the block), so regularisers follow the same masks."""
         return None
 
-    def before_step(self, model: nn.Module, block: nn.Module) -> None:
-        """Add penalty gradients (after backward, before the optimizer step and the gradient masks)."""
+    def before_step(self, model: nn.Module, block: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Add penalty gradients to the parameters ``optimizer`` steps (after backward, before its step and the
+        gradient masks; a model with several optimizers gets each parameter's penalty once)."""
         return None
 
     def after_step(self, block: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, vmap
 
 from lightning_den.core.checks import check_number
 from lightning_den.core.den.layers import ExpandableMLP
-from lightning_den.core.method import EpochsPerTaskMethod, PhaseProgress, Trainable, head_of_task_only
+from lightning_den.core.method import EpochsPerTaskMethod, PhaseProgress, Trainable, head_of_task_only, stepped_by
 from lightning_den.core.routing import task as route_to
 
 
@@ -121,12 +121,13 @@ class EWCMethod(FineTuningMethod):
         self._fisher = {k: v.to(device) for k, v in self._fisher.items()}
         self._anchor = {k: v.to(device) for k, v in self._anchor.items()}
 
-    def before_step(self, model: nn.Module, block: ExpandableMLP) -> None:
-        """Add ``lambda * F * (theta - theta*)`` to the gradients of the shared parameters."""
+    def before_step(self, model: nn.Module, block: ExpandableMLP, optimizer: torch.optim.Optimizer) -> None:
+        """Add ``lambda * F * (theta - theta*)`` to the gradients of the shared parameters ``optimizer`` steps."""
         if not self._fisher or self.ewc_lambda <= 0:
             return
+        stepped = stepped_by(optimizer)
         for name, p in self.shared(model, block).items():
-            if p.grad is not None and name in self._fisher:
+            if p.grad is not None and name in self._fisher and p in stepped:
                 p.grad.add_(self._fisher[name] * (p.detach() - self._anchor[name]), alpha=self.ewc_lambda)
 
     def state_dict(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def train_phase(method: DENMethod, mlp: ExpandableMLP, progress: PhaseProgress, 
         optimizer.zero_grad()
         loss = F.cross_entropy(mlp(x[start : start + 16], progress.task), y[start : start + 16])
         loss.backward()
-        method.before_step(mlp, mlp)
+        method.before_step(mlp, mlp, optimizer)
         frozen.mask_gradients_()
         kept = {p: p.detach()[~mask].clone() for p, mask in masks.items()}
         optimizer.step()
@@ -280,6 +280,34 @@ def test_the_pull_toward_the_previous_task_acts_in_selective_retraining_and_afte
     assert all(target.values.shape == target.reference.shape for target in targets)
 
 
+def test_with_several_optimizers_each_parameter_gets_the_pull_once():
+    torch.manual_seed(0)
+    mlp, method = ExpandableMLP(IN_FEATURES, HIDDEN, head_classes=2), den(drift_penalty=3.0)
+    method.load_state_dict({"snapshot": snapshot(mlp)})
+    mlp.add_task_()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # away from W^{t-1}, so that the pull is not zero
+    progress = PhaseProgress(task=1, phase=DENPhase.SPLIT)
+    method.arrange(mlp, progress)
+    trainable = method.trainable(mlp, progress)
+    method.enter_phase(mlp, progress, trainable)
+    x, y = tasks()[1]
+    F.cross_entropy(mlp(x, 1), y).backward()
+    params = [p for p in mlp.parameters() if p.grad is not None]
+    raw = [p.grad.clone() for p in params]
+
+    method.before_step(mlp, mlp, torch.optim.SGD(params, lr=0.1))  # one optimizer over everything
+    one = [p.grad.clone() for p in params]
+    for p, grad in zip(params, raw, strict=True):
+        p.grad.copy_(grad)
+    first, second = torch.optim.SGD(params[:2], lr=0.1), torch.optim.SGD(params[2:], lr=0.1)
+    method.before_step(mlp, mlp, first)  # as manual optimization steps them, one after the other
+    method.before_step(mlp, mlp, second)
+    assert all(torch.equal(p.grad, grad) for p, grad in zip(params, one, strict=True))
+    assert not all(torch.equal(got, grad) for got, grad in zip(one, raw, strict=True))  # the pull acted
+
+
 def masked_dense_reference(block: ExpandableMLP, phase: DENPhase, selection, method: DENMethod, fused: bool):
     """The phase as it ran before its trained entries got Parameters of their own: a dense Adam step under
     gradient masks, the pull toward W^{t-1} on the whole old block, masked L1 and group lasso on the new
@@ -349,7 +377,7 @@ def test_a_phase_on_its_own_parameters_is_the_masked_dense_step(phase, fused):
         for model, step in ((mlp, optimizer), (reference, reference_optimizer)):
             step.zero_grad()
             F.cross_entropy(model(x, task=1), y).backward()
-        method.before_step(mlp, mlp)
+        method.before_step(mlp, mlp, optimizer)
         optimizer.step()
         method.after_step(mlp, optimizer)
         reference_step()

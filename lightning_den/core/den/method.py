@@ -45,7 +45,7 @@ from lightning_den.core.den.surgery import (
     restore_units_,
     snapshot,
 )
-from lightning_den.core.method import PhaseProgress, TaskMethod, Trainable
+from lightning_den.core.method import PhaseProgress, TaskMethod, Trainable, stepped_by
 
 
 class DENMethod(TaskMethod):
@@ -259,9 +259,11 @@ class DENMethod(TaskMethod):
     def release(self) -> None:
         self._proximal, self._drift, self._step_groups = {}, [], None
 
-    def before_step(self, model: nn.Module, block: ExpandableMLP) -> None:
-        """Add the gradient of the pull toward W^{t-1} (selective retraining and after the split)."""
-        terms = [term for term in self._drift if term.param.grad is not None]
+    def before_step(self, model: nn.Module, block: ExpandableMLP, optimizer: torch.optim.Optimizer) -> None:
+        """Add the gradient of the pull toward W^{t-1} (selective retraining and after the split) to the
+        parameters ``optimizer`` steps."""
+        stepped = stepped_by(optimizer)
+        terms = [term for term in self._drift if term.param.grad is not None and term.param in stepped]
         if terms:
             add_drift_penalty_grad_(
                 [term.grad() for term in terms],
