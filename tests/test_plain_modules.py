@@ -238,6 +238,17 @@ def test_a_wrong_list_of_blocks_is_refused_when_the_callback_is_made(block, mess
         DENCallback(block=block)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_model_built_for_another_method_is_refused_naming_it(tmp_path, method):
+    other = "pnn" if method == "den" else "den"
+    model = EvaluatedUserModule()
+    trainer(tmp_path, [METHODS[other]()]).fit(model, datamodule=tiny_stream(2))  # its chain is now that block
+    kind = type(model.net).__name__
+    with pytest.raises(MisconfigurationException, match=f"holds the blocks {{'net': '{kind}'}} of another method"):
+        trainer(tmp_path, [METHODS[method]()]).test(model, datamodule=tiny_stream(2))
+    assert type(model.net).__name__ == kind
+
+
 def test_methods_that_train_the_whole_model_take_one_block():
     with pytest.raises(MisconfigurationException, match="EWC trains the whole model and takes one block"):
         EWCCallback(block=BOTH)

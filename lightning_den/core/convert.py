@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lightning_den.core.convolutional import CHANNELWISE, ConvolutionalBlock
+from lightning_den.core.routing import task_blocks
 from lightning_den.core.tasks import ELEMENTWISE
 
 
@@ -189,6 +190,13 @@ def _find_block(model: nn.Module, block_type: Any, name: str | None) -> tuple[st
         )
     if name in blocks:
         return name, blocks[name]
+    others = {n: type(m).__name__ for n, m in task_blocks(model).items() if n}
+    if name is None and not blocks and others:
+        raise ValueError(
+            f"{type(model).__name__} holds the blocks {others} of another method, not a {kind}: the model was built "
+            "for another method than this callback's (with `--ckpt_path`, lightning-den builds the model from the "
+            "checkpoint's hyperparameters). Use the callback (and configuration) of the method that trained it"
+        )
     if name is None:
         chains, refused = linear_chains(model, block_type)
         if len(chains) != 1:

@@ -239,4 +239,15 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         return {"current_task": self.current_task}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.set_task(int(state_dict["current_task"]))
+        """Stand at the task a checkpoint was written in.
+
+        Raises:
+            ValueError: this stream is shorter than the one the checkpoint was written with.
+        """
+        task = int(state_dict["current_task"])
+        if task >= self.num_tasks:
+            raise ValueError(
+                f"the checkpoint was written at task {task} of its stream, but this stream has tasks "
+                f"0..{self.num_tasks - 1}: give it at least {task + 1} tasks (e.g. `num_tasks={task + 1}`)"
+            )
+        self.set_task(task)
