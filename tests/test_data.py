@@ -162,7 +162,7 @@ def test_a_file_that_is_not_a_saved_stream_is_refused_with_what_it_must_hold(tmp
 
 def test_a_checkpoint_of_a_longer_stream_is_refused_naming_the_tasks_it_needs():
     shorter = SplitDigits(num_tasks=2)
-    with pytest.raises(ValueError, match="written at task 2 of its stream, but this stream has tasks 0..1: give it"):
+    with pytest.raises(ValueError, match=r"written at task 2 of its stream, but this stream has tasks 0\.\.1: give it"):
         shorter.load_state_dict({"current_task": 2})  # what a 3-task stream saves at its last task
     assert shorter.current_task == 0
 
