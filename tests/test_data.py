@@ -32,7 +32,7 @@ def test_loaders_follow_the_current_task():
     assert len(dm.val_dataloader()) == 3 and len(dm.test_dataloader()) == 3
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape[1] == 64
-    assert dm.state_dict() == {"current_task": 2}
+    assert dm.state_dict()["current_task"] == 2 and len(dm.state_dict()["fingerprints"]) == 3
     fresh = SplitDigits(num_tasks=3)
     fresh.load_state_dict(dm.state_dict())
     assert fresh.current_task == 2
@@ -117,6 +117,26 @@ def test_mnist_in_torchvision_layout_with_the_full_set_uses_the_official_split(t
 def test_a_task_count_a_stream_cannot_have_is_refused_with_its_range(stream, num_tasks, message):
     with pytest.raises(ValueError, match=f"`num_tasks` for the '{stream}' stream {message}"):
         MNISTStream("unused", stream=stream, num_tasks=num_tasks)  # refused before any file is read
+
+
+@needs_mnist
+def test_a_checkpoint_resumes_only_on_a_stream_whose_seen_tasks_are_its_own():
+    for stream in ("permuted", "split"):  # their first tasks do not depend on how many follow
+        saved = MNISTStream(str(MNIST), stream=stream, num_tasks=2, seed=1)
+        saved.set_task(1)
+        longer = MNISTStream(str(MNIST), stream=stream, num_tasks=3, seed=1)
+        longer.load_state_dict(saved.state_dict())
+        assert longer.current_task == 1
+    rotated = MNISTStream(str(MNIST), stream="rotated", num_tasks=2)
+    rotated.set_task(1)  # task 1 turned by 90 degrees; with three tasks by 60
+    others = {1: MNISTStream(str(MNIST), stream="rotated", num_tasks=3), 0: MNISTStream(str(MNIST), seed=5)}
+    for differs, other in others.items():  # task 1 rotated otherwise; every task split otherwise
+        with pytest.raises(ValueError, match=f"task {differs} of this stream is not the task {differs} the checkpoint"):
+            other.load_state_dict(rotated.state_dict())
+        assert other.current_task == 0
+    same = MNISTStream(str(MNIST), stream="rotated", num_tasks=3, angles=[0.0, 90.0, 45.0])
+    same.load_state_dict(rotated.state_dict())  # the first run's angles, and one more
+    assert same.current_task == 1
 
 
 def test_missing_mnist_files_name_where_they_were_looked_for(tmp_path):

@@ -8,6 +8,7 @@ task is part of its ``state_dict``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -169,6 +170,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.current_task = 0
+        self._fingerprint_of: dict[int, tuple[Tensor, Tensor, list[float]]] = {}  # per task, with its tensors
 
     @classmethod
     def from_tensors(
@@ -236,13 +238,15 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         return self._loader(splits[split][task], shuffle=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"current_task": self.current_task}
+        """The current task, and a fingerprint of the test data of every task up to it (plain floats)."""
+        return {"current_task": self.current_task, "fingerprints": self.fingerprints(self.current_task + 1)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Stand at the task a checkpoint was written in.
+        """Stand at the task a checkpoint was written in, once its tasks are checked to be this stream's.
 
         Raises:
-            ValueError: this stream is shorter than the one the checkpoint was written with.
+            ValueError: this stream is shorter than the one the checkpoint was written with, or one of the tasks
+                the checkpoint saw has other test data here (another seed, another rotation, ...).
         """
         task = int(state_dict["current_task"])
         if task >= self.num_tasks:
@@ -250,4 +254,34 @@ class TaskSequenceDataModule(pl.LightningDataModule):
                 f"the checkpoint was written at task {task} of its stream, but this stream has tasks "
                 f"0..{self.num_tasks - 1}: give it at least {task + 1} tasks (e.g. `num_tasks={task + 1}`)"
             )
+        saved = state_dict.get("fingerprints", [])  # none in checkpoints written before they were kept
+        for seen, (then, now) in enumerate(zip(saved, self.fingerprints(len(saved)), strict=True)):
+            if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) for a, b in zip(then, now, strict=True)):
+                raise ValueError(
+                    f"task {seen} of this stream is not the task {seen} the checkpoint learnt: their test data "
+                    "differ. Build the stream with the settings of the run that wrote the checkpoint (its seed; "
+                    "for a rotated stream its `angles`, which by default depend on `num_tasks`)"
+                )
         self.set_task(task)
+
+    def fingerprints(self, tasks: int) -> list[list[float]]:
+        """For each of the first ``tasks`` tasks, a few sums over its test split that change when its examples or
+        the order of their features change (e.g. another permutation of the pixels); each is computed once per
+        task's tensors, as checkpoints are written every epoch.
+
+        Example:
+            >>> x, y = torch.ones(2, 3), torch.tensor([0, 1])
+            >>> TaskSequenceDataModule.from_tensors(train=[(x, y)], test=[(x, y)]).fingerprints(1)
+            [[2.0, 12.0, 1.0]]
+        """
+        return [self._fingerprint(task) for task in range(min(tasks, self.num_tasks))]
+
+    def _fingerprint(self, task: int) -> list[float]:
+        inputs, labels = self.test_tasks[task]
+        cached = self._fingerprint_of.get(task)
+        if cached is None or cached[0] is not inputs or cached[1] is not labels:
+            rows = inputs.reshape(len(inputs), -1).double()
+            place = torch.arange(1, rows.shape[1] + 1, dtype=torch.float64)
+            sums = [float(len(labels)), float((rows @ place).sum()), float(labels.double().sum())]
+            cached = self._fingerprint_of[task] = (inputs, labels, sums)
+        return cached[2]
