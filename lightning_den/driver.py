@@ -44,9 +44,10 @@ from lightning_den.core.convert import attach_blocks, saved_blocks
 from lightning_den.core.freezing import FrozenEntries
 from lightning_den.core.method import PhaseProgress, TaskMethod, Trainable
 from lightning_den.core.routing import set_active_task, task_blocks
+from lightning_den.data.module import TASK_STREAM_API
 from lightning_den.module import EPOCH_END, refuse_resuming_within_an_epoch
 from lightning_den.progress import show_task_and_phase
-from lightning_den.routed_evaluation import TASK_STREAM_API, RoutedEvaluation
+from lightning_den.routed_evaluation import RoutedEvaluation
 
 #: what Lightning sets `max_epochs` to when neither it nor `max_steps`/`max_time` is given
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
@@ -272,6 +273,7 @@ class TaskSequenceCallback(RoutedEvaluation):
         """
         if self._resumed:
             self._resumed = False
+            self._check_labels(trainer.datamodule, range(self.progress.task, trainer.datamodule.num_tasks))
             if self._finished:
                 self._decide_after_last_task(trainer, pl_module)
         else:
@@ -302,6 +304,11 @@ class TaskSequenceCallback(RoutedEvaluation):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give the Trainer back the sanity check steps this fit skipped."""
+        self._give_back_sanity_steps(trainer)
+
+    def _give_back_sanity_steps(self, trainer: pl.Trainer) -> None:
+        """The Trainer's ``num_sanity_val_steps`` as the user set it (after the sanity check, or a fit that
+        ended before it)."""
         if self._sanity_steps is not None:
             trainer.num_sanity_val_steps, self._sanity_steps = self._sanity_steps, None
 
@@ -329,6 +336,7 @@ class TaskSequenceCallback(RoutedEvaluation):
         """Name where an interrupted sequence stopped and how to go on; give the blocks their plain layout
         (Lightning skips ``teardown`` after an exception) and the task they routed to before an evaluation."""
         super().on_exception(trainer, pl_module, exception)
+        self._give_back_sanity_steps(trainer)
         self._plain_layout()
         if isinstance(exception, KeyboardInterrupt) and not self._finished:
             self._warn_incomplete(trainer, "it was interrupted")
@@ -358,6 +366,7 @@ class TaskSequenceCallback(RoutedEvaluation):
         optimizer and give the blocks their plain layout."""
         for _, _, method in self._each():
             method.release()
+        self._give_back_sanity_steps(trainer)
         self._plain_layout()
         for handle in [*self._step_hooks, *([self._load_check] if self._load_check is not None else [])]:
             handle.remove()
@@ -410,9 +419,9 @@ class TaskSequenceCallback(RoutedEvaluation):
         nothing and is not counted: a fit resumed from its end trains the phase's epoch again, whole.
         """
         due = trainer.num_training_batches
-        if math.isfinite(due) and self._batches < due:
-            self._in_epoch = False
-            self._cut_short = (self._batches, int(due)) if self._batches else None
+        stopped = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step  # not a loader that ran out
+        if stopped and math.isfinite(due) and 0 < self._batches < due:
+            self._in_epoch, self._cut_short = False, (self._batches, int(due))
             return
         mean_loss = self._epoch_mean_loss(trainer, pl_module)
         self._in_epoch = False
@@ -743,15 +752,17 @@ def _warn_of_checkpoints_within_epochs(trainer: pl.Trainer) -> None:
 
 
 def _warn_of_last_checkpoints_that_follow_a_monitor(trainer: pl.Trainer) -> None:
-    """Warn of ``ModelCheckpoint(monitor=..., save_last=True)``: Lightning refreshes its ``last.ckpt`` only when it
-    saves a best checkpoint, and a score over the tasks seen so far seldom improves once harder tasks join it."""
+    """Warn of ``ModelCheckpoint(monitor=..., save_last=True or "link", save_top_k >= 0)``: Lightning (2.6) writes
+    or links its ``last.ckpt`` only when it saves one of its best checkpoints, and a score over the tasks seen so
+    far seldom ranks there once harder tasks join it."""
     for checkpoint in trainer.checkpoint_callbacks:
-        if getattr(checkpoint, "monitor", None) is not None and getattr(checkpoint, "save_last", None) is True:
+        monitor, save_last = getattr(checkpoint, "monitor", None), getattr(checkpoint, "save_last", None)
+        if monitor is not None and save_last in (True, "link") and getattr(checkpoint, "save_top_k", -1) != -1:
             rank_zero_warn(
-                f"{type(checkpoint).__name__}(monitor={checkpoint.monitor!r}, save_last=True) writes its last.ckpt "
-                f"only when {checkpoint.monitor!r} improves, which a score over the tasks seen so far seldom does once "
-                "more tasks join it: that file may hold an early task, not the end of the sequence. To resume a "
-                "sequence, add a `ModelCheckpoint(save_last=True)` without `monitor`."
+                f"{type(checkpoint).__name__}(monitor={monitor!r}, save_last={save_last!r}) writes its last.ckpt only "
+                f"when it saves one of its best checkpoints by {monitor!r}, where a score over the tasks seen so far "
+                "seldom ranks once more tasks join it: that file may hold an early task, not the end of the "
+                "sequence. To resume a sequence, add a `ModelCheckpoint(save_last=True)` without `monitor`."
             )
 
 

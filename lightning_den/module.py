@@ -27,6 +27,7 @@ from lightning_den.core.den.conv import ExpandableCNN
 from lightning_den.core.den.layers import ExpandableMLP
 from lightning_den.core.method import TaskBlock
 from lightning_den.core.routing import set_active_task, task_blocks
+from lightning_den.data.module import is_task_stream
 
 #: key of a task-sequence callback's checkpoint state: False when it was saved in the middle of an epoch
 EPOCH_END = "epoch_end"
@@ -124,7 +125,7 @@ class DENLightningModule(pl.LightningModule):
         A fresh datamodule stands at task 0; a model loaded after a sequence holds tasks 0..``current_task``.
         """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "fit" or datamodule is None or not hasattr(datamodule, "set_task"):
+        if stage == "fit" or not is_task_stream(datamodule):
             return
         newest = min(self.current_task, datamodule.num_tasks - 1)
         if newest > datamodule.current_task:

@@ -18,27 +18,20 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_den.core.method import TaskBlock
-from lightning_den.core.routing import task_blocks
-
-#: what makes a datamodule a task stream (TaskSequenceDataModule has all of it)
-TASK_STREAM_API = ("num_tasks", "current_task", "set_task", "num_classes", "task_dataloader")
-
-
-def is_task_stream(datamodule: Any) -> bool:
-    """Whether ``datamodule`` serves a task sequence (one evaluation dataloader per seen task).
-
-    Example:
-        >>> from lightning_den import SplitDigits
-        >>> is_task_stream(SplitDigits()), is_task_stream(None)
-        (True, False)
-    """
-    return datamodule is not None and all(hasattr(datamodule, name) for name in TASK_STREAM_API)
+from lightning_den.core.routing import check_routable, task_blocks
+from lightning_den.data.module import is_task_stream
 
 
 def evaluation_source(trainer: pl.Trainer) -> Any:
     """Where the running evaluation's dataloaders come from: a datamodule, the module, or the loaders a user
-    passed (``trainer.validate(model, dataloaders=...)``). ``trainer.datamodule`` cannot tell: it keeps the
-    datamodule of an earlier call; Lightning records the source of each stage's loaders on that stage's loop."""
+    passed (``trainer.validate(model, dataloaders=...)``).
+
+    ``trainer.datamodule`` cannot tell: it keeps the datamodule of an earlier call. Lightning records the source
+    of each stage's loaders on that stage's loop (read here, never changed).
+
+    Args:
+        trainer: a Trainer in a fit (its validation or sanity check), ``validate``, ``test`` or ``predict``.
+    """
     loops = {
         TrainerFn.FITTING: trainer.fit_loop.epoch_loop.val_loop,
         TrainerFn.VALIDATING: trainer.validate_loop,
@@ -52,8 +45,9 @@ class RoutedEvaluation(Callback):
     """Route each validation, test and predict batch of a task stream to its dataloader's task, then give the
     blocks back the task they routed to before. Loaders that do not come from a task stream are left alone.
 
-    The task-sequence callbacks (``DENCallback``, ``ProgressiveCallback``, ...) do this; it is a callback of its
-    own so that its hooks stay apart from the training ones.
+    The base of the task-sequence callbacks (``DENCallback``, ``ProgressiveCallback``, ...): evaluation is routed
+    whenever one of them is among the Trainer's callbacks. A subclass that overrides one of these hooks calls
+    ``super()``.
 
     Example::
 
@@ -72,15 +66,15 @@ class RoutedEvaluation(Callback):
     _routed: list[tuple[TaskBlock, int]] | None = None
 
     def _hold(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        blocks = task_blocks(pl_module).values()
-        routes = blocks and is_task_stream(evaluation_source(trainer))
-        self._routed = [(block, block.active_task) for block in blocks] if routes else None
+        self._release()  # an evaluation that ended without its end hook
+        blocks = list(task_blocks(pl_module).values())
+        if blocks and is_task_stream(evaluation_source(trainer)):
+            self._routed = [(block, block.active_task) for block in blocks]
 
     def _route(self, dataloader_idx: int) -> None:
         if self._routed is None:
             return
-        for block, _ in self._routed:
-            block.check_task(dataloader_idx)  # before any block changes
+        check_routable([block for block, _ in self._routed], dataloader_idx)
         for block, _ in self._routed:
             block.active_task = dataloader_idx
 
@@ -91,46 +85,56 @@ class RoutedEvaluation(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the task the blocks route to, if the validation loaders are a task stream's."""
         self._hold(trainer, pl_module)
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the task the blocks route to, if the test loaders are a task stream's."""
         self._hold(trainer, pl_module)
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the task the blocks route to, if the predict loaders are a task stream's."""
         self._hold(trainer, pl_module)
 
     @override
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        """Route to task ``dataloader_idx``."""
         self._route(dataloader_idx)
 
     @override
     def on_test_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        """Route to task ``dataloader_idx``."""
         self._route(dataloader_idx)
 
     @override
     def on_predict_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        """Route to task ``dataloader_idx``."""
         self._route(dataloader_idx)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Route to the task of before the validation."""
         self._release()
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Route to the task of before the test."""
         self._release()
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Route to the task of before the prediction."""
         self._release()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._release()  # an evaluation that raised never reaches its end hook
+        """Route to the task of before an evaluation that raised (its end hook never runs)."""
+        self._release()

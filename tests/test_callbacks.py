@@ -6,14 +6,23 @@ import csv
 import functools
 import logging
 import math
+import warnings
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_den import DENCallback, DENLightningModule, ExpandableMLP, TaskBoundary, TaskEvaluation
+from lightning_den import (
+    DENCallback,
+    DENLightningModule,
+    ExpandableMLP,
+    TaskBoundary,
+    TaskEvaluation,
+    TaskSequenceDataModule,
+)
 from lightning_den.core.den.selection import dead_new_units
 from tests.helpers import (
     HIDDEN,
@@ -377,10 +386,55 @@ def test_labels_beyond_a_tasks_head_are_refused_before_any_task_trains(tmp_path)
     x, y = datamodule.train_tasks[1]
     datamodule.train_tasks[1] = (x, y + 2)  # task 1 now has labels 2 and 3, the heads have 2 outputs
     model = tiny_model()
-    trainer = make_trainer(tmp_path, [DENCallback(**short_phases()), RecordBoundaries()])
+    trainer = make_trainer(tmp_path, [DENCallback(**short_phases())])
     with pytest.raises(ValueError, match=r"task 1 has labels up to 3 but its head will have 2 outputs"):
         trainer.fit(model, datamodule=datamodule)
     assert model.mlp.num_tasks == 1 and trainer.global_step == 0  # refused before task 0 trained
+
+
+class OverstatedLength(IterableDataset):
+    """A task's training data in batches of 16, though ``len()`` says twice as many (as a sharded iterable may)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter([(self.x[start : start + 16], self.y[start : start + 16]) for start in range(0, len(self.y), 16)])
+
+    def __len__(self) -> int:
+        return 2 * math.ceil(len(self.y) / 16)
+
+
+class OverstatedStream(TaskSequenceDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(OverstatedLength(*self.train_tasks[self.current_task]), batch_size=None)
+
+
+def test_an_epoch_whose_loader_runs_out_before_its_length_counts_whole(tmp_path):
+    data = tiny_stream(2)
+    stream = OverstatedStream.from_tensors(train=data.train_tasks, test=data.test_tasks, batch_size=16)
+    den = DENCallback(**short_phases())
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*__len__.*")  # Lightning's note on an iterable's length
+        make_trainer(tmp_path, [den], max_epochs=den.method.max_epochs(2)).fit(model, datamodule=stream)
+    assert model.tasks_learned == 2  # every epoch decided, though each ran half the batches len() promised
+
+
+def test_labels_beyond_a_later_tasks_head_are_refused_when_a_fit_resumes(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [DENCallback(**short_phases()), checkpoint], enable_checkpointing=True).fit(
+        tiny_model(), datamodule=tiny_stream(2)
+    )
+    longer = tiny_stream(4)
+    x, y = longer.train_tasks[3]
+    longer.train_tasks[3] = (x, y + 2)
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"task 3 has labels up to 3 but its head will have 2 outputs"):
+        make_trainer(tmp_path, [DENCallback(**short_phases())]).fit(
+            model, datamodule=longer, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+    assert model.mlp.num_tasks == 2  # refused as the fit started, before task 2 got its head
 
 
 def test_weight_averaging_and_sharded_strategies_are_refused(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -279,7 +280,7 @@ def test_an_epoch_cut_short_by_max_steps_decides_nothing_and_is_trained_again_on
         default_trainer(tmp_path, [den, checkpoint], max_steps=4).fit(model, datamodule=tiny_stream(2))
     assert (den.progress.task, den.progress.phase, den.progress.epochs) == (0, "sparse", 1)
     epochs = []
-    resumed = default_trainer(tmp_path, [den, EpochsOfPhases(epochs)])
+    resumed = default_trainer(tmp_path, [quick_den(first_task_epochs=3), EpochsOfPhases(epochs)])
     resumed.fit(model, datamodule=tiny_stream(2), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert epochs.count((0, "sparse")) == 2 and model.tasks_learned == 2  # the cut epoch again, then the third
 
@@ -297,11 +298,16 @@ class EpochsOfPhases(Callback):
 
 def test_a_monitored_checkpoint_whose_last_file_would_stay_behind_is_named_at_setup(tmp_path):
     monitored = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val/loss/avg", save_last=True)
-    with pytest.warns(UserWarning, match="save_last=True\\) writes its last.ckpt only when 'val/loss/avg' improves"):
+    named = "save_last=True\\) writes its last.ckpt only when it saves one of its best checkpoints by 'val/loss/avg'"
+    with pytest.warns(UserWarning, match=named):
         default_trainer(tmp_path, [quick_den(), monitored]).fit(tiny_model(), datamodule=tiny_stream(2))
     # Lightning refreshed last.ckpt only at the best epoch: the monitored file did not follow the sequence's end
     last = torch.load(tmp_path / "best" / "last.ckpt", weights_only=True)
     assert last["global_step"] == torch.load(monitored.best_model_path, weights_only=True)["global_step"]
+    every = ModelCheckpoint(dirpath=tmp_path / "every", monitor="val/loss/avg", save_last=True, save_top_k=-1)
+    with warnings.catch_warnings():  # keeping every checkpoint, it writes last.ckpt every epoch: nothing to name
+        warnings.filterwarnings("error", message=".*writes its last.ckpt only when")
+        default_trainer(tmp_path, [quick_den(), every]).fit(tiny_model(), datamodule=tiny_stream(2))
 
 
 def test_a_model_that_learnt_the_whole_stream_has_nothing_to_continue(finished_run):

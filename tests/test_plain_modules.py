@@ -105,6 +105,8 @@ def test_a_users_evaluation_scores_each_task_of_the_stream_through_its_own_netwo
         accuracy = correct / sum(len(y) for _, y in batches)
         assert scores[task][f"test_acc/dataloader_idx_{task}"] == pytest.approx(accuracy)
     assert model.net.active_task == 2  # forward(x) is routed to the newest task again
+    run.validate(model, datamodule=tiny_stream(3))  # a fresh stream stands at task 0: its one loader is task 0's
+    assert model.net.active_task == 2  # given back the task of before, not left on the last loader's
 
     x = torch.randn(7, IN_FEATURES)  # loaders of the user's own are not a task stream: left alone
     (own,) = run.predict(model, dataloaders=DataLoader(TensorDataset(x), batch_size=7))
@@ -114,17 +116,28 @@ def test_a_users_evaluation_scores_each_task_of_the_stream_through_its_own_netwo
     ahead.set_task(2)
     shorter = EvaluatedUserModule()
     trainer(tmp_path, [METHODS[method]()]).fit(shorter, datamodule=tiny_stream(2))
+    shorter.net.active_task = 0
     with pytest.raises(ValueError, match="task 2 was never trained"):
         trainer(tmp_path, [METHODS[method]()]).validate(shorter, datamodule=ahead)
-    assert shorter.net.active_task == 1
+    assert shorter.net.active_task == 0  # the evaluation that raised gave back the task of before
+
+
+class FailsAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("stopped before training")
 
 
 def test_a_run_resumed_at_a_task_boundary_skips_only_the_sanity_check_of_the_task_to_come(tmp_path):
     torch.manual_seed(0)
     latest = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer(tmp_path, [DENCallback(**short_phases()), latest]).fit(EvaluatedUserModule(), datamodule=tiny_stream(2))
+    last = tmp_path / "ckpt" / "last.ckpt"
+    failing = trainer(tmp_path, [FailsAtTrainStart(), DENCallback(**short_phases())])
+    with pytest.raises(RuntimeError, match="stopped before training"):
+        failing.fit(EvaluatedUserModule(), datamodule=tiny_stream(3), ckpt_path=last)
+    assert failing.num_sanity_val_steps == 2  # given back by a fit that never started training
     resumed, run = EvaluatedUserModule(), trainer(tmp_path, [DENCallback(**short_phases())])
-    run.fit(resumed, datamodule=tiny_stream(3), ckpt_path=tmp_path / "ckpt" / "last.ckpt")  # task 2 comes next
+    run.fit(resumed, datamodule=tiny_stream(3), ckpt_path=last)  # task 2 comes next
     assert resumed.net.tasks_learned == 3 and run.num_sanity_val_steps == 2
     assert {f"val_acc/dataloader_idx_{task}" for task in range(3)} <= set(run.callback_metrics)
 

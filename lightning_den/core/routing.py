@@ -31,6 +31,13 @@ def set_active_task(model: nn.Module, task_id: int, tasks_learned: int | None = 
             block.tasks_learned = tasks_learned
 
 
+def check_routable(blocks: list[TaskBlock], task_id: int) -> None:
+    """Raise unless one of ``blocks`` has trained ``task_id`` (a ``ValueError`` naming the trained tasks, or a
+    ``TypeError`` for a task id that is not an int)."""
+    if not any(0 <= task_id < block.num_tasks for block in blocks if isinstance(task_id, int)):
+        blocks[0].check_task(task_id)
+
+
 @contextmanager
 def task(model: nn.Module, task_id: int) -> Iterator[nn.Module]:
     """Within the block, ``model(x)`` computes task ``task_id``'s output (timestamped inference for an old task).
@@ -53,8 +60,7 @@ def task(model: nn.Module, task_id: int) -> Iterator[nn.Module]:
             f"{type(model).__name__} has no task block to route: train it with a lightning_den callback first "
             "(it converts the model's chain of Linear layers)"
         )
-    if not any(0 <= task_id < block.num_tasks for block in blocks if isinstance(task_id, int)):
-        blocks[0].check_task(task_id)  # raises, naming the trained tasks
+    check_routable(blocks, task_id)
     before = [block.active_task for block in blocks]
     set_active_task(model, task_id)
     try:

@@ -116,6 +116,22 @@ class SeededPermutation(Sampler[int]):
         return self.size
 
 
+#: what makes a datamodule a task stream for the callbacks (TaskSequenceDataModule has all of it)
+TASK_STREAM_API = ("num_tasks", "current_task", "set_task", "num_classes", "task_dataloader")
+
+
+def is_task_stream(datamodule: Any) -> bool:
+    """Whether ``datamodule`` serves a task sequence: :data:`TASK_STREAM_API`, and one validation, test and
+    predict dataloader per task seen so far (``dataloader_idx == task``).
+
+    Example:
+        >>> x, y = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+        >>> is_task_stream(TaskSequenceDataModule.from_tensors(train=[(x, y)], test=[(x, y)])), is_task_stream(None)
+        (True, False)
+    """
+    return datamodule is not None and all(hasattr(datamodule, name) for name in TASK_STREAM_API)
+
+
 class TaskSequenceDataModule(pl.LightningDataModule):
     """A fixed sequence of tasks held as tensors.
 
