@@ -747,7 +747,9 @@ def _warn_of_checkpoints_within_epochs(trainer: pl.Trainer) -> None:
             rank_zero_warn(
                 f"{type(checkpoint).__name__}(dirpath={checkpoint.dirpath!r}) saves after validation, before the "
                 "end of the training epoch where the task sequence decides its phases: its checkpoints keep the "
-                "weights but cannot resume the sequence. Pass `save_on_train_epoch_end=True` to it."
+                "weights but cannot resume the sequence. Pass `save_on_train_epoch_end=True` to it (to Lightning's "
+                "default checkpoint, made when the Trainer has none, by adding "
+                "`ModelCheckpoint(save_on_train_epoch_end=True)` to the callbacks: it takes the default's place)."
             )
 
 

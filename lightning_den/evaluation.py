@@ -168,6 +168,7 @@ class TaskEvaluation(Callback):
         self.phase_epochs: dict[int, dict[str, int]] = {}
         self._directory: Path | None = None
         self._fitting = False
+        self._trained = False  # whether this fit reached its training (a fit refused before it reports nothing)
         self._stream_ended = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -176,12 +177,16 @@ class TaskEvaluation(Callback):
             return
         self._directory = None
         self._output_directory(trainer)
-        self._fitting = True
+        self._fitting, self._trained = True, False
         self._stream_ended = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the block to report on before training (the callbacks converted the model at ``setup``)."""
         self._block_name(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """From here on, a fit that stops early or raises is reported."""
+        self._trained = True
 
     def on_task_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, boundary: TaskBoundary) -> None:
         """Evaluate every task seen so far when ``boundary`` ends a task; report after the last one.
@@ -228,8 +233,10 @@ class TaskEvaluation(Callback):
         self._fitting = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Report the tasks that ended before the exception (or Ctrl+C); never hide the exception itself."""
-        if not self._fitting or self._stream_ended:
+        """Report the tasks that ended before the exception (or Ctrl+C); never hide the exception itself. A fit
+        refused before its training started (a configuration error) reports nothing."""
+        if not self._fitting or self._stream_ended or not self._trained:
+            self._fitting = False
             return
         self._fitting = False
         try:

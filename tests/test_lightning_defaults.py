@@ -165,6 +165,15 @@ def test_a_checkpoint_that_will_save_within_epochs_is_named_at_setup(tmp_path):
         default_trainer(tmp_path, [quick_den(), checkpoint], check_val_every_n_epoch=2).fit(
             tiny_model(), datamodule=tiny_stream(2)
         )
+    # Lightning's own checkpoint (none given): the fix is one of the user's, which takes its place
+    with pytest.warns(UserWarning, match="by adding `ModelCheckpoint\\(save_on_train_epoch_end=True\\)`"):
+        default_trainer(tmp_path, [quick_den()], check_val_every_n_epoch=2).fit(tiny_model(), datamodule=tiny_stream(2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*saves after validation")
+        at_epoch_end = ModelCheckpoint(dirpath=tmp_path / "end", save_on_train_epoch_end=True)
+        default_trainer(tmp_path, [quick_den(), at_epoch_end], check_val_every_n_epoch=2).fit(
+            tiny_model(), datamodule=tiny_stream(2)
+        )
 
 
 def test_reduce_lr_on_plateau_follows_the_configured_metric(tmp_path):
@@ -350,3 +359,20 @@ def test_packnet_refuses_to_continue_when_the_last_task_claimed_every_free_weigh
         default_trainer(tmp_path, [PackNetCallback(0.5, train_epochs=1, retrain_epochs=1)], logger=False).fit(
             model, datamodule=tiny_stream(3)
         )
+
+
+def test_a_resumed_fit_refused_before_training_writes_no_report(tmp_path):
+    latest = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    packnet = functools.partial(PackNetCallback, 0.5, train_epochs=1, retrain_epochs=1)
+    evaluation = functools.partial(TaskEvaluation, print_report=False, plots=False)
+    first = evaluation(output_dir=str(tmp_path / "first"))
+    default_trainer(tmp_path, [packnet(), first, latest]).fit(
+        PackNetModel(IN_FEATURES, [12], 2), datamodule=tiny_stream(2)
+    )
+    assert (tmp_path / "first" / "continual_metrics.json").exists()
+    again = evaluation(output_dir=str(tmp_path / "again"))  # the checkpoint gives it the first run's rows
+    with pytest.raises(MisconfigurationException, match="last_task_claims_free=False"):
+        default_trainer(tmp_path, [packnet(), again]).fit(
+            PackNetModel(IN_FEATURES, [12], 2), datamodule=tiny_stream(3), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+    assert len(again.accuracy) == 2 and not (tmp_path / "again").exists()  # a configuration error, not a run
