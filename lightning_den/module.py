@@ -179,7 +179,10 @@ class DENLightningModule(pl.LightningModule):
         # read once per evaluation epoch; plain numbers, identical on every rank after the reduce
         values = torch.cat([loss, accuracy, loss.mean()[None], accuracy.mean()[None]]).tolist()
         names = [f"{stage}/{kind}/task_{t}" for kind in ("loss", "acc") for t in tasks]
-        self.log_dict(dict(zip([*names, f"{stage}/loss/avg", f"{stage}/acc/avg"], values, strict=True)))
+        scores = dict(zip([*names, f"{stage}/loss/avg", f"{stage}/acc/avg"], values, strict=True))
+        # already the same on every rank: the max over ranks keeps them bit for bit (a mean over 3 ranks might
+        # not) and tells Lightning they are synced, which it otherwise warns about under DDP
+        self.log_dict(scores, sync_dist=True, reduce_fx="max")
 
     def on_predict_start(self) -> None:
         if self.predict_task is not None:
