@@ -429,7 +429,7 @@ class TaskSequenceCallback(RoutedEvaluation):
             return
         progress = replace(self.progress, epochs=self.progress.epochs + 1)
         if trainer.loggers:  # a log call costs about a millisecond; without a logger nobody reads it
-            pl_module.log("sequence/task", float(progress.task))
+            pl_module.log("sequence/task", float(progress.task), sync_dist=True, reduce_fx="max")  # equal on all ranks
         done = self.method.phase_done(progress, mean_loss, self.convergence_tol)
         self.progress = replace(progress, last_loss=mean_loss)
         if not done:
