@@ -33,7 +33,15 @@ def set_active_task(model: nn.Module, task_id: int, tasks_learned: int | None = 
 
 def check_routable(blocks: list[TaskBlock], task_id: int) -> None:
     """Raise unless one of ``blocks`` has trained ``task_id`` (a ``ValueError`` naming the trained tasks, or a
-    ``TypeError`` for a task id that is not an int)."""
+    ``TypeError`` for a task id that is not an int).
+
+    Example:
+        >>> from lightning_den.core.den import ExpandableMLP
+        >>> check_routable([ExpandableMLP(4, [3], head_classes=2)], 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: task 1 was never trained: this network has heads for tasks 0..0. Pass a task id in that range.
+    """
     if not any(0 <= task_id < block.num_tasks for block in blocks if isinstance(task_id, int)):
         blocks[0].check_task(task_id)
 
