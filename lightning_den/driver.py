@@ -47,7 +47,7 @@ from lightning_den.core.routing import set_active_task, task_blocks
 from lightning_den.data.module import TASK_STREAM_API
 from lightning_den.module import EPOCH_END, refuse_resuming_within_an_epoch
 from lightning_den.progress import show_task_and_phase
-from lightning_den.routed_evaluation import RoutedEvaluation
+from lightning_den.routed_evaluation import RoutedEvaluation, evaluate_every_task_held
 
 #: what Lightning sets `max_epochs` to when neither it nor `max_steps`/`max_time` is given
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
@@ -158,6 +158,7 @@ class TaskSequenceCallback(RoutedEvaluation):
             for index, name in enumerate(self._blocks)
         }
         if stage != "fit":
+            evaluate_every_task_held(trainer, pl_module)
             return
         self._check_epoch_limit(trainer, trainer.datamodule.num_tasks)
         _warn_of_checkpoints_within_epochs(trainer)

@@ -20,14 +20,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_den.core.den.conv import ExpandableCNN
 from lightning_den.core.den.layers import ExpandableMLP
 from lightning_den.core.method import TaskBlock
 from lightning_den.core.routing import set_active_task, task_blocks
-from lightning_den.data.module import is_task_stream
+from lightning_den.routed_evaluation import evaluate_every_task_held
 
 #: key of a task-sequence callback's checkpoint state: False when it was saved in the middle of an epoch
 EPOCH_END = "epoch_end"
@@ -124,13 +123,8 @@ class DENLightningModule(pl.LightningModule):
 
         A fresh datamodule stands at task 0; a model loaded after a sequence holds tasks 0..``current_task``.
         """
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "fit" or not is_task_stream(datamodule):
-            return
-        newest = min(self.current_task, datamodule.num_tasks - 1)
-        if newest > datamodule.current_task:
-            rank_zero_info(f"{type(self).__name__}: evaluating tasks 0..{newest}, every task it holds in this stream")
-            datamodule.set_task(newest)
+        if stage != "fit" and self._trainer is not None:
+            evaluate_every_task_held(self.trainer, self)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss and accuracy of task ``dataloader_idx`` (one validation dataloader per seen task)."""

@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_den.core.method import TaskBlock
@@ -39,6 +40,23 @@ def evaluation_source(trainer: pl.Trainer) -> Any:
         TrainerFn.PREDICTING: trainer.predict_loop,
     }
     return loops[trainer.state.fn]._data_source.instance
+
+
+def evaluate_every_task_held(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """For ``validate``, ``test`` and ``predict``: let a task-sequence datamodule serve every task the model's
+    blocks hold (a fresh datamodule stands at task 0; a model loaded after a sequence routes to its newest task).
+
+    Args:
+        trainer: the Trainer, set up for an evaluation.
+        pl_module: the module, its blocks converted.
+    """
+    datamodule, blocks = trainer.datamodule, list(task_blocks(pl_module).values())
+    if not blocks or not is_task_stream(datamodule):
+        return
+    newest = min(blocks[0].active_task, datamodule.num_tasks - 1)
+    if newest > datamodule.current_task:
+        rank_zero_info(f"{type(pl_module).__name__}: evaluating tasks 0..{newest}, every task it holds in this stream")
+        datamodule.set_task(newest)
 
 
 class RoutedEvaluation(Callback):
@@ -67,6 +85,8 @@ class RoutedEvaluation(Callback):
 
     def _hold(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release()  # an evaluation that ended without its end hook
+        if trainer.predicting and getattr(pl_module, "predict_task", None) is not None:
+            return  # the module names the task to predict (DENLightningModule.predict_task)
         blocks = list(task_blocks(pl_module).values())
         if blocks and is_task_stream(evaluation_source(trainer)):
             self._routed = [(block, block.active_task) for block in blocks]

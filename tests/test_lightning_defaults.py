@@ -69,6 +69,20 @@ def test_a_second_test_on_the_same_trainer_tests_every_task_again(finished_run):
     assert first == second and {f"test/acc/task_{t}" for t in range(3)} <= set(first[0])
 
 
+def test_a_named_predict_task_is_used_for_every_loader_even_of_a_task_to_come(finished_run):
+    _, trainer, model, _ = finished_run
+    longer = tiny_stream(4)
+    longer.set_task(3)  # a loader of task 3, which the model has not learnt
+    model.predict_task = 1
+    try:
+        predicted = trainer.predict(model, datamodule=longer)
+    finally:
+        model.predict_task = None
+    x, _ = next(iter(longer.task_dataloader(3, "test")))
+    with torch.no_grad():
+        assert torch.equal(predicted[3][0], model(x, task=1))
+
+
 def test_a_loaded_model_is_tested_on_every_task_it_holds_with_a_fresh_datamodule(finished_run):
     folder = finished_run[0]
     restored = DENMLP.load_from_checkpoint(folder / "ckpt" / "last.ckpt", weights_only=True)

@@ -105,8 +105,13 @@ def test_a_users_evaluation_scores_each_task_of_the_stream_through_its_own_netwo
         accuracy = correct / sum(len(y) for _, y in batches)
         assert scores[task][f"test_acc/dataloader_idx_{task}"] == pytest.approx(accuracy)
     assert model.net.active_task == 2  # forward(x) is routed to the newest task again
-    run.validate(model, datamodule=tiny_stream(3))  # a fresh stream stands at task 0: its one loader is task 0's
-    assert model.net.active_task == 2  # given back the task of before, not left on the last loader's
+    fresh = tiny_stream(3)  # standing at task 0: evaluation asks it for every task the model holds
+    logged = {name for scores in run.test(model, datamodule=fresh, verbose=False) for name in scores}
+    assert logged == {f"test_acc/dataloader_idx_{task}" for task in range(3)}
+    model.net.active_task = 1
+    run.validate(model, datamodule=fresh)  # loaders of tasks 0..2, the last one task 2's
+    assert model.net.active_task == 1  # given back the task of before, not left on the last loader's
+    model.net.active_task = 2
 
     x = torch.randn(7, IN_FEATURES)  # loaders of the user's own are not a task stream: left alone
     (own,) = run.predict(model, dataloaders=DataLoader(TensorDataset(x), batch_size=7))
