@@ -405,7 +405,7 @@ class TaskSequenceCallback(RoutedEvaluation):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._batches = batch_idx + 1
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # {} under manual optimization
         if isinstance(loss, Tensor) and self._loss_sum is not None:
             # Lightning hands over the loss divided by `accumulate_grad_batches`; undo that. The sum stays
             # on the device: the loss is read on the host once per epoch, never per step
@@ -536,6 +536,13 @@ class TaskSequenceCallback(RoutedEvaluation):
         if float(count) == 0:
             if trainer.should_stop:  # stopped before the epoch's first batch (e.g. by a listener): no decision
                 return None
+            if self._batches:
+                raise ValueError(
+                    f"`training_step` returned no loss in the {self._batches} batches of this epoch (task "
+                    f"{self.progress.task}, phase '{self.progress.phase}'): {self.method.name} ends its phases on "
+                    "the epoch's mean training loss. Return the loss (a tensor, or a dict with 'loss'), also under "
+                    "manual optimization"
+                )
             raise ValueError(
                 f"task {self.progress.task} produced no training batches in phase '{self.progress.phase}': "
                 "its training set is empty or `limit_train_batches` is 0. Give every task training data."

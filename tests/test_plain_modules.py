@@ -267,6 +267,31 @@ def test_a_model_built_for_another_method_is_refused_naming_it(tmp_path, method)
     assert type(model.net).__name__ == kind
 
 
+class ManualOptimization(UserModule):
+    """Steps its optimizer itself, and returns the loss only when asked to."""
+
+    def __init__(self, returns_loss: bool) -> None:
+        super().__init__()
+        self.automatic_optimization, self.returns_loss = False, returns_loss
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss if self.returns_loss else None
+
+
+def test_manual_optimization_trains_the_sequence_and_a_step_without_a_loss_is_named(tmp_path):
+    model = ManualOptimization(returns_loss=True)
+    trainer(tmp_path, [METHODS["den"]()]).fit(model, datamodule=tiny_stream(2))
+    assert model.net.tasks_learned == 2
+    with pytest.raises(ValueError, match="`training_step` returned no loss in the 3 batches of this epoch"):
+        trainer(tmp_path, [METHODS["den"]()]).fit(ManualOptimization(returns_loss=False), datamodule=tiny_stream(2))
+
+
 def test_methods_that_train_the_whole_model_take_one_block():
     with pytest.raises(MisconfigurationException, match="EWC trains the whole model and takes one block"):
         EWCCallback(block=BOTH)
