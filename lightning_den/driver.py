@@ -47,6 +47,7 @@ from lightning_den.core.routing import set_active_task, task_blocks
 from lightning_den.data.module import TASK_STREAM_API
 from lightning_den.module import EPOCH_END, refuse_resuming_within_an_epoch
 from lightning_den.progress import show_task_and_phase
+from lightning_den.rng import random_state, set_random_state
 from lightning_den.routed_evaluation import RoutedEvaluation, evaluate_every_task_held
 
 #: what Lightning sets `max_epochs` to when neither it nor `max_steps`/`max_time` is given
@@ -525,7 +526,9 @@ class TaskSequenceCallback(RoutedEvaluation):
             if labels > outputs:
                 raise ValueError(
                     f"task {task} has labels up to {labels - 1} but its head will have {outputs} outputs: build the "
-                    f"model with at least {labels} classes for task {task} (e.g. `num_classes={labels}`)"
+                    f"model with at least {labels} classes for task {task} (a ready model's `num_classes={labels}`; "
+                    f"a converted `nn.Sequential`: its last Linear, which every task's head copies, with {labels} "
+                    "outputs)"
                 )
 
     def _epoch_mean_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
@@ -586,7 +589,8 @@ class TaskSequenceCallback(RoutedEvaluation):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Where the sequence stands and the surgery decided but not yet applied, plus the method's state.
+        """Where the sequence stands and the surgery decided but not yet applied, the method's state, and the
+        global random generators' state (:mod:`lightning_den.rng`).
 
         Plain ints, floats, lists and tensors, so ``torch.load(..., weights_only=True)`` reads it.
         """
@@ -601,6 +605,7 @@ class TaskSequenceCallback(RoutedEvaluation):
             "pending": pending,
             "finished": self._finished,
             "methods": {name: method.state_dict() for name, _, method in self._each()},
+            "random_state": random_state(),
         }
 
     @override
@@ -630,6 +635,8 @@ class TaskSequenceCallback(RoutedEvaluation):
         self._finished = bool(state_dict.get("finished", False))
         for name, _, method in self._each():
             method.load_state_dict(state_dict["methods"][name])
+        if "random_state" in state_dict:  # dropout then draws what the uninterrupted run drew
+            set_random_state(state_dict["random_state"])
         self._resumed = True
 
     def _progress(self, saved: dict[str, Any]) -> PhaseProgress:

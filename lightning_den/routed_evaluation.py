@@ -94,7 +94,14 @@ class RoutedEvaluation(Callback):
     def _route(self, dataloader_idx: int) -> None:
         if self._routed is None:
             return
-        check_routable([block for block, _ in self._routed], dataloader_idx)
+        try:
+            check_routable([block for block, _ in self._routed], dataloader_idx)
+        except ValueError as error:
+            raise ValueError(
+                f"dataloader {dataloader_idx} of the task stream holds task {dataloader_idx}, which the model has not "
+                f"learnt ({error}): the datamodule stands ahead of the model; evaluate it on the tasks the model "
+                "holds (`datamodule.set_task(...)`)"
+            ) from error
         for block, _ in self._routed:
             block.active_task = dataloader_idx
 

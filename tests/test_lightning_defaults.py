@@ -69,6 +69,22 @@ def test_a_second_test_on_the_same_trainer_tests_every_task_again(finished_run):
     assert first == second and {f"test/acc/task_{t}" for t in range(3)} <= set(first[0])
 
 
+def test_a_checkpoint_from_the_end_of_a_task_evaluates_the_tasks_its_model_learnt(tmp_path):
+    every = ModelCheckpoint(dirpath=tmp_path / "every", save_top_k=-1)  # one file per epoch
+    default_trainer(tmp_path, [quick_den(), every]).fit(tiny_model(), datamodule=tiny_stream(2))
+    (end_of_task_0,) = (tmp_path / "every").glob("epoch=2-*.ckpt")  # task 0's last epoch: data stand at task 1
+    saved = torch.load(end_of_task_0, weights_only=True)
+    assert saved["TaskSequenceDataModule"]["current_task"] == 1 and saved["state_dict"].keys() >= {"mlp.heads.0.weight"}
+    assert "mlp.heads.1.weight" not in saved["state_dict"]  # task 1's head comes when its first epoch starts
+    results = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(
+        tiny_model(), datamodule=tiny_stream(2), ckpt_path=end_of_task_0, verbose=False
+    )
+    assert {name for scores in results for name in scores if "/task_" in name} == {
+        "test/loss/task_0",
+        "test/acc/task_0",
+    }
+
+
 def test_a_named_predict_task_is_used_for_every_loader_even_of_a_task_to_come(finished_run):
     _, trainer, model, _ = finished_run
     longer = tiny_stream(4)

@@ -122,9 +122,34 @@ def test_a_users_evaluation_scores_each_task_of_the_stream_through_its_own_netwo
     shorter = EvaluatedUserModule()
     trainer(tmp_path, [METHODS[method]()]).fit(shorter, datamodule=tiny_stream(2))
     shorter.net.active_task = 0
-    with pytest.raises(ValueError, match="task 2 was never trained"):
+    with pytest.raises(ValueError, match="dataloader 2 of the task stream holds task 2, which the model has not"):
         trainer(tmp_path, [METHODS[method]()]).validate(shorter, datamodule=ahead)
     assert shorter.net.active_task == 0  # the evaluation that raised gave back the task of before
+
+
+class ScoresPerEpoch(UserModule):
+    """Adds up each loader's hits in ``validation_step`` and logs per-task names once an epoch (README)."""
+
+    def on_validation_epoch_start(self) -> None:
+        self.hits = {}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        hits = self.hits.setdefault(dataloader_idx, [0, 0])
+        hits[0] += int((self(x).argmax(-1) == y).sum())
+        hits[1] += len(y)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = {f"val_acc/task_{task}": hit / seen for task, (hit, seen) in self.hits.items()}
+        self.log_dict({**scores, "val_acc/avg": sum(scores.values()) / len(scores)})
+
+
+def test_names_logged_once_an_epoch_can_be_monitored_through_the_whole_sequence(tmp_path):
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_acc/avg", mode="max")
+    model, run = ScoresPerEpoch(), trainer(tmp_path, [DENCallback(**short_phases()), best])
+    run.fit(model, datamodule=tiny_stream(3))
+    assert model.net.tasks_learned == 3 and best.best_model_score is not None
+    assert {f"val_acc/task_{task}" for task in range(3)} <= set(run.callback_metrics)
 
 
 class FailsAtTrainStart(Callback):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 from lightning_den import DENMLP, DENCallback, TaskEvaluation
-from tests.helpers import IN_FEATURES, CrashAt, make_trainer, short_phases, tiny_model, tiny_stream
+from tests.helpers import IN_FEATURES, CrashAt, UserModule, make_trainer, short_phases, tiny_model, tiny_stream
 
 # short_phases: task 0 = epochs 0-2; task 1: head_fit 3-4, selective 5-6, expansion 7-8, split 9-10; task 2 ...
 SETTINGS = short_phases(loss_threshold=0.0, split_threshold=0.0)
@@ -72,6 +73,34 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, 
         assert a == b if name.endswith("_extra_state") else torch.equal(a, b), name
     # the evaluation resumed too: the whole report equals the uninterrupted run's
     assert resumed_evaluation.summary == whole_evaluation.summary
+
+
+class WithDropout(UserModule):
+    """A user's module with dropout in its chain: its masks come from torch's global generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(IN_FEATURES, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)
+        )
+
+
+def run_with_dropout(folder, extra=(), ckpt_path=None):
+    pl.seed_everything(0)
+    model = WithDropout()
+    checkpoint = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True)
+    trainer = make_trainer(folder, [*extra, DENCallback(**SETTINGS), checkpoint], enable_checkpointing=True)
+    trainer.fit(model, datamodule=tiny_stream(num_tasks=3), ckpt_path=ckpt_path)
+    return model
+
+
+def test_a_model_with_dropout_resumes_drawing_the_masks_of_an_uninterrupted_run(tmp_path):
+    whole = run_with_dropout(tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_with_dropout(tmp_path / "crashed", extra=[CrashAt(6)])
+    resumed = run_with_dropout(tmp_path / "crashed", ckpt_path=str(tmp_path / "crashed" / "checkpoints" / "last.ckpt"))
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert a == b if name.endswith("_extra_state") else torch.equal(a, b), name
 
 
 def test_early_expansion_decides_the_same_after_a_resume_within_selective_retraining(tmp_path):

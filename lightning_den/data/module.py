@@ -14,10 +14,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_den.core.checks import check_count
+from lightning_den.core.routing import task_blocks
 
 TaskTensors = tuple[Tensor, Tensor]
 
@@ -278,7 +280,20 @@ class TaskSequenceDataModule(pl.LightningDataModule):
                     "differ. Build the stream with the settings of the run that wrote the checkpoint (its seed; "
                     "for a rotated stream its `angles`, which by default depend on `num_tasks`)"
                 )
-        self.set_task(task)
+        self.set_task(min(task, self._newest_task_evaluated()))
+
+    def _newest_task_evaluated(self) -> int:
+        """Outside a fit, the newest task the model being evaluated holds; a fit may stand at any task.
+
+        A checkpoint written at the end of a task's last epoch already stands at the next task (its training data
+        come first when the fit goes on), whose head is added when it starts: ``validate``, ``test`` and
+        ``predict`` from that checkpoint evaluate the tasks the model learnt.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn == TrainerFn.FITTING:
+            return self.num_tasks - 1
+        blocks = task_blocks(trainer.lightning_module).values()
+        return min((block.num_tasks - 1 for block in blocks), default=self.num_tasks - 1)
 
     def fingerprints(self, tasks: int) -> list[list[float]]:
         """For each of the first ``tasks`` tasks, a few sums over its test split that change when its examples or
