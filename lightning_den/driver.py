@@ -48,7 +48,7 @@ from lightning_den.data.module import TASK_STREAM_API
 from lightning_den.module import EPOCH_END, refuse_resuming_within_an_epoch
 from lightning_den.progress import show_task_and_phase
 from lightning_den.rng import random_state, set_random_state
-from lightning_den.routed_evaluation import RoutedEvaluation, evaluate_every_task_held
+from lightning_den.routed_evaluation import RoutedEvaluation, serve_every_task_held
 
 #: what Lightning sets `max_epochs` to when neither it nor `max_steps`/`max_time` is given
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
@@ -108,6 +108,7 @@ class TaskSequenceCallback(RoutedEvaluation):
         self._batches = 0  # of the epoch so far
         self._cut_short: tuple[int, int] | None = None  # batches run and due in an epoch the Trainer stopped
         self._sanity_steps: float | None = None  # the Trainer's, while a fit skips its sanity check
+        self._fitting = False  # whether the Trainer's stage is a fit (set at `setup`, before checkpoints load)
 
     # ------------------------------------------------------------------ what the driver shows
 
@@ -144,6 +145,7 @@ class TaskSequenceCallback(RoutedEvaluation):
         For ``validate``/``test``/``predict`` only the block is found or converted, so that a checkpoint of a
         grown network loads into a user's freshly built module (``trainer.test(MyModel(), ckpt_path=...)``).
         """
+        self._fitting = stage == "fit"  # an evaluation from a checkpoint keeps the user's random state
         if stage == "fit":
             _check_trainer(trainer, type(self).__name__)
             _check_datamodule(trainer, type(self).__name__)
@@ -159,7 +161,7 @@ class TaskSequenceCallback(RoutedEvaluation):
             for index, name in enumerate(self._blocks)
         }
         if stage != "fit":
-            evaluate_every_task_held(trainer, pl_module)
+            serve_every_task_held(trainer, pl_module)
             return
         self._check_epoch_limit(trainer, trainer.datamodule.num_tasks)
         _warn_of_checkpoints_within_epochs(trainer)
@@ -610,7 +612,8 @@ class TaskSequenceCallback(RoutedEvaluation):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Take the saved state; the phase is entered again in ``on_fit_start``, once the model is rebuilt.
+        """Take the saved state; the phase is entered again in ``on_fit_start``, once the model is rebuilt. A fit
+        also takes the global random generators' state (:mod:`lightning_den.rng`); an evaluation keeps its own.
 
         A checkpoint written in the middle of an epoch is refused (a DENLightningModule refused it before its
         weights loaded).
@@ -635,7 +638,7 @@ class TaskSequenceCallback(RoutedEvaluation):
         self._finished = bool(state_dict.get("finished", False))
         for name, _, method in self._each():
             method.load_state_dict(state_dict["methods"][name])
-        if "random_state" in state_dict:  # dropout then draws what the uninterrupted run drew
+        if self._fitting and "random_state" in state_dict:  # dropout then draws what the uninterrupted run drew
             set_random_state(state_dict["random_state"])
         self._resumed = True
 

@@ -26,7 +26,7 @@ from lightning_den.core.den.conv import ExpandableCNN
 from lightning_den.core.den.layers import ExpandableMLP
 from lightning_den.core.method import TaskBlock
 from lightning_den.core.routing import set_active_task, task_blocks
-from lightning_den.routed_evaluation import evaluate_every_task_held
+from lightning_den.routed_evaluation import serve_every_task_held
 
 #: key of a task-sequence callback's checkpoint state: False when it was saved in the middle of an epoch
 EPOCH_END = "epoch_end"
@@ -124,7 +124,7 @@ class DENLightningModule(pl.LightningModule):
         A fresh datamodule stands at task 0; a model loaded after a sequence holds tasks 0..``current_task``.
         """
         if stage != "fit" and self._trainer is not None:
-            evaluate_every_task_held(self.trainer, self)
+            serve_every_task_held(self.trainer, self)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss and accuracy of task ``dataloader_idx`` (one validation dataloader per seen task)."""

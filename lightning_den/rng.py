@@ -14,7 +14,10 @@ import torch
 
 
 def random_state() -> dict[str, Any]:
-    """The CPU generator's state, and each CUDA device's where CUDA is in use (tensors, ``weights_only``-safe).
+    """The CPU generator's state, and the current CUDA device's where CUDA is in use (tensors, ``weights_only``-safe).
+
+    Only this process's device: under DDP every rank draws from its own device, and with the same seed each
+    rank's state is rank 0's, which the checkpoint keeps.
 
     Example:
         >>> state = random_state()
@@ -23,12 +26,17 @@ def random_state() -> dict[str, Any]:
         >>> torch.equal(torch.rand(2), first)
         True
     """
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else []
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 
 def set_random_state(state: dict[str, Any]) -> None:
-    """Give the generators the state :func:`random_state` returned (the CUDA ones only on as many devices)."""
+    """Give the generators the state :func:`random_state` returned.
+
+    Args:
+        state: from :func:`random_state`; its CUDA part goes to the current device, and is left out on a
+            machine without CUDA (a GPU run resumed on a CPU: dropout on the CPU draws from the CPU state).
+    """
     torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available() and torch.cuda.device_count() == len(state["cuda"]):
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"][0], device=torch.cuda.current_device())

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_den.core.method import TaskBlock
-from lightning_den.core.routing import check_routable, task_blocks
+from lightning_den.core.routing import check_routable, newest_task_held, task_blocks
 from lightning_den.data.module import is_task_stream
 
 
@@ -42,18 +42,19 @@ def evaluation_source(trainer: pl.Trainer) -> Any:
     return loops[trainer.state.fn]._data_source.instance
 
 
-def evaluate_every_task_held(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """For ``validate``, ``test`` and ``predict``: let a task-sequence datamodule serve every task the model's
-    blocks hold (a fresh datamodule stands at task 0; a model loaded after a sequence routes to its newest task).
+def serve_every_task_held(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """For ``validate``, ``test`` and ``predict``: move the task stream the evaluation reads to the newest task
+    the model holds, so that it serves a loader for each (a fresh datamodule stands at task 0). Loaders the user
+    passed, and a stream already there or further, are left alone.
 
     Args:
-        trainer: the Trainer, set up for an evaluation.
+        trainer: the Trainer, set up for an evaluation (its data attached).
         pl_module: the module, its blocks converted.
     """
-    datamodule, blocks = trainer.datamodule, list(task_blocks(pl_module).values())
-    if not blocks or not is_task_stream(datamodule):
+    datamodule, newest = evaluation_source(trainer), newest_task_held(pl_module)
+    if newest is None or not is_task_stream(datamodule):
         return
-    newest = min(blocks[0].active_task, datamodule.num_tasks - 1)
+    newest = min(newest, datamodule.num_tasks - 1)
     if newest > datamodule.current_task:
         rank_zero_info(f"{type(pl_module).__name__}: evaluating tasks 0..{newest}, every task it holds in this stream")
         datamodule.set_task(newest)
@@ -84,6 +85,8 @@ class RoutedEvaluation(Callback):
     _routed: list[tuple[TaskBlock, int]] | None = None
 
     def _hold(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep each block's routed task, if the loaders are a task stream's; a module whose ``predict_task`` is
+        set (``DENLightningModule``'s) names the task to predict itself and is not routed while predicting."""
         self._release()  # an evaluation that ended without its end hook
         if trainer.predicting and getattr(pl_module, "predict_task", None) is not None:
             return  # the module names the task to predict (DENLightningModule.predict_task)
@@ -94,14 +97,14 @@ class RoutedEvaluation(Callback):
     def _route(self, dataloader_idx: int) -> None:
         if self._routed is None:
             return
-        try:
-            check_routable([block for block, _ in self._routed], dataloader_idx)
-        except ValueError as error:
+        blocks = [block for block, _ in self._routed]
+        newest = max(block.newest_task for block in blocks)
+        if dataloader_idx > newest:
             raise ValueError(
-                f"dataloader {dataloader_idx} of the task stream holds task {dataloader_idx}, which the model has not "
-                f"learnt ({error}): the datamodule stands ahead of the model; evaluate it on the tasks the model "
-                "holds (`datamodule.set_task(...)`)"
-            ) from error
+                f"dataloader {dataloader_idx} is task {dataloader_idx}'s, but the model holds tasks 0..{newest}: the "
+                f"datamodule stands ahead of the model; evaluate it at task {newest} (`datamodule.set_task({newest})`)"
+            )
+        check_routable(blocks, dataloader_idx)
         for block, _ in self._routed:
             block.active_task = dataloader_idx
 

@@ -114,15 +114,18 @@ def test_a_users_evaluation_scores_each_task_of_the_stream_through_its_own_netwo
     model.net.active_task = 2
 
     x = torch.randn(7, IN_FEATURES)  # loaders of the user's own are not a task stream: left alone
+    stream.set_task(0)  # the Trainer still holds the fit's datamodule; it must not be moved either
     (own,) = run.predict(model, dataloaders=DataLoader(TensorDataset(x), batch_size=7))
-    assert torch.equal(own, model(x))
+    assert torch.equal(own, model(x)) and stream.current_task == 0
 
     ahead = tiny_stream(3)
     ahead.set_task(2)
     shorter = EvaluatedUserModule()
     trainer(tmp_path, [METHODS[method]()]).fit(shorter, datamodule=tiny_stream(2))
     shorter.net.active_task = 0
-    with pytest.raises(ValueError, match="dataloader 2 of the task stream holds task 2, which the model has not"):
+    with pytest.raises(
+        ValueError, match=r"dataloader 2 is task 2's, but the model holds tasks 0\.\.1: the datamodule stands ahead"
+    ):
         trainer(tmp_path, [METHODS[method]()]).validate(shorter, datamodule=ahead)
     assert shorter.net.active_task == 0  # the evaluation that raised gave back the task of before
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -84,6 +85,9 @@ class WithDropout(UserModule):
             nn.Linear(IN_FEATURES, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)
         )
 
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("test_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
 
 def run_with_dropout(folder, extra=(), ckpt_path=None):
     pl.seed_everything(0)
@@ -94,13 +98,22 @@ def run_with_dropout(folder, extra=(), ckpt_path=None):
     return model
 
 
-def test_a_model_with_dropout_resumes_drawing_the_masks_of_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("crash_epoch", [3, 6])  # the start of task 1; within its selective retraining
+def test_a_model_with_dropout_resumes_drawing_the_masks_of_an_uninterrupted_run(tmp_path, crash_epoch):
     whole = run_with_dropout(tmp_path / "whole")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_with_dropout(tmp_path / "crashed", extra=[CrashAt(6)])
-    resumed = run_with_dropout(tmp_path / "crashed", ckpt_path=str(tmp_path / "crashed" / "checkpoints" / "last.ckpt"))
+        run_with_dropout(tmp_path / "crashed", extra=[CrashAt(crash_epoch)])
+    last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
+    resumed = run_with_dropout(tmp_path / "crashed", ckpt_path=str(last))
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert a == b if name.endswith("_extra_state") else torch.equal(a, b), name
+
+    draws = []  # testing from the checkpoint keeps the random state the user seeded
+    for seed in (1, 2):
+        pl.seed_everything(seed)
+        make_trainer(tmp_path, [DENCallback(**SETTINGS)]).test(WithDropout(), datamodule=tiny_stream(3), ckpt_path=last)
+        draws.append(torch.rand(3))
+    assert not torch.equal(*draws)
 
 
 def test_early_expansion_decides_the_same_after_a_resume_within_selective_retraining(tmp_path):

@@ -31,6 +31,18 @@ def set_active_task(model: nn.Module, task_id: int, tasks_learned: int | None = 
             block.tasks_learned = tasks_learned
 
 
+def newest_task_held(model: nn.Module) -> int | None:
+    """The newest task any task block of ``model`` has a head (or column) for; ``None`` without blocks (the rule
+    :func:`check_routable` routes by: a task is held when one block holds it).
+
+    Example:
+        >>> from lightning_den.core.den import ExpandableMLP
+        >>> newest_task_held(nn.Sequential(ExpandableMLP(4, [3], head_classes=2))), newest_task_held(nn.Linear(2, 2))
+        (0, None)
+    """
+    return max((block.newest_task for block in task_blocks(model).values()), default=None)
+
+
 def check_routable(blocks: list[TaskBlock], task_id: int) -> None:
     """Raise unless one of ``blocks`` has trained ``task_id`` (a ``ValueError`` naming the trained tasks, or a
     ``TypeError`` for a task id that is not an int).

@@ -14,12 +14,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_den.core.checks import check_count
-from lightning_den.core.routing import task_blocks
+from lightning_den.core.routing import newest_task_held
 
 TaskTensors = tuple[Tensor, Tensor]
 
@@ -260,7 +260,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         return {"current_task": self.current_task, "fingerprints": self.fingerprints(self.current_task + 1)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Stand at the task a checkpoint was written in, once its tasks are checked to be this stream's.
+        """Stand at the task a checkpoint was written in (while an evaluation runs, at most at the newest task the
+        model holds), once its tasks are checked to be this stream's.
 
         Raises:
             ValueError: this stream is shorter than the one the checkpoint was written with, or one of the tasks
@@ -283,17 +284,19 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.set_task(min(task, self._newest_task_evaluated()))
 
     def _newest_task_evaluated(self) -> int:
-        """Outside a fit, the newest task the model being evaluated holds; a fit may stand at any task.
+        """While ``validate``, ``test`` or ``predict`` runs, the newest task the model being evaluated holds; a
+        fit may stand at any task.
 
         A checkpoint written at the end of a task's last epoch already stands at the next task (its training data
-        come first when the fit goes on), whose head is added when it starts: ``validate``, ``test`` and
-        ``predict`` from that checkpoint evaluate the tasks the model learnt.
+        come first when the fit goes on), whose head is added when it starts: an evaluation from that checkpoint
+        evaluates the tasks the model learnt.
         """
         trainer = self.trainer
-        if trainer is None or trainer.state.fn == TrainerFn.FITTING:
+        evaluating = trainer is not None and trainer.state.fn != TrainerFn.FITTING
+        if not evaluating or trainer.state.status != TrainerStatus.RUNNING:
             return self.num_tasks - 1
-        blocks = task_blocks(trainer.lightning_module).values()
-        return min((block.num_tasks - 1 for block in blocks), default=self.num_tasks - 1)
+        newest = newest_task_held(trainer.lightning_module)
+        return self.num_tasks - 1 if newest is None else newest
 
     def fingerprints(self, tasks: int) -> list[list[float]]:
         """For each of the first ``tasks`` tasks, a few sums over its test split that change when its examples or
