@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_den.core.method import TaskBlock
-from lightning_den.core.routing import check_routable, newest_task_held, task_blocks
+from lightning_den.core.routing import newest_task_held, task_blocks
 from lightning_den.data.module import is_task_stream
 
 
@@ -79,7 +79,8 @@ class RoutedEvaluation(Callback):
         trainer.fit(Mine(), datamodule=SplitDigits())  # validates every seen task through its own network
 
     Raises:
-        ValueError: a dataloader of a task the model has not learnt (a datamodule ahead of the model).
+        ValueError: at the evaluation's start, for a task stream ahead of the model (serving a task it has not
+            learnt).
     """
 
     _routed: list[tuple[TaskBlock, int]] | None = None
@@ -90,22 +91,19 @@ class RoutedEvaluation(Callback):
         self._release()  # an evaluation that ended without its end hook
         if trainer.predicting and getattr(pl_module, "predict_task", None) is not None:
             return  # the module names the task to predict (DENLightningModule.predict_task)
-        blocks = list(task_blocks(pl_module).values())
-        if blocks and is_task_stream(evaluation_source(trainer)):
-            self._routed = [(block, block.active_task) for block in blocks]
+        datamodule, newest = evaluation_source(trainer), newest_task_held(pl_module)
+        if newest is None or not is_task_stream(datamodule):
+            return
+        if datamodule.current_task > newest:
+            raise ValueError(
+                f"the task stream serves tasks 0..{datamodule.current_task}, but the model holds tasks 0..{newest}: "
+                f"the datamodule stands ahead of the model; evaluate it at task {newest} "
+                f"(`datamodule.set_task({newest})`)"
+            )
+        self._routed = [(block, block.active_task) for block in task_blocks(pl_module).values()]
 
     def _route(self, dataloader_idx: int) -> None:
-        if self._routed is None:
-            return
-        blocks = [block for block, _ in self._routed]
-        newest = max(block.newest_task for block in blocks)
-        if dataloader_idx > newest:
-            raise ValueError(
-                f"dataloader {dataloader_idx} is task {dataloader_idx}'s, but the model holds tasks 0..{newest}: the "
-                f"datamodule stands ahead of the model; evaluate it at task {newest} (`datamodule.set_task({newest})`)"
-            )
-        check_routable(blocks, dataloader_idx)
-        for block, _ in self._routed:
+        for block, _ in self._routed or ():
             block.active_task = dataloader_idx
 
     def _release(self) -> None:

@@ -124,7 +124,7 @@ def test_a_users_evaluation_scores_each_task_of_the_stream_through_its_own_netwo
     trainer(tmp_path, [METHODS[method]()]).fit(shorter, datamodule=tiny_stream(2))
     shorter.net.active_task = 0
     with pytest.raises(
-        ValueError, match=r"dataloader 2 is task 2's, but the model holds tasks 0\.\.1: the datamodule stands ahead"
+        ValueError, match=r"serves tasks 0\.\.2, but the model holds tasks 0\.\.1: the datamodule stands ahead"
     ):
         trainer(tmp_path, [METHODS[method]()]).validate(shorter, datamodule=ahead)
     assert shorter.net.active_task == 0  # the evaluation that raised gave back the task of before

@@ -32,8 +32,8 @@ def set_active_task(model: nn.Module, task_id: int, tasks_learned: int | None = 
 
 
 def newest_task_held(model: nn.Module) -> int | None:
-    """The newest task any task block of ``model`` has a head (or column) for; ``None`` without blocks (the rule
-    :func:`check_routable` routes by: a task is held when one block holds it).
+    """The newest task any task block of ``model`` has a head (or column) for; ``None`` without blocks (a task
+    is held when one block holds it, as :func:`task` routes).
 
     Example:
         >>> from lightning_den.core.den import ExpandableMLP
@@ -41,21 +41,6 @@ def newest_task_held(model: nn.Module) -> int | None:
         (0, None)
     """
     return max((block.newest_task for block in task_blocks(model).values()), default=None)
-
-
-def check_routable(blocks: list[TaskBlock], task_id: int) -> None:
-    """Raise unless one of ``blocks`` has trained ``task_id`` (a ``ValueError`` naming the trained tasks, or a
-    ``TypeError`` for a task id that is not an int).
-
-    Example:
-        >>> from lightning_den.core.den import ExpandableMLP
-        >>> check_routable([ExpandableMLP(4, [3], head_classes=2)], 1)
-        Traceback (most recent call last):
-        ...
-        ValueError: task 1 was never trained: this network has heads for tasks 0..0. Pass a task id in that range.
-    """
-    if not any(0 <= task_id < block.num_tasks for block in blocks if isinstance(task_id, int)):
-        blocks[0].check_task(task_id)
 
 
 @contextmanager
@@ -80,7 +65,8 @@ def task(model: nn.Module, task_id: int) -> Iterator[nn.Module]:
             f"{type(model).__name__} has no task block to route: train it with a lightning_den callback first "
             "(it converts the model's chain of Linear layers)"
         )
-    check_routable(blocks, task_id)
+    if not any(0 <= task_id < block.num_tasks for block in blocks if isinstance(task_id, int)):
+        blocks[0].check_task(task_id)  # raises, naming the trained tasks
     before = [block.active_task for block in blocks]
     set_active_task(model, task_id)
     try:

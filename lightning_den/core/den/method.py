@@ -262,6 +262,8 @@ class DENMethod(TaskMethod):
     def before_step(self, model: nn.Module, block: ExpandableMLP, optimizer: torch.optim.Optimizer) -> None:
         """Add the gradient of the pull toward W^{t-1} (selective retraining and after the split) to the
         parameters ``optimizer`` steps."""
+        if not self._drift:  # the phases without the pull
+            return
         stepped = stepped_by(optimizer)
         terms = [term for term in self._drift if term.param.grad is not None and term.param in stepped]
         if terms:
